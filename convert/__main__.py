@@ -1,0 +1,4 @@
+from .. import _cli
+from . import main
+
+_cli.run(main)

@@ -1,0 +1,233 @@
+"""Loading RePo checkpoints (official Hugging Face folders or converted MLX ones)."""
+
+import json
+import re
+import struct
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate as _mlx_lm_generate
+from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
+from mlx_lm.utils import load_adapters, load_model as _mlx_lm_load_model, load_tokenizer
+
+from .repo_olmo2 import Model, ModelArgs
+
+DEFAULT_MODEL = "SakanaAI/RePo-OLMo2-1B-stage2-L5"
+DTYPES = ("float32", "bfloat16", "float16")
+DOWNLOAD_PATTERNS = ["*.json", "model*.safetensors", "*.py", "*.txt", "*.jinja"]
+
+
+class LoadError(Exception):
+    """A model folder, Hub id or option that cannot be used; the message says why."""
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:400]
+
+
+def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
+    """A local folder as is; otherwise a Hub id, downloaded on first use."""
+    path = Path(path_or_hf_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoadError(f"{path} is a file; --model needs a model folder or a Hub id.")
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hf_repo)):
+        raise LoadError(f"Model folder {path_or_hf_repo} does not exist.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                path_or_hf_repo, revision=revision, allow_patterns=DOWNLOAD_PATTERNS
+            )
+        )
+    except Exception as e:
+        raise LoadError(
+            f"Could not download {path_or_hf_repo} from the Hugging Face Hub "
+            f"({type(e).__name__}: {_one_line(e)[:160]}). Check the network and the "
+            "repo id, or pass a local model folder."
+        ) from None
+
+
+def _safetensors_header(file: Path) -> dict:
+    """The tensor table of a safetensors file, checking the file is whole."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise LoadError(f"{file} is not a safetensors file or is truncated.")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LoadError(f"{file} has a corrupt safetensors header.") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise LoadError(
+            f"{file} is truncated ({size} bytes, needs {8 + n + end}); "
+            "download or copy it again."
+        )
+    return header
+
+
+def check_weight_files(path: Path) -> None:
+    """Clear errors for missing shards and truncated files before MLX reads them."""
+    files = sorted(path.glob("model*.safetensors"))
+    index_file = path / "model.safetensors.index.json"
+    if index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise LoadError(f"{index_file} is not a valid safetensors index.") from None
+        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+        if missing:
+            raise LoadError(
+                f"{path} is missing weight files {', '.join(missing)} named in "
+                "model.safetensors.index.json; download them again."
+            )
+    if not files:
+        raise LoadError(f"{path} has no model*.safetensors weight files.")
+    for file in files:
+        _safetensors_header(file)
+
+
+def load_config(path: Path) -> Dict[str, Any]:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path} has no config.json; is it a model folder?") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if config.get("model_type") != "olmo2":
+        raise LoadError(
+            f"{path} holds a {config.get('model_type')!r} model; repo_mlx runs "
+            "RePo-OLMo2 (model_type 'olmo2') checkpoints."
+        )
+    return config
+
+
+def load_model(
+    path: Path,
+    dtype: Optional[str] = None,
+    model_config: Optional[Dict[str, Any]] = None,
+    lazy: bool = False,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build the model from a local folder, validating config against weights."""
+    if dtype is not None and dtype not in DTYPES:
+        raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    blend = (model_config or {}).get("position_blend", 0.0)
+    if not 0.0 <= blend <= 1.0:
+        raise LoadError(f"position_blend must be in [0, 1], got {blend}.")
+    load_config(path)
+    check_weight_files(path)
+    # A converted folder names its own copy of the model file; use ours instead.
+    overrides = {**(model_config or {}), "model_file": None}
+    try:
+        model, config = _mlx_lm_load_model(
+            path,
+            lazy=True,
+            model_config=overrides,
+            get_model_classes=lambda config: (Model, ModelArgs),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"Cannot load {path}: {_one_line(e)}") from None
+    config.pop("model_file")
+    if dtype is not None:
+        model.set_dtype(getattr(mx, dtype))
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, config
+
+
+def load(
+    path_or_hf_repo: str = DEFAULT_MODEL,
+    dtype: Optional[str] = None,
+    adapter_path: Optional[str] = None,
+    model_config: Optional[Dict[str, Any]] = None,
+    return_config: bool = False,
+    revision: Optional[str] = None,
+):
+    """Load a RePo model and its tokenizer.
+
+    ``path_or_hf_repo``: an official Hugging Face folder or Hub id, or a folder
+    made by ``repo_mlx.convert``. ``dtype``: None keeps the stored dtype, or one
+    of "float32", "bfloat16", "float16". ``model_config`` overrides config keys,
+    e.g. ``{"position_blend": 1.0}`` or a YaRN ``rope_scaling``.
+    """
+    path = get_model_path(path_or_hf_repo, revision)
+    model, config = load_model(path, dtype, model_config)
+    if adapter_path is not None:
+        if not Path(adapter_path, "adapter_config.json").exists():
+            raise LoadError(f"{adapter_path} has no adapter_config.json.")
+        model = load_adapters(model, adapter_path)
+        model.eval()
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:
+        raise LoadError(f"Cannot load the tokenizer in {path}: {_one_line(e)}") from None
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def context_length(model: nn.Module) -> Optional[int]:
+    return getattr(model.args, "max_position_embeddings", None)
+
+
+def warn_if_too_long(model: nn.Module, num_tokens: int) -> None:
+    limit = context_length(model)
+    if limit and num_tokens > limit:
+        warnings.warn(
+            f"The prompt has {num_tokens} tokens, more than the model's context of "
+            f"{limit}; output past it may degrade (see YaRN scaling in the README).",
+            stacklevel=3,
+        )
+
+
+def set_position_blend(model: nn.Module, blend: float) -> None:
+    """0 uses the learned positions, 1 turns every RePo layer into plain RoPE."""
+    if not 0.0 <= blend <= 1.0:
+        raise LoadError(f"position_blend must be in [0, 1], got {blend}.")
+    model.args.position_blend = blend
+    for layer in model.layers:
+        if layer.self_attn.repo:
+            layer.self_attn.position_blend = blend
+
+
+def positions(model: nn.Module, input_ids) -> Dict[int, mx.array]:
+    """The positions z [B, heads, N] (float32) that every RePo layer assigns."""
+    ids = mx.array(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    h = model.model.embed_tokens(ids)
+    mask = "causal" if ids.shape[1] > 1 else None
+    out = {}
+    last = max(model.args.repo_layers, default=-1)
+    for i, layer in enumerate(model.layers[: last + 1]):
+        if layer.self_attn.repo:
+            out[i] = layer.self_attn.positions(h)
+        h = layer(h, mask)
+    mx.eval(out)
+    return out
+
+
+def _encode(model, tokenizer, prompt: Union[str, List[int], mx.array]):
+    if isinstance(prompt, str):
+        prompt = tokenizer.encode(prompt)
+    warn_if_too_long(model, prompt.size if isinstance(prompt, mx.array) else len(prompt))
+    return prompt
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """mlx-lm's ``generate`` (same keywords), warning on prompts past the context."""
+    prompt = _encode(model, tokenizer, prompt)
+    return _mlx_lm_generate(model, tokenizer, prompt, verbose, **kwargs)
+
+
+def stream_generate(model, tokenizer, prompt, **kwargs):
+    """mlx-lm's ``stream_generate`` (same keywords), warning on prompts past the context."""
+    prompt = _encode(model, tokenizer, prompt)
+    yield from _mlx_lm_stream_generate(model, tokenizer, prompt, **kwargs)
