@@ -46,10 +46,23 @@ def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path
             )
         )
     except Exception as e:
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+
+        if isinstance(e, GatedRepoError):
+            why = "the repo is gated: accept its terms on the Hub and run `hf auth login`"
+        elif isinstance(e, RepositoryNotFoundError):
+            why = "no such repo on the Hub (or it is private: run `hf auth login`)"
+        elif isinstance(e, LocalEntryNotFoundError):
+            why = "it is not in the local cache and the Hub cannot be reached (offline?)"
+        else:
+            why = f"{type(e).__name__}: {_one_line(e)[:120]}"
         raise LoadError(
-            f"Could not download {path_or_hf_repo} from the Hugging Face Hub "
-            f"({type(e).__name__}: {_one_line(e)[:160]}). Check the network and the "
-            "repo id, or pass a local model folder."
+            f"Could not download {path_or_hf_repo} from the Hugging Face Hub: {why}. "
+            "Connect and retry, or pass a local model folder."
         ) from None
 
 
@@ -171,6 +184,25 @@ def load(
     except Exception as e:
         raise LoadError(f"Cannot load the tokenizer in {path}: {_one_line(e)}") from None
     return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def yarn_scaling(factor: float, original_max_position_embeddings: int = 4096) -> dict:
+    """``model_config`` for YaRN as the paper used it (all layers, spec section 7).
+
+    Pass it to ``load(..., model_config=...)``; factor 2 gives 8K, 4 gives 16K.
+    """
+    if factor < 1:
+        raise LoadError(f"YaRN factor must be at least 1, got {factor}.")
+    return {
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": float(factor),
+            "original_max_position_embeddings": original_max_position_embeddings,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+        },
+        "max_position_embeddings": int(original_max_position_embeddings * factor),
+    }
 
 
 def context_length(model: nn.Module) -> Optional[int]:
