@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=0.0, help="Drop tokens below this fraction of the top probability (default: 0, off).")
     p.add_argument("--seed", type=int, default=None, help="Random seed for sampling (default: random).")
     p.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 6, 8], default=None, help="Quantize the KV cache to this many bits (default: off).")
-    p.add_argument("--kv-group-size", type=int, default=64, help="Group size for --kv-bits (default: 64).")
+    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64, help="Group size for --kv-bits; must divide head_dim (default: 64).")
     p.add_argument("--max-kv-size", type=int, default=None, help="Keep at most this many tokens in a rotating KV cache (default: unbounded).")
     p.add_argument(
         "--position-blend",
@@ -75,6 +75,12 @@ def main(argv=None) -> None:
         adapter_path=args.adapter_path,
         model_config={"position_blend": args.position_blend},
     )
+    head_dim = model.layers[0].self_attn.head_dim
+    if args.kv_bits is not None and head_dim % args.kv_group_size:
+        raise LoadError(
+            f"--kv-group-size {args.kv_group_size} does not divide this model's "
+            f"head_dim {head_dim}; pick one that does (32, 64 or 128)."
+        )
     text = generate_text(
         model,
         tokenizer,

@@ -82,7 +82,7 @@ def random_weights(cfg: dict, seed: int = 0, position_scale: float = 1.0) -> dic
     """float32 numpy weights under HF names; RePo layers get a position module.
 
     ``position_scale`` scales final_map so positions spread over about
-    +-200 * position_scale, as in the official fixture.
+    +-150 * position_scale, as in the official fixture.
     """
     from .repo_olmo2 import ModelArgs
 
@@ -123,7 +123,7 @@ def random_weights(cfg: dict, seed: int = 0, position_scale: float = 1.0) -> dic
             w[p + "self_attn.gate_map.weight"] = normal(dp, d, std=d**-0.5)
             w[p + "self_attn.content_map.weight"] = normal(dp, d, std=d**-0.5)
             w[p + "self_attn.final_map.weight"] = normal(
-                args.num_attention_heads, dp, std=25.0 * position_scale * dp**-0.5
+                args.num_attention_heads, dp, std=6.0 * position_scale * dp**-0.5
             )
     return w
 
