@@ -67,8 +67,6 @@ def main(argv=None) -> None:
     if args.max_tokens < 1:
         raise LoadError("--max-tokens must be at least 1.")
     prompt = read_prompt(args)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
     model, tokenizer = load(
         args.model,
         dtype=args.dtype,
@@ -81,6 +79,8 @@ def main(argv=None) -> None:
             f"--kv-group-size {args.kv_group_size} does not divide this model's "
             f"head_dim {head_dim}; pick one that does (32, 64 or 128)."
         )
+    if args.seed is not None:  # after loading: building the model draws random numbers
+        mx.random.seed(args.seed)
     text = generate_text(
         model,
         tokenizer,
