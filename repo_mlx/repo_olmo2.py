@@ -168,8 +168,7 @@ class Attention(nn.Module):
         if self.repo:
             z = self.positions(x, offset)
             kw = {"inv_freq": self._inv_freq, "attention_factor": self._attention_factor}
-            queries = rope.continuous_rope(queries, z, **kw)
-            keys = rope.continuous_rope(keys, z, **kw)
+            queries, keys = rope.continuous_rope_qk(queries, keys, z, **kw)
         else:
             queries = self.rope(queries, offset=offset)
             keys = self.rope(keys, offset=offset)
