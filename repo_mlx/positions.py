@@ -1,0 +1,232 @@
+"""Where RePo puts each token: ``python -m repo_mlx.positions --prompt ...``.
+
+Prints a per-head summary of the positions every RePo layer assigns, and
+optionally writes them as CSV or JSON and plots them like the official viewer.
+"""
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import _cli
+from .generate import read_prompt
+from .utils import DEFAULT_MODEL, DTYPES, LoadError, load
+from .utils import positions as positions_function
+
+
+def inlier_range(values, full: bool = False) -> Tuple[float, float]:
+    """The y-range the official viewer shows: the inliers plus 5% padding.
+
+    Inliers lie within the Tukey fences Q1 - 1.5 IQR .. Q3 + 1.5 IQR; ``full``
+    keeps every value. A flat range is padded by 1.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if not full:
+        q1, q3 = np.percentile(v, [25, 75])
+        lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+        v = v[(v >= lo) & (v <= hi)]
+    lo, hi = float(v.min()), float(v.max())
+    pad = 0.05 * (hi - lo) or 1.0
+    return lo - pad, hi + pad
+
+
+def outliers(values) -> np.ndarray:
+    """Indices of the values outside the Tukey fences."""
+    v = np.asarray(values, dtype=np.float64)
+    q1, q3 = np.percentile(v, [25, 75])
+    lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+    return np.flatnonzero((v < lo) | (v > hi))
+
+
+def summary(z) -> Dict[str, float]:
+    """min, max, IQR and the share of adjacent tokens whose position increases."""
+    z = np.asarray(z, dtype=np.float64)
+    q1, q3 = np.percentile(z, [25, 75])
+    steps = np.diff(z)
+    return {
+        "min": float(z.min()),
+        "max": float(z.max()),
+        "iqr": float(q3 - q1),
+        "increasing": float((steps > 0).mean()) if steps.size else math.nan,
+    }
+
+
+def token_texts(tokenizer, ids: List[int]) -> List[str]:
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def select(z: Dict[int, np.ndarray], layer: str, head: str) -> Dict[int, Dict[int, np.ndarray]]:
+    """{layer: {head: positions [N]}} for the chosen layer(s) and head(s) of batch row 0."""
+    layers = sorted(z)
+    if not layers:
+        raise LoadError("This model has no RePo layers (plain OLMo-2): nothing to show.")
+    if layer != "all":
+        if not layer.lstrip("-").isdigit() or int(layer) not in z:
+            raise LoadError(
+                f"--layer {layer} is not a RePo layer; RePo layers are "
+                f"{', '.join(map(str, layers))} (or 'all')."
+            )
+        layers = [int(layer)]
+    n_heads = z[layers[0]].shape[1]
+    heads = list(range(n_heads))
+    if head != "all":
+        if not head.isdigit() or int(head) >= n_heads:
+            raise LoadError(f"--head {head} must be 0..{n_heads - 1} or 'all'.")
+        heads = [int(head)]
+    return {l: {h: z[l][0, h] for h in heads} for l in layers}
+
+
+def write_csv(path: Path, chosen, tokens: List[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "head", "index", "token", "position"])
+        for layer, heads in chosen.items():
+            for head, z in heads.items():
+                for i, (t, p) in enumerate(zip(tokens, z.tolist())):
+                    w.writerow([layer, head, i, t, repr(p)])
+
+
+def write_json(path: Path, chosen, tokens: List[str], ids: List[int]) -> None:
+    data = {
+        "tokens": tokens,
+        "token_ids": ids,
+        "positions": {
+            str(l): {str(h): z.tolist() for h, z in heads.items()}
+            for l, heads in chosen.items()
+        },
+    }
+    Path(path).write_text(json.dumps(data, ensure_ascii=False))
+
+
+def plot(path: Path, layer: int, heads: Dict[int, np.ndarray], tokens: List[str], full: bool = False, max_labels: int = 8) -> Tuple[int, int]:
+    """Token index against position, one panel per head; returns the PNG's (width, height)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dpi = 100
+    cols = min(4, len(heads))
+    rows = math.ceil(len(heads) / cols)
+    size = (10, 5) if len(heads) == 1 else (4 * cols, 3 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, dpi=dpi, squeeze=False)
+    for ax in axes.flat[len(heads):]:
+        ax.set_visible(False)
+    n = len(tokens)
+    for ax, (head, z) in zip(axes.flat, heads.items()):
+        x = np.arange(n)
+        ax.plot(x, z, color="0.75", linewidth=0.8, zorder=1)
+        ax.scatter(x, z, s=10, zorder=2)
+        lo, hi = inlier_range(z, full)
+        ax.set_ylim(lo, hi)
+        # Label the outliers, most extreme first; those off the shown range sit on its edge.
+        out = outliers(z)
+        median = np.median(z)
+        for i in sorted(out, key=lambda i: -abs(z[i] - median))[:max_labels]:
+            y = min(max(z[i], lo), hi)
+            ax.annotate(
+                f"{tokens[i]!r} {z[i]:.0f}",
+                (i, y),
+                xytext=(3, -8 if y >= hi else 3),
+                textcoords="offset points",
+                fontsize=7,
+                color="C3",
+                clip_on=False,
+            )
+            if y != z[i]:
+                ax.scatter([i], [y], marker="^" if z[i] > hi else "v", color="C3", s=20, clip_on=False, zorder=3)
+        note = "full range" if full else f"{len(out)} outliers marked red"
+        ax.set_title(f"layer {layer} head {head} ({note})", fontsize=9)
+        ax.set_xlabel("token index", fontsize=8)
+        ax.set_ylabel("position", fontsize=8)
+        if len(heads) == 1 and n <= 48:
+            ax.set_xticks(x, [t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return int(size[0] * dpi), int(size[1] * dpi)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m repo_mlx.positions",
+        description="Show the positions a RePo model assigns to each token: a per-head "
+        "summary (min, max, IQR, share of adjacent tokens whose position increases), "
+        "and optionally CSV, JSON and a plot like the official viewer.",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Model folder (official Hugging Face or converted) or Hub id, "
+        f"downloaded on first use (default: {DEFAULT_MODEL}).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", "-p", help="Text to position; '-' reads stdin.")
+    src.add_argument("--prompt-file", type=Path, help="Read the text from this file.")
+    p.add_argument("--layer", default="all", help="A RePo layer index, or 'all' (default). --plot needs one layer.")
+    p.add_argument("--head", default="all", help="A head index, or 'all' (default; the plot becomes a grid of heads).")
+    p.add_argument("--max-tokens", type=int, default=512, help="Use at most this many tokens of the text, like the official viewer (default: 512).")
+    p.add_argument("--csv", type=Path, help="Write rows 'layer, head, index, token, position' to this file.")
+    p.add_argument("--json", type=Path, help="Write tokens, token ids and positions {layer: {head: [...]}} to this file.")
+    p.add_argument("--plot", type=Path, help="Write a PNG of token index against position (needs matplotlib).")
+    p.add_argument("--full-range", action="store_true", help="Plot the full y-range instead of zooming on the inliers (Tukey fences).")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.max_tokens < 1:
+        raise LoadError("--max-tokens must be at least 1.")
+    if args.plot is not None and args.layer == "all":
+        raise LoadError("--plot needs a single --layer (the summary lists the RePo layers).")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]'.") from None
+    text = read_prompt(args)
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise LoadError("The prompt is empty.")
+    total = len(ids)
+    ids = ids[: args.max_tokens]
+    z = {l: np.array(v) for l, v in positions_function(model, ids).items()}
+    chosen = select(z, args.layer, args.head)
+    tokens = token_texts(tokenizer, ids)
+
+    cut = f" (first {len(ids)} of {total})" if total > len(ids) else ""
+    print(f"{len(ids)} tokens{cut}; RePo layers {', '.join(map(str, sorted(z)))}")
+    print(f"{'layer':>5} {'head':>4} {'min':>10} {'max':>10} {'IQR':>10} {'increasing':>10}")
+    for layer, heads in chosen.items():
+        for head, zh in heads.items():
+            s = summary(zh)
+            print(
+                f"{layer:>5} {head:>4} {s['min']:>10.2f} {s['max']:>10.2f} "
+                f"{s['iqr']:>10.2f} {s['increasing']:>10.2f}"
+            )
+    try:
+        if args.csv is not None:
+            write_csv(args.csv, chosen, tokens)
+            print(f"wrote {args.csv}")
+        if args.json is not None:
+            write_json(args.json, chosen, tokens, ids)
+            print(f"wrote {args.json}")
+        if args.plot is not None:
+            layer = next(iter(chosen))
+            plot(args.plot, layer, chosen[layer], tokens, args.full_range)
+            print(f"wrote {args.plot}")
+    except OSError as e:
+        raise LoadError(f"Cannot write {e.filename}: {e.strerror}.") from None
+
+_cli.callable_module(__name__, positions_function)
+
+if __name__ == "__main__":
+    _cli.run(main)
