@@ -1,0 +1,284 @@
+"""Measure what RePo buys: ``python -m repo_mlx.evaluate --task ...``.
+
+Perplexity on a text file and RULER-style synthetic tasks (see ``tasks.py``),
+run for one or more position blends side by side: 0 is the model with its
+learned positions, 1 the same weights with plain RoPE (the paper's baseline
+ablation). ``--yarn`` applies YaRN to every layer, as the paper did for 8K/16K.
+"""
+
+import argparse
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+from . import _cli, tasks
+from .utils import DEFAULT_MODEL, DTYPES, LoadError, context_length, load, set_position_blend, yarn_scaling
+
+SYNTHETIC = tasks.TASKS
+ALL_TASKS = ("perplexity",) + SYNTHETIC
+
+
+def windows(n: int, window: int, stride: int) -> List[Tuple[int, int, int]]:
+    """(start, end, first) per window: tokens first..end-1 are scored with context from start.
+
+    Every token after the first is scored once; with ``stride < window`` each has at
+    least ``window - stride`` tokens of context, with ``stride == window`` the first
+    token of every window has none and is skipped.
+    """
+    out, done = [], 1
+    for start in range(0, max(n - 1, 0), stride):
+        end = min(start + window, n)
+        out.append((start, end, max(done, start + 1)))
+        done = end
+        if end == n:
+            break
+    return out
+
+
+def window_nll(model, ids: List[int], first: int, chunk: int = 512) -> float:
+    """Sum of -log p(ids[t] | ids[:t]) over t >= first (indices within ``ids``)."""
+    cache = make_prompt_cache(model)
+    inputs, targets = ids[:-1], ids[1:]
+    total = 0.0
+    # Chunks through a KV cache keep the [tokens, vocab] logits small on long windows.
+    for a in range(0, len(inputs), chunk):
+        logits = model(mx.array(inputs[a : a + chunk])[None], cache=cache)[0]
+        skip = max(first - 1 - a, 0)  # logits row r predicts ids[r + 1]
+        if skip < logits.shape[0]:
+            lp = logits[skip:].astype(mx.float32)
+            t = mx.array(targets[a + skip : a + chunk])
+            nll = mx.logsumexp(lp, axis=-1) - mx.take_along_axis(lp, t[:, None], axis=-1)[:, 0]
+            total += nll.sum().item()
+        else:
+            mx.eval([c.state for c in cache])
+    return total
+
+
+def perplexity(model, tokens: List[int], window: int, stride: Optional[int] = None, progress=None) -> Dict:
+    """Perplexity of ``tokens`` in windows of ``window`` tokens moved by ``stride``."""
+    stride = stride or window
+    nll, count = 0.0, 0
+    spans = windows(len(tokens), window, stride)
+    for start, end, first in spans:
+        nll += window_nll(model, tokens[start:end], first - start)
+        count += end - first
+        if progress is not None:
+            progress.update(1)
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(spans)}
+
+
+def answer(model, tokenizer, prompt: str, max_tokens: int) -> str:
+    """Greedy continuation of ``prompt``, stopped after its first non-blank line."""
+    out = []
+    for token, _ in generate_step(mx.array(tokenizer.encode(prompt)), model, max_tokens=max_tokens):
+        if token in tokenizer.eos_token_ids:
+            break
+        out.append(token)
+        if "\n" in tokenizer.decode(out).lstrip():
+            break
+    return tokenizer.decode(out)
+
+
+def run_samples(model, tokenizer, samples: List[tasks.Sample], progress=None) -> Dict:
+    rows = []
+    for s in samples:
+        prediction = tasks.first_line(answer(model, tokenizer, s.prompt, s.max_tokens))
+        rows.append(
+            {
+                "answers": s.answers,
+                "prediction": prediction,
+                "score": tasks.score(prediction, s.answers),
+                "depth": round(s.depth, 4),
+            }
+        )
+        if progress is not None:
+            progress.update(1)
+    return {"score": sum(r["score"] for r in rows) / len(rows), "samples": rows}
+
+
+def parse_length(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", text)
+    if not m or int(m.group(1)) < 1:
+        raise LoadError(f"Bad context length {text!r}; use numbers such as 1024 or 4K.")
+    return int(m.group(1)) * (1024 if m.group(2) else 1)
+
+
+def parse_blends(text: str) -> List[float]:
+    try:
+        blends = [float(b) for b in text.split(",")]
+    except ValueError:
+        raise LoadError(f"--position-blend {text!r} must be numbers in [0, 1], e.g. 0,1.") from None
+    if not all(0.0 <= b <= 1.0 for b in blends):
+        raise LoadError(f"--position-blend values must be in [0, 1], got {text}.")
+    return blends
+
+
+def parse_tasks(text: str) -> List[str]:
+    chosen = []
+    for t in text.split(","):
+        t = t.strip()
+        names = SYNTHETIC if t == "ruler" else (t,)
+        if names[0] not in ALL_TASKS:
+            raise LoadError(f"Unknown task {t!r}; tasks: {', '.join(ALL_TASKS)}, ruler (all synthetic ones).")
+        chosen += [n for n in names if n not in chosen]
+    return chosen
+
+
+def column_name(blend: float) -> str:
+    return {0.0: "RePo (blend 0)", 1.0: "RoPE (blend 1)"}.get(blend, f"blend {blend:g}")
+
+
+def table(results: List[Dict], blends: List[float]) -> str:
+    """One row per task and length, one column per position blend."""
+    keys = list(dict.fromkeys((r["task"], r["length"]) for r in results))
+    cols = [column_name(b) for b in blends]
+    width = max(16, *(len(c) + 2 for c in cols))
+    lines = [f"{'task':<20}{'length':>8}" + "".join(f"{c:>{width}}" for c in cols)]
+    for task, length in keys:
+        cells = []
+        for b in blends:
+            r = next(r for r in results if (r["task"], r["length"], r["position_blend"]) == (task, length, b))
+            cells.append(f"{r['perplexity']:.3f}" if task == "perplexity" else f"{100 * r['score']:.1f}%")
+        lines.append(f"{task:<20}{length:>8}" + "".join(f"{c:>{width}}" for c in cells))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m repo_mlx.evaluate",
+        description="Evaluate a RePo model: perplexity on a text file and synthetic "
+        "long/noisy-context tasks (needle in a haystack, key-value retrieval, variable "
+        "tracking), optionally with learned positions and plain RoPE side by side.",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Model folder (official Hugging Face or converted) or Hub id, "
+        f"downloaded on first use (default: {DEFAULT_MODEL}).",
+    )
+    p.add_argument(
+        "--task",
+        required=True,
+        help="Comma-separated tasks: perplexity, " + ", ".join(SYNTHETIC) + "; 'ruler' means all synthetic ones.",
+    )
+    p.add_argument("--data", type=Path, help="Plain-text file for perplexity (no BOS is added).")
+    p.add_argument("--window", type=int, default=None, help="Perplexity window in tokens (default: the model's context, 4096 for the release; YaRN multiplies it).")
+    p.add_argument("--stride", type=int, default=None, help="Perplexity window step; smaller than --window gives every token more context (default: --window).")
+    p.add_argument("--lengths", default="1K,2K,4K", help="Context lengths in tokens for the synthetic tasks, e.g. 1K,2K,4K,8K,16K (default: 1K,2K,4K).")
+    p.add_argument("--samples", type=int, default=10, help="Samples per synthetic task and length (default: 10).")
+    p.add_argument("--seed", type=int, default=0, help="Seed the synthetic samples are made from (default: 0).")
+    p.add_argument(
+        "--position-blend",
+        default="0",
+        help="Comma-separated blends run side by side: 0 = learned positions, 1 = plain RoPE "
+        "in every layer; '0,1' compares the two (default: 0).",
+    )
+    p.add_argument(
+        "--yarn",
+        type=float,
+        default=None,
+        help="YaRN factor over 4096 tokens for every layer, the RePo layers included, as the "
+        "paper did: 2 for 8K, 4 for 16K (default: off).",
+    )
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    p.add_argument("--output", type=Path, default=None, help="Also write the results, with every sample's prediction, as JSON here.")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    names = parse_tasks(args.task)
+    blends = parse_blends(args.position_blend)
+    lengths = [parse_length(t) for t in args.lengths.split(",")]
+    if args.samples < 1:
+        raise LoadError("--samples must be at least 1.")
+    tokens = None
+    if "perplexity" in names:
+        if args.data is None:
+            raise LoadError("--task perplexity needs --data FILE (plain text).")
+        try:
+            text = args.data.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LoadError(f"Cannot read --data {args.data}: {getattr(e, 'strerror', None) or e}.") from None
+
+    model_config = yarn_scaling(args.yarn) if args.yarn is not None else None
+    model, tokenizer = load(args.model, dtype=args.dtype, model_config=model_config)
+    context = context_length(model) or 4096
+    window = args.window or context
+    stride = args.stride or window
+    if not 2 <= window or not 1 <= stride <= window:
+        raise LoadError("--window must be at least 2 and --stride between 1 and --window.")
+
+    def check_context(n, what):
+        if n > context:
+            warnings.warn(
+                f"{what} of {n} tokens is past the model's context of {context}; "
+                "the paper used --yarn 2 for 8K and --yarn 4 for 16K."
+            )
+
+    work = 0
+    if "perplexity" in names:
+        tokens = tokenizer.encode(text)
+        if len(tokens) < 2:
+            raise LoadError(f"--data {args.data} has fewer than 2 tokens.")
+        check_context(min(window, len(tokens)), "The perplexity window")
+        work += len(windows(len(tokens), window, stride))
+    samples = {}
+    for name in (n for n in names if n != "perplexity"):
+        for length in lengths:
+            try:
+                samples[name, length] = tasks.make_samples(name, tokenizer, length, args.samples, args.seed)
+            except ValueError as e:
+                raise LoadError(f"{name}: {e}.") from None
+            work += args.samples
+    for length in lengths if samples else []:
+        check_context(length, "A context")
+
+    from tqdm import tqdm
+
+    results = []
+    # disable=None: a bar on a terminal, silence when output goes to a file.
+    with tqdm(total=work * len(blends), disable=None, unit="step") as bar:
+        for blend in blends:
+            set_position_blend(model, blend)
+            for name in names:
+                for length in [window] if name == "perplexity" else lengths:
+                    bar.set_description(f"{column_name(blend)} {name} {length}")
+                    if name == "perplexity":
+                        r = perplexity(model, tokens, window, stride, bar)
+                    else:
+                        r = run_samples(model, tokenizer, samples[name, length], bar)
+                    results.append({"task": name, "length": length, "position_blend": blend, **r})
+
+    header = f"model {args.model}, YaRN {'x%g' % args.yarn if args.yarn else 'off'}"
+    if samples:
+        header += f", {args.samples} samples per task and length, seed {args.seed}"
+    if tokens is not None:
+        scored = next(r["tokens"] for r in results if r["task"] == "perplexity")
+        header += f", perplexity over {scored} tokens of {args.data.name}"
+    print(header)
+    print(table(results, blends))
+    if args.output is not None:
+        report = {
+            "model": args.model,
+            "yarn": args.yarn,
+            "seed": args.seed,
+            "position_blends": blends,
+            "results": results,
+        }
+        try:
+            args.output.write_text(json.dumps(report, indent=1))
+        except OSError as e:
+            raise LoadError(f"Cannot write {args.output}: {e.strerror}.") from None
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    _cli.run(main)
