@@ -159,17 +159,19 @@ SIMD_WIDTH = 32  # lanes per simdgroup on Apple GPUs; the backward kernels rely 
 _KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
-def metal_source() -> Optional[str]:
-    """metal/rope.metal's text, or None where it is absent (a converted folder)."""
+def metal_source_path() -> Optional[Path]:
+    """Where metal/rope.metal is, or None where it is absent (a converted folder)."""
     here = Path(__file__).resolve().parent
-    places = [here / "metal"]  # installed: repo_mlx/metal/
+    places = [here / "metal"]  # installed wheel: repo_mlx/metal/
     if here.name == "repo_mlx":
         places.append(here.parent / "metal")  # source checkout: <repo>/metal/
-    for place in places:
-        if (place / "rope.metal").is_file():
-            return (place / "rope.metal").read_text()
-    return None
+    return next((p / "rope.metal" for p in places if (p / "rope.metal").is_file()), None)
+
+
+@functools.lru_cache(maxsize=None)
+def metal_source() -> Optional[str]:
+    path = metal_source_path()
+    return path.read_text() if path else None
 
 
 def _use_metal(*arrays) -> bool:

@@ -1,0 +1,1 @@
+"""CPU harness for the Metal kernel sources (see harness.py and docs/kernels.md)."""
