@@ -1,0 +1,259 @@
+"""repo_mlx.lora: training works for every mode, the position module obeys
+--position-module, checkpoints resume exactly, bad data is reported clearly."""
+
+import importlib
+import json
+import subprocess
+import sys
+import types
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from finetune_helpers import make_data, make_model, train, val_losses
+from mlx.utils import tree_flatten
+
+import repo_mlx
+from repo_mlx import tuner
+from repo_mlx.convert import convert
+from repo_mlx.repo_olmo2 import POSITION_WEIGHTS
+from repo_mlx.utils import LoadError
+
+# (fine-tune type, position module, 4-bit base?)
+RUNS = {
+    "lora": ("lora", "frozen", False),
+    "dora": ("dora", "lora", False),
+    "full": ("full", "full", False),
+    "qlora": ("lora", "lora", True),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("base") / "model")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def runs(base, data, tmp_path_factory):
+    """Each mode trained once for 20 iterations: name -> (model, adapters, log)."""
+    root = tmp_path_factory.mktemp("runs")
+    q4 = convert(str(base), str(root / "q4"), quantize=True)
+    out = {}
+    for name, (kind, position, quantized) in RUNS.items():
+        model = q4 if quantized else base
+        adapters = root / name
+        lr = "1e-4" if kind == "full" else "1e-3"
+        log = train(model, data, adapters, "--fine-tune-type", kind,
+                    "--position-module", position, lr=lr)
+        out[name] = (model, adapters, log)
+    return out
+
+
+def position_weights(model) -> dict:
+    """Effective gate_map/content_map/final_map weights, LoRA/DoRA fused."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        if layer.self_attn.repo:
+            for name in POSITION_WEIGHTS:
+                m = getattr(layer.self_attn, name)
+                out[f"{i}.{name}"] = (m.fuse() if hasattr(m, "fuse") else m).weight
+    return out
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_validation_loss_falls(runs, name):
+    log = runs[name][2]
+    losses = val_losses(log)
+    assert len(losses) == 3, log  # iterations 1, 10, 20
+    assert losses[-1] < 0.6 * losses[0], f"{name}: {losses}"
+    for field in ("train loss", "tokens/s", "peak mem"):
+        assert field in log
+
+
+def test_qlora_trains_on_4bit_with_float_position_module(runs):
+    model_path, adapters, _ = runs["qlora"]
+    assert json.loads((model_path / "config.json").read_text())["quantization"]["bits"] == 4
+    model, _ = repo_mlx.load(str(model_path), adapter_path=str(adapters))
+    attn = model.layers[1].self_attn
+    assert isinstance(attn.q_proj.linear, nn.QuantizedLinear)
+    assert type(attn.gate_map.linear) is nn.Linear  # LoRA over a float position map
+
+
+@pytest.mark.parametrize("name,changed", [("lora", False), ("dora", True), ("full", True), ("qlora", True)])
+def test_position_module_follows_the_flag(runs, base, name, changed):
+    model_path, adapters, _ = runs[name]
+    before = position_weights(repo_mlx.load(str(model_path))[0])
+    after = position_weights(repo_mlx.load(str(model_path), adapter_path=str(adapters))[0])
+    saved = mx.load(str(adapters / "adapters.safetensors"))
+    touches = any(k.split(".")[4] in POSITION_WEIGHTS for k in saved)
+    assert touches == changed
+    for key in before:
+        same = mx.array_equal(before[key], after[key]).item()
+        assert same != changed, f"{name}: {key} {'unchanged' if changed else 'changed'}"
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert config["position_module"] == RUNS[name][1]
+
+
+def test_gradients_reach_positions(base):
+    model, _ = repo_mlx.load(str(base))
+    ids = mx.array([[ord(c) for c in "the owl sat on the hill. the owl"]])
+    attn = model.layers[2].self_attn
+    assert attn.repo
+    original = attn.positions
+
+    def loss(delta):
+        attn.positions = lambda x, offset=0: original(x, offset) + delta
+        logits = model(ids[:, :-1])
+        return nn.losses.cross_entropy(logits, ids[:, 1:]).mean()
+
+    zero = mx.zeros((1, attn.n_heads, ids.shape[1] - 1))
+    grad = mx.grad(loss)(zero)
+    assert mx.isfinite(grad).all().item() and (mx.abs(grad) > 0).all().item()
+    # The gradient is right, not just present: compare a directional derivative.
+    direction = mx.array(np.random.default_rng(0).standard_normal(zero.shape), mx.float32)
+    eps = 1e-2
+    numeric = (loss(eps * direction) - loss(-eps * direction)) / (2 * eps)
+    assert abs(numeric.item() - (grad * direction).sum().item()) < 0.02 * abs(numeric.item())
+
+    # The trainer's gradient reaches the position weights only when they train.
+    batch = mx.concatenate([ids, ids])
+    lengths = mx.array([[0, ids.shape[1]]] * 2)
+    for mode, expect in (("frozen", False), ("lora", True), ("full", True)):
+        model, _ = repo_mlx.load(str(base))
+        tuner.setup_trainable(model, "lora", -1, {"rank": 4, "dropout": 0.0, "scale": 10.0}, mode)
+        _, grads = nn.value_and_grad(model, tuner.token_weighted_loss)(
+            model, batch, lengths, mx.distributed.init()
+        )
+        position = {k: g for k, g in tree_flatten(grads) if k.split(".")[4] in POSITION_WEIGHTS}
+        assert bool(position) == expect, mode
+        if mode == "lora":  # lora_b starts at zero, so lora_a's gradient is zero
+            position = {k: g for k, g in position.items() if k.endswith("lora_b")}
+        assert all(mx.abs(g).max().item() > 0 for g in position.values()), mode
+
+
+def test_resume_equals_uninterrupted_run(base, data, tmp_path):
+    # Dropout on, so the random state must be right too.
+    config = tmp_path / "config.yaml"
+    config.write_text("lora_parameters:\n  rank: 4\n  dropout: 0.2\n  scale: 10.0\n")
+    flags = ["--position-module", "lora", "-c", config, "--save-every", "6"]
+    full = tmp_path / "uninterrupted"
+    train(base, data, full, *flags, iters=18)
+    # Interrupted right after iteration 6's checkpoint: resume from it.
+    resumed = tmp_path / "resumed"
+    log = train(base, data, resumed, *flags, "--resume-adapter-file",
+                full / "0000006_adapters.safetensors", iters=18)
+    assert "Iter 7:" in log and "Iter 6:" not in log
+    for file in ("adapters.safetensors", "adapters.state.safetensors"):
+        a, b = mx.load(str(full / file)), mx.load(str(resumed / file))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert mx.array_equal(a[k], b[k]).item(), f"{file}: {k}"
+    # Without the optimizer state it cannot match: the check above can fail.
+    (full / "0000006_adapters.state.safetensors").unlink()
+    fresh = tmp_path / "fresh"
+    with pytest.warns(UserWarning, match="optimizer"):
+        train(base, data, fresh, *flags, "--resume-adapter-file",
+              full / "0000006_adapters.safetensors", iters=12)
+    a = mx.load(str(full / "0000018_adapters.safetensors"))
+    b = mx.load(str(fresh / "adapters.safetensors"))
+    assert not all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_resume_rejects_mismatched_checkpoint(runs, base, data, tmp_path):
+    with pytest.raises(LoadError, match="does not match"):
+        train(base, data, tmp_path / "x", "--position-module", "frozen",
+              "--resume-adapter-file", runs["full"][1] / "adapters.safetensors")
+
+
+def test_generate_uses_adapters_without_fusing(runs, capsys):
+    model_path, adapters, _ = runs["dora"]
+    generate = importlib.import_module("repo_mlx.generate")
+    argv = ["--model", str(model_path), "--prompt", "the owl sat on", "-m", "12", "--verbose", "0"]
+    generate.main(argv + ["--adapter-path", str(adapters)])
+    tuned = capsys.readouterr().out
+    generate.main(argv)
+    plain = capsys.readouterr().out
+    assert tuned != plain
+    assert "the" in tuned  # the adapter learned the data's words
+
+
+# --- bad data ----------------------------------------------------------------
+
+
+def load_data(folder, tokenizer, **overrides):
+    args = dict(data=str(folder), train=True, test=False, batch_size=2, max_seq_length=2048,
+                mask_prompt=False)
+    return tuner.load_data(types.SimpleNamespace(**{**args, **overrides}), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base):
+    return repo_mlx.load(str(base))[1]
+
+
+GOOD = json.dumps({"text": "the cat sat on the mat."})
+
+
+@pytest.mark.parametrize(
+    "train_lines,message",
+    [
+        (None, r"train\.jsonl does not exist"),
+        ([], r"train\.jsonl is empty"),
+        ([GOOD, GOOD, '{"text": "unfinished'], r"train\.jsonl, line 3: not valid JSON"),
+        ([GOOD, '["text"]'], r"train\.jsonl, line 2: expected a JSON object"),
+        ([json.dumps({"txt": "x"})], r"train\.jsonl, line 1: no 'text'.*found: 'txt'"),
+        ([GOOD, "", json.dumps({"prompt": "a"})], r"train\.jsonl, line 3: 'text' must be a str .*missing"),
+        ([GOOD, json.dumps({"text": 5})], r"train\.jsonl, line 2: 'text' must be a str"),
+        ([GOOD], r"1 examples, fewer than --batch-size 2"),
+    ],
+)
+def test_bad_data_names_file_and_line(tokenizer, tmp_path, train_lines, message):
+    if train_lines is not None:
+        (tmp_path / "train.jsonl").write_text("\n".join(train_lines))
+    with pytest.raises(LoadError, match=message):
+        load_data(tmp_path, tokenizer)
+
+
+def test_missing_data_folder_and_chat_without_template(tokenizer, tmp_path):
+    with pytest.raises(LoadError, match="does not exist"):
+        load_data(tmp_path / "nope", tokenizer)
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    (tmp_path / "train.jsonl").write_text(f"{chat}\n{chat}\n")
+    with pytest.raises(LoadError, match="chat template"):
+        load_data(tmp_path, tokenizer)
+
+
+def test_long_sequences_warn_and_truncate(tokenizer, tmp_path):
+    lines = [GOOD, json.dumps({"text": "x" * 100}), GOOD, json.dumps({"text": "y" * 50})]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines))
+    with pytest.warns(UserWarning, match=r"train\.jsonl: 2 example\(s\).*line 2, 4; longest 101"):
+        train_set, valid, _ = load_data(tmp_path, tokenizer, max_seq_length=32)
+    assert max(len(t) for t, _ in train_set) == 32 and valid == []
+
+
+def test_prompt_completion_without_chat_template(tokenizer, tmp_path):
+    line = json.dumps({"prompt": "Q: 2+2? A:", "completion": " 4"})
+    (tmp_path / "train.jsonl").write_text(f"{line}\n{line}\n")
+    (tokens, offset), _ = load_data(tmp_path, tokenizer, mask_prompt=True)[0]
+    assert tokens == tokenizer.encode("Q: 2+2? A:") + tokenizer.encode(" 4") + [tokenizer.eos_token_id]
+    assert offset == len(tokenizer.encode("Q: 2+2? A:"))
+
+
+def test_cli_bad_data_is_one_line(base, tmp_path):
+    (tmp_path / "train.jsonl").write_text(GOOD + "\n{oops\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "repo_mlx.lora", "--model", str(base), "--train",
+         "--data", str(tmp_path), "--iters", "1", "--adapter-path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'train.jsonl'}, line 2: not valid JSON "
+                   "(Expecting property name enclosed in double quotes at column 2)."], r.stderr
+    assert not (tmp_path / "out").exists()
