@@ -177,7 +177,9 @@ def load(
     if adapter_path is not None:
         if not Path(adapter_path, "adapter_config.json").exists():
             raise LoadError(f"{adapter_path} has no adapter_config.json.")
-        model = load_adapters(model, adapter_path)
+        from .tuner import load_adapters as load_repo_adapters  # knows --position-module
+
+        model = load_repo_adapters(model, adapter_path)
         model.eval()
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
