@@ -1,0 +1,91 @@
+"""Write a float RePo model in the official Hugging Face format.
+
+The result loads in the official PyTorch implementation (SakanaAI's
+transformers fork) and in ``repo_mlx.load``: HF weight names (ours are the
+same), safetensors marked ``format: pt``, and a config.json without MLX-only
+keys whose ``pe_config`` carries both spellings the official code may read.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import make_shards
+
+from ..repo_olmo2 import _pe_setting
+from ..utils import LoadError
+
+# Keys only MLX loaders understand; the official config has none of them.
+MLX_ONLY = ("model_file", "quantization", "quantization_config", "position_blend")
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)
+# Written by transformers >= 5, unknown to the official code (a 4.x fork).
+NEW_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only")
+
+
+def hf_config(config: dict, dtype: str) -> dict:
+    cfg = {k: v for k, v in config.items() if k not in MLX_ONLY}
+    if cfg.get("pe_config"):
+        pe = dict(cfg["pe_config"])
+        for name in ("pe_start_layer", "pe_layer_ids"):
+            value = _pe_setting(pe, name)
+            if value is not None:
+                pe["dynamic_" + name] = pe["dynmaic_" + name] = value
+        cfg["pe_config"] = pe
+    cfg.update(architectures=["Olmo2ForCausalLM"], model_type="olmo2", torch_dtype=dtype)
+    return dict(sorted(cfg.items()))
+
+
+def export_hf(dst: Path, model: nn.Module, tokenizer, config: dict, src: Path) -> None:
+    """Write ``model`` (float, not quantized) and its tokenizer to folder ``dst``."""
+    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+        raise LoadError("The Hugging Face format needs float weights; dequantize first.")
+    weights = dict(tree_flatten(model.parameters()))
+    dtypes = {w.dtype for w in weights.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_NAMES:
+        raise LoadError(f"Cannot export mixed or unsupported dtypes {sorted(map(str, dtypes))}.")
+    dst.mkdir(parents=True, exist_ok=True)
+    shards = make_shards(weights)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        mx.save_safetensors(str(dst / name), shard, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(w.nbytes for w in weights.values())},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    dtype = DTYPE_NAMES[next(iter(dtypes))]
+    (dst / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2))
+    write_tokenizer(dst, tokenizer, src)
+    if (src / "generation_config.json").exists():
+        shutil.copy(src / "generation_config.json", dst)
+
+
+def write_tokenizer(dst: Path, tokenizer, src: Path) -> None:
+    """The source's tokenizer files as they are, readable by transformers 4.x."""
+    if (src / "tokenizer.json").exists():
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy(src / name, dst)
+    else:
+        tokenizer.save_pretrained(str(dst))
+    file = dst / "tokenizer_config.json"
+    config = json.loads(file.read_text()) if file.exists() else {}
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in NEW_TOKENIZER_KEYS:
+        config.pop(key, None)
+    file.write_text(json.dumps(config, indent=2))

@@ -1,0 +1,83 @@
+"""Fuse adapters into a RePo model: ``python -m repo_mlx.fuse --model M --adapter-path A``.
+
+The output is a standalone MLX folder like ``repo_mlx.convert`` writes (it
+also runs in stock mlx-lm with --trust-remote-code), or with ``--export-hf``
+the official Hugging Face format.
+"""
+
+import argparse
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from mlx.utils import tree_unflatten
+from mlx_lm.utils import dequantize_model, save
+
+from . import _cli
+from .convert import MODEL_FILE, STANDALONE_FILES, atomic_folder
+from .convert.export_hf import export_hf
+from .utils import LoadError, get_model_path, load
+
+
+def fuse(
+    model: str,
+    adapter_path: str = "adapters",
+    save_path: str = "fused_model",
+    de_quantize: bool = False,
+    export_hf_format: bool = False,
+    force: bool = False,
+) -> Path:
+    dst = Path(save_path)
+    if dst.exists() and not force:  # fail before any compute
+        raise LoadError(f"{dst} already exists; pass --force to replace it.")
+    if not Path(adapter_path, "adapter_config.json").exists():
+        raise LoadError(f"{adapter_path} has no adapter_config.json; is it an adapter folder?")
+    src = get_model_path(model)
+    print(f"[INFO] Loading {src} with adapters {adapter_path}")
+    net, tokenizer, config = load(str(src), adapter_path=adapter_path, return_config=True)
+    # The HF format has no quantized layers, so exporting always dequantizes.
+    de_quantize = de_quantize or export_hf_format
+    fused = [(n, m.fuse(dequantize=de_quantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        net.update_modules(tree_unflatten(fused))
+    if de_quantize:
+        net = dequantize_model(net)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    with atomic_folder(dst, force) as tmp:
+        print(f"[INFO] Saving to {dst}" + (" (Hugging Face format)" if export_hf_format else ""))
+        if export_hf_format:
+            export_hf(tmp, net, tokenizer, config, src)
+        else:
+            config["model_file"] = MODEL_FILE
+            save(tmp, src, net, tokenizer, config, donate_model=False)
+            for name, source in STANDALONE_FILES.items():
+                shutil.copy(source, tmp / name)
+    return dst
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m repo_mlx.fuse",
+        description="Fuse LoRA/DoRA adapters (or full fine-tuned weights) from "
+        "repo_mlx.lora into the base model and save a standalone model.",
+    )
+    p.add_argument("--model", required=True, help="The base model the adapters were trained on: folder or Hub id.")
+    p.add_argument("--adapter-path", default="adapters", help="Folder with adapter_config.json and adapters.safetensors (default: adapters).")
+    p.add_argument("--save-path", default="fused_model", help="Output folder (default: fused_model).")
+    p.add_argument("--de-quantize", "--dequantize", dest="de_quantize", action="store_true", help="Write float weights even if the base model is quantized (otherwise fused layers are re-quantized).")
+    p.add_argument("--export-hf", dest="export_hf_format", action="store_true", help="Write the official Hugging Face format (float weights, HF config.json, tokenizer) instead of the MLX format; it loads in the official PyTorch code.")
+    p.add_argument("--force", action="store_true", help="Replace --save-path if it exists (only once the new one is complete).")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    fuse(**vars(args))
+    print(f"[INFO] Done: {args.save_path}")
+
+
+if __name__ == "__main__":
+    _cli.run(main)
