@@ -42,7 +42,7 @@ def windows(n: int, window: int, stride: int) -> List[Tuple[int, int, int]]:
     return out
 
 
-def window_nll(model, ids: List[int], first: int, chunk: int = 512) -> float:
+def window_nll(model, ids: List[int], first: int, chunk: int = 512, progress=None) -> float:
     """Sum of -log p(ids[t] | ids[:t]) over t >= first (indices within ``ids``)."""
     cache = make_prompt_cache(model)
     inputs, targets = ids[:-1], ids[1:]
@@ -58,6 +58,8 @@ def window_nll(model, ids: List[int], first: int, chunk: int = 512) -> float:
             total += nll.sum().item()
         else:
             mx.eval([c.state for c in cache])
+        if progress is not None:
+            progress.update(logits.shape[0])
     return total
 
 
@@ -67,17 +69,23 @@ def perplexity(model, tokens: List[int], window: int, stride: Optional[int] = No
     nll, count = 0.0, 0
     spans = windows(len(tokens), window, stride)
     for start, end, first in spans:
-        nll += window_nll(model, tokens[start:end], first - start)
+        nll += window_nll(model, tokens[start:end], first - start, progress=progress)
         count += end - first
-        if progress is not None:
-            progress.update(1)
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(spans)}
 
 
-def answer(model, tokenizer, prompt: str, max_tokens: int) -> str:
+def answer(model, tokenizer, prompt: str, max_tokens: int, progress=None) -> str:
     """Greedy continuation of ``prompt``, stopped after its first non-blank line."""
-    out = []
-    for token, _ in generate_step(mx.array(tokenizer.encode(prompt)), model, max_tokens=max_tokens):
+    out, done = [], 0
+
+    def prefilled(n, total):  # long prompts take a while: move the bar as they go
+        nonlocal done
+        if progress is not None:
+            progress.update(n - done)
+        done = n
+
+    ids = mx.array(tokenizer.encode(prompt))
+    for token, _ in generate_step(ids, model, max_tokens=max_tokens, prompt_progress_callback=prefilled):
         if token in tokenizer.eos_token_ids:
             break
         out.append(token)
@@ -89,17 +97,16 @@ def answer(model, tokenizer, prompt: str, max_tokens: int) -> str:
 def run_samples(model, tokenizer, samples: List[tasks.Sample], progress=None) -> Dict:
     rows = []
     for s in samples:
-        prediction = tasks.first_line(answer(model, tokenizer, s.prompt, s.max_tokens))
+        prediction = tasks.first_line(answer(model, tokenizer, s.prompt, s.max_tokens, progress))
         rows.append(
             {
                 "answers": s.answers,
                 "prediction": prediction,
                 "score": tasks.score(prediction, s.answers),
                 "depth": round(s.depth, 4),
+                "prompt_tokens": s.prompt_tokens,
             }
         )
-        if progress is not None:
-            progress.update(1)
     return {"score": sum(r["score"] for r in rows) / len(rows), "samples": rows}
 
 
@@ -229,7 +236,7 @@ def main(argv=None) -> None:
         if len(tokens) < 2:
             raise LoadError(f"--data {args.data} has fewer than 2 tokens.")
         check_context(min(window, len(tokens)), "The perplexity window")
-        work += len(windows(len(tokens), window, stride))
+        work += sum(end - start - 1 for start, end, _ in windows(len(tokens), window, stride))
     samples = {}
     for name in (n for n in names if n != "perplexity"):
         for length in lengths:
@@ -237,7 +244,7 @@ def main(argv=None) -> None:
                 samples[name, length] = tasks.make_samples(name, tokenizer, length, args.samples, args.seed)
             except ValueError as e:
                 raise LoadError(f"{name}: {e}.") from None
-            work += args.samples
+            work += sum(s.prompt_tokens for s in samples[name, length])
     for length in lengths if samples else []:
         check_context(length, "A context")
 
@@ -245,7 +252,7 @@ def main(argv=None) -> None:
 
     results = []
     # disable=None: a bar on a terminal, silence when output goes to a file.
-    with tqdm(total=work * len(blends), disable=None, unit="step") as bar:
+    with tqdm(total=work * len(blends), disable=None, unit="tok", unit_scale=True) as bar:
         for blend in blends:
             set_position_blend(model, blend)
             for name in names:
@@ -259,7 +266,8 @@ def main(argv=None) -> None:
 
     header = f"model {args.model}, YaRN {'x%g' % args.yarn if args.yarn else 'off'}"
     if samples:
-        header += f", {args.samples} samples per task and length, seed {args.seed}"
+        plural = "s" if args.samples > 1 else ""
+        header += f", {args.samples} sample{plural} per task and length, seed {args.seed}"
     if tokens is not None:
         scored = next(r["tokens"] for r in results if r["task"] == "perplexity")
         header += f", perplexity over {scored} tokens of {args.data.name}"

@@ -63,6 +63,7 @@ class Sample:
     answers: List[str]  # every one should appear in the model's answer
     depth: float  # where the (first) answer needle sits: 0 = start, 1 = end
     max_tokens: int  # generation budget for the answer
+    prompt_tokens: int  # the prompt's actual size
 
 
 def filler_sentence(rng: random.Random) -> str:
@@ -199,7 +200,7 @@ def make_sample(task: str, tokenizer, length: int, seed: int, index: int = 0) ->
     else:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     budget = len(tokenizer.encode(" " + ", ".join(answers))) + 8
-    return Sample(task, length, prompt, answers, depth, budget)
+    return Sample(task, length, prompt, answers, depth, budget, len(tokenizer.encode(prompt)))
 
 
 def make_samples(task: str, tokenizer, length: int, n: int, seed: int = 0) -> List[Sample]:

@@ -92,7 +92,7 @@ def test_samples_are_deterministic_and_sized(tiny, task):
     assert len({s.prompt for s in a}) == 3
     for s in a:
         n = len(tokenizer.encode(s.prompt))
-        assert 800 - 100 < n <= 800  # filled up to the budget, never past it
+        assert s.prompt_tokens == n and 800 - 100 < n <= 800  # filled up to the budget, never past it
         for ans in s.answers:
             assert tasks.score(s.prompt.split("Question:")[0], [ans]) == 1.0  # the needle is there
 
@@ -170,7 +170,7 @@ def test_cli_blends_side_by_side(tiny, fixture_path, text, tmp_path, capsys):
             samples = rows["niah_single", b]["samples"]
             assert len(samples) == 2 and rows["niah_single", b]["length"] == 300
             for s, made in zip(samples, tasks.make_samples("niah_single", tokenizer, 300, 2, 0)):
-                assert s["answers"] == made.answers
+                assert s["answers"] == made.answers and s["prompt_tokens"] == made.prompt_tokens
                 assert s["score"] == tasks.score(s["prediction"], s["answers"])
     finally:
         set_position_blend(model, 0.0)
