@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _cli
 from .generate import read_prompt
-from .utils import DEFAULT_MODEL, DTYPES, LoadError, load
+from .utils import DEFAULT_MODEL, DTYPES, LoadError, load, warn_if_too_long, yarn_scaling
 from .utils import positions as positions_function
 
 
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="Write tokens, token ids and positions {layer: {head: [...]}} to this file.")
     p.add_argument("--plot", type=Path, help="Write a PNG of token index against position (needs matplotlib).")
     p.add_argument("--full-range", action="store_true", help="Plot the full y-range instead of zooming on the inliers (Tukey fences).")
+    p.add_argument("--yarn", type=float, default=None, help="YaRN factor over 4096 tokens for every layer, for texts past 4K: 2 for 8K, 4 for 16K (default: off).")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
     return p
 
@@ -192,12 +193,14 @@ def main(argv=None) -> None:
         except ImportError:
             raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]'.") from None
     text = read_prompt(args)
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model_config = yarn_scaling(args.yarn) if args.yarn is not None else None
+    model, tokenizer = load(args.model, dtype=args.dtype, model_config=model_config)
     ids = tokenizer.encode(text)
     if not ids:
         raise LoadError("The prompt is empty.")
     total = len(ids)
     ids = ids[: args.max_tokens]
+    warn_if_too_long(model, len(ids))
     z = {l: np.array(v) for l, v in positions_function(model, ids).items()}
     chosen = select(z, args.layer, args.head)
     tokens = token_texts(tokenizer, ids)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import repo_mlx
-from repo_mlx.utils import LoadError
+from repo_mlx.utils import LoadError, yarn_scaling
 from repo_mlx.utils import positions as utils_positions
 
 # `from repo_mlx import positions` gives the function; the module is the CLI.
@@ -132,3 +132,16 @@ def test_bad_options_are_one_line_errors(fixture_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --layer 7 is not a RePo layer")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_yarn_option(tiny, fixture_path, tmp_path):
+    run(fixture_path, "--layer", "2", "--yarn", "2", "--json", str(tmp_path / "z.json"))
+    got = json.loads((tmp_path / "z.json").read_text())["positions"]["2"]
+    ids = tiny[1].encode(PROMPT)
+    scaled, _ = repo_mlx.load(str(fixture_path), model_config=yarn_scaling(2))
+    want = np.array(utils_positions(scaled, ids)[2])[0]
+    plain = np.array(utils_positions(tiny[0], ids)[2])[0]
+    for head, values in got.items():
+        np.testing.assert_array_equal(np.float32(values), want[int(head)])
+    # Layer 0 rotates with YaRN, so the hidden states that layer 2 reads change.
+    assert np.abs(want - plain).max() > 1e-3
