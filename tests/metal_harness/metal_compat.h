@@ -37,7 +37,7 @@ inline float2 operator*(float2 a, float s) {
   return float2(a.x * s, a.y * s);
 }
 
-typedef _Float16 half;
+typedef _Float16 half_t;
 
 struct bfloat {
   uint16_t bits;
@@ -74,7 +74,7 @@ float simd_sum(float value);
 }  // namespace metal
 
 // mlx's kernel prelude (metal/kernels/utils.h) names the types this way.
-typedef metal::half float16_t;
+typedef _Float16 float16_t;
 typedef metal::bfloat bfloat16_t;
 
 namespace harness {
@@ -228,3 +228,7 @@ inline float metal::simd_sum(float value) {
 #define constant
 #define thread
 #define threadgroup
+// half and bfloat are type keywords in Metal: as macros for qualified names
+// they still work as types, and a variable named half or bfloat fails here too.
+#define half ::metal::half_t
+#define bfloat ::metal::bfloat
