@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="Comma-separated tasks: perplexity, " + ", ".join(SYNTHETIC) + "; 'ruler' means all synthetic ones.",
     )
-    p.add_argument("--data", type=Path, help="Plain-text file for perplexity (no BOS is added).")
+    p.add_argument("--data", type=Path, help="Plain-text file for perplexity, tokenized as is (OLMo-2 adds no BOS).")
     p.add_argument("--window", type=int, default=None, help="Perplexity window in tokens (default: the model's context, 4096 for the release; YaRN multiplies it).")
     p.add_argument("--stride", type=int, default=None, help="Perplexity window step; smaller than --window gives every token more context (default: --window).")
     p.add_argument("--lengths", default="1K,2K,4K", help="Context lengths in tokens for the synthetic tasks, e.g. 1K,2K,4K,8K,16K (default: 1K,2K,4K).")

@@ -73,8 +73,10 @@ def test_perplexity_equals_an_independent_computation(tiny, text, blend, window,
     assert got["perplexity"] == pytest.approx(np.exp(nll), rel=1e-5)
 
 
-def test_window_nll_is_the_same_in_chunks(tiny, text):
+@pytest.mark.parametrize("position_blend", [0.0, 1.0])  # 1: integer positions follow the cache offset
+def test_window_nll_is_the_same_in_chunks(tiny, text, blend, position_blend):
     model, tokenizer = tiny
+    blend(position_blend)
     ids = tokenizer.encode(text)[:200]
     whole = evaluate.window_nll(model, ids, 1, chunk=512)
     lp = log_softmax64(model(mx.array(ids)[None])[0])
