@@ -2,8 +2,8 @@
 
 Perplexity on a text file and RULER-style synthetic tasks (see ``tasks.py``),
 run for one or more position blends side by side: 0 is the model with its
-learned positions, 1 the same weights with plain RoPE (the paper's baseline
-ablation). ``--yarn`` applies YaRN to every layer, as the paper did for 8K/16K.
+learned positions, 1 the same weights with plain RoPE (the official code's
+``dynamic_pe_pdrop`` ablation). ``--yarn`` applies YaRN to every layer, as the paper did for 8K/16K.
 """
 
 import argparse
@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
+from tqdm import tqdm
 
 from . import _cli, tasks
 from .utils import DEFAULT_MODEL, DTYPES, LoadError, context_length, load, set_position_blend, yarn_scaling
@@ -124,7 +125,7 @@ def parse_blends(text: str) -> List[float]:
         raise LoadError(f"--position-blend {text!r} must be numbers in [0, 1], e.g. 0,1.") from None
     if not all(0.0 <= b <= 1.0 for b in blends):
         raise LoadError(f"--position-blend values must be in [0, 1], got {text}.")
-    return blends
+    return list(dict.fromkeys(blends))
 
 
 def parse_tasks(text: str) -> List[str]:
@@ -203,9 +204,11 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     names = parse_tasks(args.task)
     blends = parse_blends(args.position_blend)
-    lengths = [parse_length(t) for t in args.lengths.split(",")]
+    lengths = list(dict.fromkeys(parse_length(t) for t in args.lengths.split(",")))
     if args.samples < 1:
         raise LoadError("--samples must be at least 1.")
+    if (args.window is not None and args.window < 2) or (args.stride is not None and args.stride < 1):
+        raise LoadError("--window must be at least 2 and --stride at least 1.")
     tokens = None
     if "perplexity" in names:
         if args.data is None:
@@ -220,8 +223,8 @@ def main(argv=None) -> None:
     context = context_length(model) or 4096
     window = args.window or context
     stride = args.stride or window
-    if not 2 <= window or not 1 <= stride <= window:
-        raise LoadError("--window must be at least 2 and --stride between 1 and --window.")
+    if stride > window:
+        raise LoadError(f"--stride {stride} is longer than the window of {window}: tokens would be skipped.")
 
     def check_context(n, what):
         if n > context:
@@ -247,8 +250,6 @@ def main(argv=None) -> None:
             work += sum(s.prompt_tokens for s in samples[name, length])
     for length in lengths if samples else []:
         check_context(length, "A context")
-
-    from tqdm import tqdm
 
     results = []
     # disable=None: a bar on a terminal, silence when output goes to a file.

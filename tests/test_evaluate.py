@@ -205,6 +205,8 @@ def test_bad_options_are_one_line_errors(fixture_path, tmp_path):
         evaluate.main(base + ["--task", "ruler", "--position-blend", "0,2"])
     with pytest.raises(LoadError, match="Bad context length"):
         evaluate.main(base + ["--task", "ruler", "--lengths", "4Q"])
+    with pytest.raises(LoadError, match="longer than the window"):
+        evaluate.main(base + ["--task", "ruler", "--window", "64", "--stride", "65"])
     with pytest.raises(LoadError, match="too short"):
         evaluate.main(base + ["--task", "variable_tracking", "--lengths", "64"])
     assert evaluate.parse_length("16K") == 16384 and evaluate.parse_length("1000") == 1000
