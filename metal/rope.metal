@@ -17,7 +17,7 @@ using namespace metal;
 
 // One simdgroup per row in the backward kernels: the host launches grid.x ==
 // threadgroup.x == REPO_SIMD_WIDTH (Apple GPUs run 32 lanes per simdgroup).
-constant constexpr int REPO_SIMD_WIDTH = 32;
+static constant constexpr int REPO_SIMD_WIDTH = 32;
 
 // Element offset of row (b, h, n) from 4 (or 3) strides.
 inline int64_t repo_row(const constant int64_t* strides, uint b, uint h, uint n) {
