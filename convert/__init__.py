@@ -21,8 +21,22 @@ from ..repo_olmo2 import POSITION_WEIGHTS
 from ..utils import DTYPES, LoadError, get_model_path, load_model, load_tokenizer
 
 MODEL_FILE = "repo_olmo2.py"
-# Files a converted folder carries so it runs without repo_mlx installed.
-STANDALONE_FILES = {MODEL_FILE: repo_olmo2.__file__, "repo_rope.py": rope.__file__}
+# Files a converted folder carries so it runs without repo_mlx installed (and,
+# on a Mac, with the Metal kernels: repo_rope.py looks for metal/ beside it).
+STANDALONE_FILES = {
+    MODEL_FILE: repo_olmo2.__file__,
+    "repo_rope.py": rope.__file__,
+    "metal/rope.metal": rope.metal_source_path(),
+}
+
+
+def add_model_file(folder: Path, config: dict) -> None:
+    """Make ``folder`` loadable by stock mlx-lm: the model file, named in config."""
+    config["model_file"] = MODEL_FILE
+    for name, source in STANDALONE_FILES.items():
+        if source is not None:
+            (folder / name).parent.mkdir(exist_ok=True)
+            shutil.copy(source, folder / name)
 
 
 def keep_unquantized(path: str, module) -> bool:
@@ -84,12 +98,11 @@ def convert(
         model, config = quantize_model(
             model, config, q_group_size, q_bits, quant_predicate=keep_unquantized
         )
-    config["model_file"] = MODEL_FILE
     with atomic_folder(dst, force) as tmp:
         print(f"[INFO] Saving to {dst}")
+        config["model_file"] = MODEL_FILE
         save(tmp, src, model, tokenizer, config)
-        for name, source in STANDALONE_FILES.items():
-            shutil.copy(source, tmp / name)
+        add_model_file(tmp, config)
     if upload_repo is not None:
         print(f"[INFO] Uploading to {upload_repo}")
         try:

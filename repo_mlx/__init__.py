@@ -9,7 +9,7 @@ _source = Path(__file__).resolve().parent.parent
 if (_source / "pyproject.toml").is_file() and (_source / "convert" / "__init__.py").is_file():
     __path__.append(str(_source))
 
-from .rope import continuous_rope
+from .rope import continuous_rope, continuous_rope_qk
 from .utils import (
     DEFAULT_MODEL,
     LoadError,
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "LoadError",
     "continuous_rope",
+    "continuous_rope_qk",
     "generate",
     "load",
     "positions",
