@@ -6,7 +6,6 @@ the official Hugging Face format.
 """
 
 import argparse
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, save
 
 from . import _cli
-from .convert import MODEL_FILE, STANDALONE_FILES, atomic_folder
+from .convert import MODEL_FILE, add_model_file, atomic_folder
 from .convert.export_hf import export_hf
 from .utils import LoadError, get_model_path, load
 
@@ -52,8 +51,7 @@ def fuse(
         else:
             config["model_file"] = MODEL_FILE
             save(tmp, src, net, tokenizer, config, donate_model=False)
-            for name, source in STANDALONE_FILES.items():
-                shutil.copy(source, tmp / name)
+            add_model_file(tmp, config)
     return dst
 
 
