@@ -1,0 +1,543 @@
+"""OpenAI-compatible local server: ``python -m repo_mlx.server --model ...``.
+
+mlx-lm's server does the work (request handler, batched generation, prompt
+cache, server-sent events). This module adds what a RePo model and a desktop
+app need on top of it:
+
+- the model is loaded with ``repo_mlx.load`` (a stock loader would build plain
+  OLMo-2 or refuse the position weights), once, at start; requests cannot make
+  the server load other models, adapters or draft models;
+- requests are checked before mlx-lm sees them: size, JSON, field types and
+  ranges; a bad one gets a 4xx JSON error and never reaches the generation
+  thread, where an exception would stop the server for everyone;
+- ``stop`` strings end a reply where their text appears (mlx-lm alone stops
+  only when the generated tokens equal the stop string's own tokenization);
+- safe defaults: 127.0.0.1, no cross-origin browser access, a body size limit.
+
+Chat with a base model (no chat template) uses mlx-lm's plain transcript,
+``USER: ...`` / ``ASSISTANT:``, and ends the reply where the model starts
+the next ``USER:`` turn.
+"""
+
+import argparse
+import dataclasses
+import gc
+import ipaddress
+import json
+import logging
+import math
+import socket
+import threading
+import time
+import warnings
+from http.server import ThreadingHTTPServer
+from io import BytesIO
+from urllib.parse import unquote, urlsplit
+
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+from mlx_lm.server import (
+    APIHandler,
+    ModelProvider,
+    ResponseGenerator,
+    get_system_fingerprint,
+)
+
+from . import _cli
+from .utils import DTYPES, LoadError, context_length, load
+
+POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
+# Where mlx-lm's plain chat transcript (convert_chat's default role mapping)
+# starts the next user turn; a base model writes it when its reply is done.
+NEXT_USER_TURN = "\nUSER:"
+MAX_STOP_WORDS = 16
+DRAIN_BYTES = 64 << 20  # an oversized body up to this size is read and dropped
+
+
+class RequestError(ValueError):
+    """A request the server refuses; ``status`` is the HTTP code."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass
+class Limits:
+    max_tokens: int  # largest max_tokens a request may ask for
+    vocab_size: int  # logit_bias keys must be token ids below this
+    max_request_bytes: int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m repo_mlx.server",
+        description="Serve a RePo-OLMo2 model over an OpenAI-compatible HTTP API "
+        "(/v1/models, /v1/completions, /v1/chat/completions) built on mlx-lm's server.",
+    )
+    p.add_argument("--model", required=True, help="Model folder (official Hugging Face or converted) or Hub id.")
+    p.add_argument("--adapter-path", default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on (default: 127.0.0.1, this machine only). "
+        "Anything else lets other machines use the model; the server warns.",
+    )
+    p.add_argument("--port", type=int, default=8080, help="Port to listen on; 0 picks a free one (default: 8080).")
+    p.add_argument("--max-tokens", type=int, default=512, help="max_tokens of requests that give none (default: 512).")
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="Refuse requests asking for more tokens than this "
+        "(default: the model's context length, 4096 for the released models).",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=1 << 20,
+        help="Refuse request bodies larger than this many bytes (default: 1048576).",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        type=lambda s: [o for o in s.split(",") if o],
+        default=[],
+        help="Comma-separated web origins (e.g. http://localhost:3000, or '*') whose "
+        "pages may call the server from a browser (default: none; native apps and "
+        "curl send no Origin and are always served).",
+    )
+    p.add_argument("--prompt-cache-size", type=int, default=10, help="KV caches of recent prompts kept for reuse (default: 10).")
+    p.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="Logging level; INFO logs every request (default: WARNING).",
+    )
+    return p
+
+
+def mlx_lm_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """The settings mlx-lm's server reads, at its own defaults where we add no flag."""
+    return argparse.Namespace(
+        model=args.model,
+        adapter_path=args.adapter_path,
+        draft_model=None,
+        num_draft_tokens=3,
+        trust_remote_code=False,
+        chat_template="",
+        use_default_chat_template=False,
+        chat_template_args={},
+        allowed_origins=args.allowed_origins,
+        temp=0.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        max_tokens=args.max_tokens,
+        decode_concurrency=32,
+        prompt_concurrency=8,
+        prefill_step_size=2048,
+        prompt_cache_size=args.prompt_cache_size,
+        prompt_cache_bytes=None,
+        kv_bits=None,
+        kv_group_size=64,
+        quantized_kv_start=DEFAULT_QUANTIZED_KV_START,
+        pipeline=False,
+        dtype=args.dtype,
+    )
+
+
+class RePoModelProvider(ModelProvider):
+    """mlx-lm's model provider holding exactly one RePo model, loaded by repo_mlx."""
+
+    def __init__(self, cli_args):
+        super().__init__(cli_args)
+        self.loaded = threading.Event()
+        self.load_error = None
+
+    def load_default(self):
+        # Runs on mlx-lm's generation thread, so the model lives on its stream.
+        try:
+            a = self.cli_args
+            model, tokenizer = load(a.model, dtype=a.dtype, adapter_path=a.adapter_path)
+            self.model, self.tokenizer = model, tokenizer
+            self.processor = self.draft_model = None
+            self.is_batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+            self.model_key = (a.model, a.adapter_path, None)
+        except Exception as e:
+            self.load_error = e
+        finally:
+            self.loaded.set()
+
+    def load(self, model_path=None, adapter_path=None, draft_model_path=None):
+        # Requests name models too, but this server serves only the one it started with.
+        return self.model, self.tokenizer
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_int(body, key, low, high):
+    if key in body:
+        v = body[key]
+        if not _is_int(v) or not low <= v <= high:
+            raise RequestError(f"{key} must be an integer from {low} to {high}, got {v!r}.")
+
+
+def _check_number(body, key, low=-math.inf, high=math.inf):
+    if key in body:
+        v = body[key]
+        if not _is_number(v) or not low <= v <= high:
+            span = f"at least {low}" if high == math.inf else f"from {low} to {high}"
+            raise RequestError(f"{key} must be a number {span}, got {v!r}.")
+
+
+def _check_type(body, key, kind, name):
+    if key in body and not isinstance(body[key], kind):
+        raise RequestError(f"{key} must be {name}.")
+
+
+def _message_text(i: int, content) -> str:
+    """A message's content as one string; only text parts are supported."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise RequestError(
+        f"messages[{i}].content must be a string or a list of text parts "
+        '({"type": "text", "text": ...}); this model reads text only.'
+    )
+
+
+def check_request(body, path: str, limits: Limits, model_id: str, has_chat_template: bool) -> dict:
+    """The request mlx-lm will serve, or a RequestError saying what is wrong.
+
+    Null fields mean "use the default", as in OpenAI's API.
+    """
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.")
+    body = {k: v for k, v in body.items() if v is not None}
+
+    _check_type(body, "model", str, "a string")
+    for key in ("adapters", "draft_model"):
+        if key in body:
+            raise RequestError(f"{key} is not supported: the server runs the model and adapters it was started with.")
+    for key, only in (("n", 1), ("best_of", 1), ("echo", False)):
+        if key in body and body[key] != only:
+            raise RequestError(f"{key} is not supported (only {json.dumps(only)}).")
+    _check_type(body, "stream", bool, "true or false")
+    _check_type(body, "stream_options", dict, "an object")
+    options = dict(body.get("stream_options", {}))
+    _check_type(options, "include_usage", bool, "true or false")
+    options.setdefault("include_usage", False)  # mlx-lm reads it unconditionally
+    body["stream_options"] = options
+
+    for key in ("max_tokens", "max_completion_tokens"):
+        _check_int(body, key, 1, limits.max_tokens)
+    _check_number(body, "temperature", 0)
+    _check_number(body, "top_p", 0, 1)
+    _check_number(body, "min_p", 0, 1)
+    _check_int(body, "top_k", 0, limits.vocab_size)
+    _check_int(body, "seed", 0, 2**64 - 1)  # what mx.random.seed accepts
+    for key in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        _check_number(body, key, -100, 100)
+    for key in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
+        _check_int(body, key, 0, limits.max_tokens)
+    for key in ("xtc_probability", "xtc_threshold"):
+        _check_number(body, key, 0, 1)
+        if key in body:
+            body[key] = float(body[key])  # mlx-lm takes floats only
+    _check_type(body, "logprobs", bool, "true or false")
+    _check_int(body, "top_logprobs", 0, 10)
+    _check_type(body, "chat_template_kwargs", dict, "an object")
+
+    if "logit_bias" in body:
+        bias = body["logit_bias"]
+        ok = isinstance(bias, dict) and all(
+            k.isdigit() and int(k) < limits.vocab_size and _is_number(v) and -100 <= v <= 100
+            for k, v in bias.items()
+        )
+        if not ok:
+            raise RequestError(
+                f"logit_bias must map token ids (0 to {limits.vocab_size - 1}) to numbers from -100 to 100."
+            )
+
+    stop = body.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (
+        isinstance(stop, list)
+        and len(stop) <= MAX_STOP_WORDS
+        and all(isinstance(w, str) and w for w in stop)
+    ):
+        raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP_WORDS} of them.")
+
+    if path == "/v1/completions":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError("prompt must be a non-empty string.")
+    else:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list.")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise RequestError(f"messages[{i}] must be an object with a string role.")
+            clean.append({**m, "content": _message_text(i, m.get("content"))})
+        body["messages"] = clean
+        _check_type(body, "tools", list, "a list")
+        mapping = body.get("role_mapping")
+        if mapping is not None and not (
+            isinstance(mapping, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items())
+        ):
+            raise RequestError("role_mapping must map strings to strings.")
+        if not has_chat_template and not mapping and NEXT_USER_TURN not in stop:
+            stop = stop + [NEXT_USER_TURN]
+
+    body["stop"] = stop
+    body["model"] = model_id  # responses name the model that served them
+    return body
+
+
+def cut_at_stop(responses, stop_words):
+    """End a stream of mlx-lm Responses where a stop string's text is complete.
+
+    The last Response is cut just after the first stop string to complete;
+    mlx-lm's handler strips the stop string and reports finish_reason "stop".
+    """
+    if not stop_words:
+        yield from responses
+        return
+    text, longest = "", max(map(len, stop_words))
+    for r in responses:
+        start = max(0, len(text) - longest + 1)  # earlier text was searched already
+        text += r.text
+        ends = [i + len(w) for w in stop_words if (i := text.find(w, start)) >= 0]
+        if ends:
+            end = min(ends) - (len(text) - len(r.text))
+            yield dataclasses.replace(r, text=r.text[:end], finish_reason=None)
+            return
+        yield r
+        if r.finish_reason is not None:
+            return
+
+
+class RePoResponseGenerator(ResponseGenerator):
+    """mlx-lm's generation thread, with stop strings matched on text.
+
+    mlx-lm stops when the generated tokens equal a stop string's own
+    tokenization, which misses it when the model spells it with other tokens
+    (".\n\n" is one token, "\n\n" another), and drops text held back for
+    another stop string on a match. Here tokens stop at EOS only, mlx-lm's text
+    state machine still strips stop strings and holds back their prefixes, and
+    ``cut_at_stop`` ends the reply.
+    """
+
+    def _make_state_machine(self, model_key, tokenizer, stop_words):
+        eos_only, _ = super()._make_state_machine(model_key, tokenizer, [])
+        _, text_sm = super()._make_state_machine(model_key, tokenizer, stop_words)
+        return eos_only, text_sm
+
+    def generate(self, request, args, progress_callback=None):
+        ctx, responses = super().generate(request, args, progress_callback)
+        return ctx, cut_at_stop(responses, args.stop_words)
+
+
+class Handler(APIHandler):
+    """mlx-lm's request handler behind a check of every request."""
+
+    timeout = 60  # seconds a client may stall while sending; frees its thread
+
+    def __init__(self, response_generator, settings, *args, **kwargs):
+        self.settings = settings
+        super().__init__(response_generator, *args, **kwargs)
+
+    def log_message(self, format, *args):
+        logging.info("%s %s", self.address_string(), format % args)
+
+    def send_error_json(self, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        self._set_completion_headers(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def origin_allowed(self) -> bool:
+        # Browsers send Origin; a page of another site (or one that rebinds its
+        # DNS name to 127.0.0.1) must not drive the local model.
+        origin = self.headers.get("Origin")
+        allowed = self.settings["allowed_origins"]
+        return origin is None or "*" in allowed or origin in allowed
+
+    def read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError("A Content-Length header is required.", 411)
+        if not length.strip().isdigit():
+            raise RequestError("Content-Length must be a non-negative integer.")
+        limit, length = self.settings["limits"].max_request_bytes, int(length)
+        if length > limit:
+            # Read and drop a body of sane size, so the client is not cut off
+            # mid-send and sees the reply; a larger one is never read.
+            if length <= DRAIN_BYTES:
+                while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
+                    length -= len(chunk)
+            self.close_connection = True
+            raise RequestError(f"The request body is larger than {limit} bytes.", 413)
+        return self.rfile.read(length)
+
+    def do_POST(self):
+        path = urlsplit(self.path).path
+        try:
+            if path not in POST_PATHS:
+                raise RequestError(f"No such endpoint: POST {path}.", 404)
+            if not self.origin_allowed():
+                raise RequestError("This web origin may not use the server (see --allowed-origins).", 403)
+            raw = self.read_body()
+            try:
+                # Standard JSON only: Python's parser would also take NaN and Infinity.
+                body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+            except (UnicodeDecodeError, ValueError) as e:
+                raise RequestError(f"The body is not valid JSON: {e}.") from None
+            s = self.settings
+            body = check_request(body, path, s["limits"], s["model_id"], s["has_chat_template"])
+        except RequestError as e:
+            self.send_error_json(e.status, str(e))
+            return
+        # mlx-lm's handler reads and parses the checked body itself.
+        self.path = path
+        original, self.rfile = self.rfile, BytesIO(raw := json.dumps(body).encode())
+        self.headers.replace_header("Content-Length", str(len(raw)))
+        try:
+            super().do_POST()
+        finally:
+            self.rfile = original
+
+    def handle_completion(self, request, stop_words):
+        try:
+            super().handle_completion(request, stop_words)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            # The client left mid-reply; mlx-lm's handler has stopped its generation.
+            logging.info("client %s disconnected", self.address_string())
+            self.close_connection = True
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        if not self.origin_allowed():
+            self.send_error_json(403, "This web origin may not use the server (see --allowed-origins).")
+        elif path == "/v1/models":
+            self.send_json({"object": "list", "data": [self.model_card()]})
+        elif path.startswith("/v1/models/") and unquote(path[len("/v1/models/"):]) == self.settings["model_id"]:
+            self.send_json(self.model_card())
+        elif path == "/health":
+            self.handle_health_check()
+        else:
+            self.send_error_json(404, f"No such endpoint: GET {path}.")
+
+    def model_card(self) -> dict:
+        s = self.settings
+        return {"id": s["model_id"], "object": "model", "created": s["created"], "owned_by": "local"}
+
+    def send_json(self, obj) -> None:
+        body = json.dumps(obj).encode()
+        self._set_completion_headers(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def bind(host: str, port: int) -> ThreadingHTTPServer:
+    """A listening HTTP server (IPv4 or IPv6, as the host resolves)."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise LoadError(f"Cannot resolve --host {host}: {e.strerror}.") from None
+
+    class Server(ThreadingHTTPServer):
+        address_family = info[0]
+        daemon_threads = True
+
+    try:
+        return Server(info[4], None)
+    except OSError as e:
+        raise LoadError(f"Cannot listen on {host}:{port}: {e.strerror}.") from None
+
+
+def check_arguments(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise LoadError(f"--port must be from 0 to 65535, got {args.port}.")
+    for name in ("max_tokens", "max_tokens_limit", "max_request_bytes", "prompt_cache_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise LoadError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+
+    httpd = bind(args.host, args.port)  # before loading: a busy port fails fast
+    provider = RePoModelProvider(mlx_lm_arguments(args))
+    generator = RePoResponseGenerator(provider, LRUPromptCache(args.prompt_cache_size))
+    provider.loaded.wait()
+    try:
+        if provider.load_error is not None:
+            e = provider.load_error
+            raise e if isinstance(e, LoadError) else LoadError(f"Cannot load {args.model}: {e}")
+        model, tokenizer = provider.model, provider.tokenizer
+        context = context_length(model) or 4096
+        limit = args.max_tokens_limit or context
+        if args.max_tokens > limit:
+            raise LoadError(f"--max-tokens {args.max_tokens} is above the limit of {limit} tokens.")
+        settings = {
+            "model_id": args.model,
+            "created": int(time.time()),
+            "has_chat_template": tokenizer.has_chat_template,
+            "allowed_origins": args.allowed_origins,
+            "limits": Limits(limit, model.args.vocab_size, args.max_request_bytes),
+        }
+        fingerprint = get_system_fingerprint()
+        httpd.RequestHandlerClass = lambda *a, **kw: Handler(
+            generator, settings, *a, system_fingerprint=fingerprint, **kw
+        )
+        host, port = httpd.server_address[:2]
+        if not is_loopback(args.host):
+            warnings.warn(
+                f"Listening on {args.host}, not only this machine: anyone who can reach "
+                f"port {port} can use the model, without authentication."
+            )
+        url_host = f"[{host}]" if ":" in host else host
+        print(f"Serving {args.model} at http://{url_host}:{port}/v1 (Ctrl-C stops)", flush=True)
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+        generator.stop_and_join()
+        # Free MLX arrays still held in reference cycles now: left to interpreter
+        # exit, they can outlive MLX's scheduler and abort the process.
+        gc.collect()
+
+
+if __name__ == "__main__":
+    _cli.run(main)
