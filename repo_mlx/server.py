@@ -51,6 +51,7 @@ POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 # starts the next user turn; a base model writes it when its reply is done.
 NEXT_USER_TURN = "\nUSER:"
 MAX_STOP_WORDS = 16
+ERROR_TYPES = {403: "permission_error", 404: "not_found_error"}
 DRAIN_BYTES = 64 << 20  # an oversized body up to this size is read and dropped
 
 
@@ -365,7 +366,9 @@ class Handler(APIHandler):
         logging.info("%s %s", self.address_string(), format % args)
 
     def send_error_json(self, status: int, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
+        # OpenAI's shape: its clients show error.message to the user.
+        kind = ERROR_TYPES.get(status, "invalid_request_error")
+        body = json.dumps({"error": {"message": message, "type": kind}}).encode()
         self._set_completion_headers(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -20,6 +21,7 @@ import repo_mlx
 from repo_mlx.server import Limits, RequestError, check_request, cut_at_stop
 
 TIMEOUT = 120  # seconds; the CPU may be shared with other jobs
+DOC = Path(__file__).parents[1] / "docs" / "apps.md"
 PROMPT = "Hello world"
 
 
@@ -252,7 +254,8 @@ BAD_CHAT = {
 
 def check_error(status, reply, expected):
     assert status == expected
-    assert isinstance(reply["error"], str) and reply["error"]
+    message = reply["error"]["message"]  # OpenAI's shape, which its clients show
+    assert isinstance(message, str) and message
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
@@ -423,3 +426,30 @@ def test_bad_command_lines_are_one_line_errors(fixture_path, tmp_path):
             r = run_cli(*args)
             assert r.returncode == 2, r.stderr
             assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr
+
+
+# --- docs/apps.md ------------------------------------------------------------
+
+
+def test_apps_doc_python_example_runs(fixture_path, tiny):
+    code = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)[0]
+    assert repo_mlx.DEFAULT_MODEL in code
+    code = code.replace(repo_mlx.DEFAULT_MODEL, str(fixture_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    model, tokenizer = tiny
+    assert r.stdout.startswith(repo_mlx.generate(model, tokenizer, "The capital of France is", max_tokens=20) + "\n")
+    assert re.search(r"^\[40 tokens, \d+ tokens/s\]$", r.stdout, re.M)
+    assert [int(m) for m in re.findall(r"^(\d+) \(1, 4, \d+\) \[", r.stdout, re.M)] == [1, 2, 3]
+
+
+def test_apps_doc_curl_examples_are_served(server):
+    examples = re.findall(r"curl (?:-N )?http://127\.0\.0\.1:8080(/v1/\S+) .*?-d '(.*?)'", DOC.read_text(), re.S)
+    assert len(examples) == 3
+    for path, body in examples:
+        body = json.loads(body)
+        if body.get("stream"):
+            assert stream(server, path, body)[-1]["usage"]["completion_tokens"] > 0
+        else:
+            status, reply = post(server, path, body)
+            assert status == 200 and reply["usage"]["completion_tokens"] > 0
