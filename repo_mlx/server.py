@@ -21,12 +21,13 @@ the next ``USER:`` turn.
 
 import argparse
 import dataclasses
-import gc
 import ipaddress
 import json
 import logging
 import math
+import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -537,10 +538,28 @@ def main(argv=None) -> None:
     finally:
         httpd.server_close()
         generator.stop_and_join()
-        # Free MLX arrays still held in reference cycles now: left to interpreter
-        # exit, they can outlive MLX's scheduler and abort the process.
-        gc.collect()
+
+
+def run_and_exit() -> None:
+    """``_cli.run(main)``, then exit without tearing the interpreter down.
+
+    When mlx-lm's generation thread ends, MLX destroys its per-thread compile
+    cache, which needs the GIL; if the interpreter is already finalizing, the
+    process aborts ("terminate called without an active exception", which
+    stock mlx_lm.server also does on Ctrl-C). Everything is closed by now.
+    """
+    try:
+        _cli.run(main)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+        if not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    _cli.run(main)
+    run_and_exit()
