@@ -86,6 +86,7 @@ def setup_trainable(
             f"got {position_module!r}."
         )
     layers = _tuned_layers(model, num_layers)
+    lora_parameters = lora_parameters or {}
     model.freeze()
     if fine_tune_type == "full":
         if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
@@ -101,10 +102,9 @@ def setup_trainable(
         if position_module != "lora":
             return None
         keys = set(POSITION_KEYS)
-        lora_parameters = lora_parameters or {}
         use_dora = False
     elif fine_tune_type in ("lora", "dora"):
-        keys = set((lora_parameters or {}).get("keys") or [])
+        keys = set(lora_parameters.get("keys") or [])
         if not keys:  # mlx-lm's default: every linear in the tuned layers
             keys = {
                 k
@@ -443,7 +443,10 @@ def resume(model, optimizer, adapter_file, args) -> Tuple[int, int]:
             f"{sfile} holds state for another optimizer or model; resume with the "
             "same --optimizer and adapter settings."
         )
-    optimizer.state = tree_map_with_path(lambda path, _: state[path], optimizer.state)
+    # The learning rate stays this run's: a schedule recomputes it from the step.
+    optimizer.state = tree_map_with_path(
+        lambda path, now: now if path == "learning_rate" else state[path], optimizer.state
+    )
     for key in ("seed", "batch_size"):
         if smeta.get(key) != str(getattr(args, key)):
             warnings.warn(
@@ -524,9 +527,9 @@ def train(
                 )
 
         batch, lengths = next(batches)
-        tic = time.perf_counter()
         # Dropout masks depend on (seed, iteration) only: resumable anywhere.
         mx.random.seed(derived_seed(args.seed, 1, it))
+        tic = time.perf_counter()
         loss, toks, grad = step(batch, lengths, grad, it % accum == 0)
         losses, n_tokens, steps = losses + loss, n_tokens + toks, steps + 1
         mx.eval(state, losses, n_tokens, grad)

@@ -3,6 +3,7 @@
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 import types
@@ -83,6 +84,18 @@ def test_qlora_trains_on_4bit_with_float_position_module(runs):
     attn = model.layers[1].self_attn
     assert isinstance(attn.q_proj.linear, nn.QuantizedLinear)
     assert type(attn.gate_map.linear) is nn.Linear  # LoRA over a float position map
+
+
+def test_lora_adapters_load_in_stock_mlx_lm(runs):
+    # Position module frozen or LoRA: plain mlx-lm adapters (lora_parameters
+    # lists the module keys), so stock mlx-lm applies them to a converted folder.
+    from mlx_lm.utils import load as mlx_lm_load
+
+    model_path, adapters, _ = runs["qlora"]
+    ids = mx.array([[ord(c) for c in "the owl sat on"]])
+    stock, _ = mlx_lm_load(str(model_path), adapter_path=str(adapters), trust_remote_code=True)
+    ours, _ = repo_mlx.load(str(model_path), adapter_path=str(adapters))
+    assert mx.array_equal(stock(ids), ours(ids)).item()
 
 
 @pytest.mark.parametrize("name,changed", [("lora", False), ("dora", True), ("full", True), ("qlora", True)])
@@ -232,14 +245,19 @@ def test_missing_data_folder_and_chat_without_template(tokenizer, tmp_path):
 def test_long_sequences_warn_and_truncate(tokenizer, tmp_path):
     lines = [GOOD, json.dumps({"text": "x" * 100}), GOOD, json.dumps({"text": "y" * 50})]
     (tmp_path / "train.jsonl").write_text("\n".join(lines))
-    with pytest.warns(UserWarning, match=r"train\.jsonl: 2 example\(s\).*line 2, 4; longest 101"):
+    with pytest.warns(UserWarning) as caught:
         train_set, valid, _ = load_data(tmp_path, tokenizer, max_seq_length=32)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert re.search(r"train\.jsonl: 2 example\(s\).*line 2, 4; longest 101", messages[0])
+    assert re.search(r"valid\.jsonl does not exist; training without validation", messages[1])
     assert max(len(t) for t, _ in train_set) == 32 and valid == []
 
 
 def test_prompt_completion_without_chat_template(tokenizer, tmp_path):
     line = json.dumps({"prompt": "Q: 2+2? A:", "completion": " 4"})
-    (tmp_path / "train.jsonl").write_text(f"{line}\n{line}\n")
+    for name in ("train", "valid"):
+        (tmp_path / f"{name}.jsonl").write_text(f"{line}\n{line}\n")
     (tokens, offset), _ = load_data(tmp_path, tokenizer, mask_prompt=True)[0]
     assert tokens == tokenizer.encode("Q: 2+2? A:") + tokenizer.encode(" 4") + [tokenizer.eos_token_id]
     assert offset == len(tokenizer.encode("Q: 2+2? A:"))
