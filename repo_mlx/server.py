@@ -264,7 +264,7 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
     if "logit_bias" in body:
         bias = body["logit_bias"]
         ok = isinstance(bias, dict) and all(
-            k.isdigit() and int(k) < limits.vocab_size and _is_number(v) and -100 <= v <= 100
+            k.isdecimal() and int(k) < limits.vocab_size and _is_number(v) and -100 <= v <= 100
             for k, v in bias.items()
         )
         if not ok:
@@ -386,7 +386,7 @@ class Handler(APIHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise RequestError("A Content-Length header is required.", 411)
-        if not length.strip().isdigit():
+        if not length.strip().isdecimal():
             raise RequestError("Content-Length must be a non-negative integer.")
         limit, length = self.settings["limits"].max_request_bytes, int(length)
         if length > limit:
@@ -402,11 +402,11 @@ class Handler(APIHandler):
     def do_POST(self):
         path = urlsplit(self.path).path
         try:
+            raw = self.read_body()  # first: a body left unread can reset the connection
             if path not in POST_PATHS:
                 raise RequestError(f"No such endpoint: POST {path}.", 404)
             if not self.origin_allowed():
                 raise RequestError("This web origin may not use the server (see --allowed-origins).", 403)
-            raw = self.read_body()
             try:
                 # Standard JSON only: Python's parser would also take NaN and Infinity.
                 body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
@@ -485,7 +485,7 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
     try:
         return Server(info[4], None)
     except OSError as e:
-        raise LoadError(f"Cannot listen on {host}:{port}: {e.strerror}.") from None
+        raise LoadError(f"Cannot listen on {host}:{port}: {e.strerror or e}.") from None
 
 
 def check_arguments(args) -> None:
@@ -505,11 +505,12 @@ def main(argv=None) -> None:
     httpd = bind(args.host, args.port)  # before loading: a busy port fails fast
     provider = RePoModelProvider(mlx_lm_arguments(args))
     generator = RePoResponseGenerator(provider, LRUPromptCache(args.prompt_cache_size))
-    provider.loaded.wait()
     try:
+        provider.loaded.wait()
         if provider.load_error is not None:
             e = provider.load_error
-            raise e if isinstance(e, LoadError) else LoadError(f"Cannot load {args.model}: {e}")
+            one_line = " ".join(str(e).split())
+            raise e if isinstance(e, LoadError) else LoadError(f"Cannot load {args.model}: {one_line}")
         model, tokenizer = provider.model, provider.tokenizer
         context = context_length(model) or 4096
         limit = args.max_tokens_limit or context
