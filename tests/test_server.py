@@ -391,6 +391,33 @@ def test_cut_at_stop_matches_text_across_tokens():
 # --- the command line --------------------------------------------------------
 
 
+def test_adapter_path(fixture_path, tmp_path, tiny):
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    # A LoRA adapter with random B, so that it changes what the model says.
+    model, tokenizer = repo_mlx.load(str(fixture_path))
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+    linear_to_lora_layers(model, 4, lora)
+    mx.random.seed(0)
+    weights = {k: mx.random.normal(v.shape) * 0.5 if k.endswith("lora_b") else v
+               for k, v in tree_flatten(model.parameters()) if ".lora_" in k}
+    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), weights)
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 4, "lora_parameters": lora}))
+    adapted = repo_mlx.load(str(fixture_path), adapter_path=str(tmp_path))
+    expected = repo_mlx.generate(*adapted, PROMPT, max_tokens=12)
+    assert expected != repo_mlx.generate(*tiny, PROMPT, max_tokens=12)
+
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc, port = start_server("--model", str(fixture_path), "--adapter-path", str(tmp_path), stderr=err)
+        try:
+            status, reply = post({"port": port}, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12})
+        finally:
+            stop_server(proc)
+    assert status == 200 and choice(reply)["text"] == expected
+
+
 def test_non_loopback_host_warns(fixture_path, tmp_path):
     # Binds all interfaces but sends no traffic at all; only the warning is checked.
     log = tmp_path / "stderr.txt"
