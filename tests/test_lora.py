@@ -84,6 +84,8 @@ def test_qlora_trains_on_4bit_with_float_position_module(runs):
     attn = model.layers[1].self_attn
     assert isinstance(attn.q_proj.linear, nn.QuantizedLinear)
     assert type(attn.gate_map.linear) is nn.Linear  # LoRA over a float position map
+    with pytest.raises(LoadError, match="quantized"):
+        tuner.setup_trainable(repo_mlx.load(str(model_path))[0], "full", -1, None, "full")
 
 
 def test_lora_adapters_load_in_stock_mlx_lm(runs):
@@ -111,6 +113,24 @@ def test_position_module_follows_the_flag(runs, base, name, changed):
         assert same != changed, f"{name}: {key} {'unchanged' if changed else 'changed'}"
     config = json.loads((adapters / "adapter_config.json").read_text())
     assert config["position_module"] == RUNS[name][1]
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "full"])
+@pytest.mark.parametrize("position", ["frozen", "lora", "full"])
+def test_trainable_position_parameters(base, kind, position):
+    model, _ = repo_mlx.load(str(base))
+    tuner.setup_trainable(model, kind, 2, {"rank": 4, "dropout": 0.0, "scale": 10.0}, position)
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    maps = sorted(k for k in names if k.split(".")[4] in POSITION_WEIGHTS)
+    expected = {
+        "frozen": [],
+        "lora": [f"model.layers.{i}.self_attn.{m}.{p}" for i in (2, 3) for m in POSITION_WEIGHTS
+                 for p in ("lora_a", "lora_b", "m")[: 3 if kind == "dora" else 2]],
+        "full": [f"model.layers.{i}.self_attn.{m}.weight" for i in (2, 3) for m in POSITION_WEIGHTS],
+    }[position]
+    assert maps == sorted(expected)
+    assert not any(k.startswith(("model.layers.0.", "model.layers.1.")) for k in names)
+    assert any(".q_proj." in k for k in names)  # the rest of the tuned layers trains
 
 
 def test_gradients_reach_positions(base):
