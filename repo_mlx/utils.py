@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate as _mlx_lm_generate
 from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
-from mlx_lm.utils import load_adapters, load_model as _mlx_lm_load_model, load_tokenizer
+from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
 from .repo_olmo2 import Model, ModelArgs
 
