@@ -21,7 +21,13 @@ import repo_mlx
 from repo_mlx.server import Limits, RequestError, check_request, cut_at_stop
 
 TIMEOUT = 120  # seconds; the CPU may be shared with other jobs
-DOC = Path(__file__).parents[1] / "docs" / "apps.md"
+README = Path(__file__).parents[1] / "README.md"
+
+
+def app_section() -> str:
+    """The README's "Use it from an app" section, whose examples must run."""
+    text = README.read_text()
+    return text[text.index("## Use it from an app") :].split("\n## ")[0]
 PROMPT = "Hello world"
 
 
@@ -455,11 +461,11 @@ def test_bad_command_lines_are_one_line_errors(fixture_path, tmp_path):
             assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr
 
 
-# --- docs/apps.md ------------------------------------------------------------
+# --- README: "Use it from an app" -------------------------------------------
 
 
 def test_apps_doc_python_example_runs(fixture_path, tiny):
-    code = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)[0]
+    code = re.findall(r"```python\n(.*?)```", app_section(), re.S)[0]
     assert repo_mlx.DEFAULT_MODEL in code
     code = code.replace(repo_mlx.DEFAULT_MODEL, str(fixture_path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
@@ -471,7 +477,7 @@ def test_apps_doc_python_example_runs(fixture_path, tiny):
 
 
 def test_apps_doc_curl_examples_are_served(server):
-    examples = re.findall(r"curl (?:-N )?http://127\.0\.0\.1:8080(/v1/\S+) .*?-d '(.*?)'", DOC.read_text(), re.S)
+    examples = re.findall(r"curl (?:-N )?http://127\.0\.0\.1:8080(/v1/\S+) .*?-d '(.*?)'", app_section(), re.S)
     assert len(examples) == 3
     for path, body in examples:
         body = json.loads(body)
