@@ -89,13 +89,13 @@ def bench(batch, tokens, heads, head_dim, dtype, rounds, iters, backward):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 1])
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--batch", type=int, default=1, help="Batch size (default: 1).")
+    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 1], help="Sequence lengths to time: prefill-like and decode-like (default: 2048 1).")
+    p.add_argument("--heads", type=int, default=16, help="Attention heads (default: 16, the 1B).")
+    p.add_argument("--head-dim", type=int, default=128, help="Head dimension (default: 128, the 1B).")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"], help="Dtype of q/k (default: bfloat16).")
+    p.add_argument("--rounds", type=int, default=7, help="Alternating rounds; the median is reported (default: 7).")
+    p.add_argument("--iters", type=int, default=10, help="Calls timed per round (default: 10).")
     args = p.parse_args()
     dtype = getattr(mx, args.dtype)
 
