@@ -27,10 +27,17 @@ def random_1b():
 
 
 def quantize_positions(model, bits, group_size):
-    def only_positions(path, m):
-        return path.split(".")[-1] in POSITION_WEIGHTS and m.weight.shape[-1] % group_size == 0
-
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=only_positions)
+    """Quantize only the position module; returns what undoes it."""
+    originals = [
+        (layer.self_attn, name, getattr(layer.self_attn, name))
+        for layer in model.layers
+        if layer.self_attn.repo
+        for name in POSITION_WEIGHTS
+    ]
+    for attn, name, linear in originals:
+        if linear.weight.shape[-1] % group_size == 0:
+            setattr(attn, name, nn.QuantizedLinear.from_linear(linear, group_size, bits))
+    return lambda: [setattr(attn, name, linear) for attn, name, linear in originals]
 
 
 def main():
@@ -40,8 +47,7 @@ def main():
     p.add_argument("--group-size", type=int, default=64, help="Quantization group size (default: 64).")
     args = p.parse_args()
 
-    load = (lambda: repo_mlx.load(args.model)[0]) if args.model else random_1b
-    model = load()
+    model = repo_mlx.load(args.model)[0] if args.model else random_1b()
     vocab = model.args.vocab_size
     ids = mx.random.randint(0, min(vocab, 1000), (1, args.tokens), key=mx.random.key(0))
     ref_z = {k: np.array(v) for k, v in repo_mlx.positions(model, ids).items()}
@@ -52,14 +58,14 @@ def main():
           f"{max(z.max() for z in ref_z.values()):.1f}], mean IQR {spread:.1f}")
     print(f"{'position module':16s} {'max |dz|':>9s} {'mean |dz|':>10s} {'logits rel err':>15s} {'argmax same':>12s}")
     for bits in (8, 4):
-        model = load()
-        quantize_positions(model, bits, args.group_size)
+        restore = quantize_positions(model, bits, args.group_size)
         z = repo_mlx.positions(model, ids)
         dz = np.concatenate([np.abs(np.array(z[k]) - ref_z[k]).ravel() for k in ref_z])
         logits = np.array(model(ids).astype(mx.float32))
         rel = np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()
         same = (logits.argmax(-1) == ref_logits.argmax(-1)).mean()
         print(f"{f'{bits}-bit':16s} {dz.max():9.3f} {dz.mean():10.3f} {rel:15.4f} {same:12.1%}")
+        restore()
 
 
 if __name__ == "__main__":
