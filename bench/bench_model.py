@@ -7,7 +7,10 @@ measurement is a prefill of --prompt-tokens with a fresh KV cache, then
 medians are printed, and the ratio repo_mlx / mlx-lm (1.0 = no cost) is the
 median of the per-run ratios.
 
-    python bench/bench_model.py --shape 1b --dtype bfloat16 --runs 6
+    python bench/bench_model.py --shape 1b --runs 6
+
+--layer times one RePo layer against mlx-lm's layer instead (prefill only):
+many quick runs, for when whole-model timings are noisier than the effect.
 """
 
 import argparse
@@ -15,12 +18,12 @@ import statistics
 import time
 
 import mlx.core as mx
-from mlx_lm.models import olmo2
 from mlx.utils import tree_flatten
+from mlx_lm.models import olmo2
 from mlx_lm.models.cache import make_prompt_cache
 
 from repo_mlx import synthetic
-from repo_mlx.repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs
+from repo_mlx.repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, TransformerBlock
 
 SHAPES = {
     "1b": synthetic.config_1b(),
@@ -31,11 +34,16 @@ SHAPES = {
 }
 
 
-def build(shape: str, dtype: str):
-    cfg = SHAPES[shape]
-    repo = Model(ModelArgs.from_dict(cfg))
+def build(shape: str, dtype: str, layer: bool = False):
+    """repo_mlx and mlx-lm's olmo2 (or one layer of each), sharing base weights."""
+    cfg = {**SHAPES[shape], "tie_word_embeddings": False}
+    if layer:
+        repo = TransformerBlock(ModelArgs.from_dict(cfg), repo=True)
+        plain = olmo2.TransformerBlock(olmo2.ModelArgs.from_dict(cfg))
+    else:
+        repo = Model(ModelArgs.from_dict(cfg))
+        plain = olmo2.Model(olmo2.ModelArgs.from_dict(cfg))
     repo.set_dtype(getattr(mx, dtype))
-    plain = olmo2.Model(olmo2.ModelArgs.from_dict({**cfg, "tie_word_embeddings": False}))
     base = [(k, v) for k, v in tree_flatten(repo.parameters()) if k.split(".")[-2] not in POSITION_WEIGHTS]
     plain.load_weights(base)  # the very same arrays: no copy
     mx.eval(repo.parameters())
@@ -48,16 +56,38 @@ def measure(model, prompt, gen_tokens):
     mx.reset_peak_memory()
     cache = make_prompt_cache(model)
     tic = time.perf_counter()
-    logits = model(prompt[None], cache=cache)
-    token = mx.argmax(logits[:, -1:], axis=-1)
+    # As mlx-lm prefills: the cache for all but the last token, logits for that one.
+    model(prompt[None, :-1], cache=cache)
+    mx.eval([c.state for c in cache])
+    token = mx.argmax(model(prompt[None, -1:], cache=cache), axis=-1)
     mx.eval(token)
     prefill = prompt.size / (time.perf_counter() - tic)
     tic = time.perf_counter()
     for _ in range(gen_tokens):
-        token = mx.argmax(model(token, cache=cache)[:, -1:], axis=-1)
+        token = mx.argmax(model(token, cache=cache), axis=-1)
         mx.eval(token)
     decode = gen_tokens / (time.perf_counter() - tic)
     return prefill, decode, mx.get_peak_memory() / 1e9
+
+
+def measure_layer(layer, x):
+    """Prefill tokens/s of one layer on hidden states x."""
+    tic = time.perf_counter()
+    mx.eval(layer(x, "causal"))
+    return (x.shape[1] / (time.perf_counter() - tic),)
+
+
+def alternate(models: dict, run, runs: int):
+    """Warm up, then ABBA runs; medians per model and median per-run ratios."""
+    for model in models.values():
+        run(model)  # the first runs of a process are slower
+    results = {name: [] for name in models}
+    for i in range(runs):
+        for name in list(models)[:: 1 if i % 2 == 0 else -1]:
+            results[name].append(run(models[name]))
+    medians = {k: [statistics.median(col) for col in zip(*v)] for k, v in results.items()}
+    pairs = [[a / b for a, b in zip(r, p)] for r, p in zip(*results.values())]
+    return medians, [statistics.median(col) for col in zip(*pairs)]
 
 
 def main():
@@ -67,29 +97,30 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=256, help="Prompt length (default: 256).")
     p.add_argument("--gen-tokens", type=int, default=32, help="Tokens to decode (default: 32).")
     p.add_argument("--runs", type=int, default=5, help="Measured runs per model, alternating (default: 5).")
+    p.add_argument("--layer", action="store_true", help="Time one RePo layer against mlx-lm's layer (prefill).")
     args = p.parse_args()
 
-    repo, plain = build(args.shape, args.dtype)
+    repo, plain = build(args.shape, args.dtype, args.layer)
+    models = {"repo_mlx": repo, "mlx-lm olmo2": plain}
     n = sum(v.size for _, v in tree_flatten(repo.parameters()))
     extra = n - sum(v.size for _, v in tree_flatten(plain.parameters()))
-    print(f"shape {args.shape}, {n / 1e6:.1f}M parameters ({100 * extra / n:.2f}% position module), "
-          f"{args.dtype}, device {mx.default_device()}")
+    print(f"shape {args.shape}{' (one RePo layer)' if args.layer else ''}, {n / 1e6:.1f}M "
+          f"parameters ({100 * extra / n:.2f}% position module), {args.dtype}, device {mx.default_device()}")
+
+    if args.layer:
+        x = mx.random.normal((1, args.prompt_tokens, SHAPES[args.shape]["hidden_size"])).astype(getattr(mx, args.dtype))
+        med, ratio = alternate(models, lambda m: measure_layer(m, x), args.runs)
+        print(f"{'':14s} {'prefill tok/s':>14s}")
+        for name, (pre,) in med.items():
+            print(f"{name:14s} {pre:14.2f}")
+        print(f"{'ratio':14s} {ratio[0]:14.3f}")
+        return
+
     prompt = mx.random.randint(0, 1000, (args.prompt_tokens,))
-    models = {"repo_mlx": repo, "mlx-lm olmo2": plain}
-    for model in models.values():  # warm up: the first runs of a process are slower
-        measure(model, prompt, args.gen_tokens)
-    results = {name: [] for name in models}
-    for i in range(args.runs):
-        # ABBA order, so drift over the run favours neither model.
-        for name in list(models)[:: 1 if i % 2 == 0 else -1]:
-            results[name].append(measure(models[name], prompt, args.gen_tokens))
-    med = {k: [statistics.median(col) for col in zip(*v)] for k, v in results.items()}
+    med, ratio = alternate(models, lambda m: measure(m, prompt, args.gen_tokens), args.runs)
     print(f"{'':14s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'peak GB':>8s}")
     for name, (pre, dec, mem) in med.items():
         print(f"{name:14s} {pre:14.2f} {dec:13.2f} {mem:8.3f}")
-    # Ratio of each run's pair, then the median: robust to slow drift.
-    pairs = [[a / b for a, b in zip(r, p)] for r, p in zip(*results.values())]
-    ratio = [statistics.median(col) for col in zip(*pairs)]
     print(f"{'ratio':14s} {ratio[0]:14.3f} {ratio[1]:13.3f} {ratio[2]:8.3f}")
 
 
