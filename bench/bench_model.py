@@ -114,6 +114,12 @@ def main():
         for name, (pre,) in med.items():
             print(f"{name:14s} {pre:14.2f}")
         print(f"{'ratio':14s} {ratio[0]:14.3f}")
+        module = statistics.median(
+            1 / measure_layer(lambda h, _: repo.self_attn.positions(h), x)[0] for _ in range(args.runs)
+        ) * x.shape[1]
+        layer = x.shape[1] / med["repo_mlx"][0]
+        print(f"position module alone: {1e3 * module:.1f} ms of the layer's {1e3 * layer:.1f} ms "
+              f"({100 * module / layer:.1f}%)")
         return
 
     prompt = mx.random.randint(0, 1000, (args.prompt_tokens,))
