@@ -22,7 +22,7 @@ from mlx_lm.tuner.utils import print_trainable_parameters
 from mlx_lm.utils import save_config
 
 from . import _cli, tuner
-from .utils import DEFAULT_MODEL, LoadError, _one_line, load
+from .utils import DEFAULT_MODEL, LoadError, one_line, load
 
 CONFIG_DEFAULTS = {
     **_mlx_lm_lora.CONFIG_DEFAULTS,
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
         except OSError as e:
             raise LoadError(f"Cannot read config {args['config']}: {e.strerror}.") from None
         except yaml.YAMLError as e:
-            raise LoadError(f"{args['config']} is not valid YAML: {_one_line(e)}") from None
+            raise LoadError(f"{args['config']} is not valid YAML: {one_line(e)}") from None
         if not isinstance(config, dict):
             raise LoadError(f"{args['config']} must hold a mapping of option names to values.")
         for k, v in config.items():
@@ -157,7 +157,7 @@ def run(args) -> None:
                 args.report_to, args.project_name, args.adapter_path, vars(args)
             )
         except (ValueError, ImportError) as e:
-            raise LoadError(f"--report-to: {_one_line(e)}") from None
+            raise LoadError(f"--report-to: {one_line(e)}") from None
         train_model(args, model, train_set, valid_set, callback)
     elif args.adapter_path:
         if Path(args.adapter_path, "adapter_config.json").exists():

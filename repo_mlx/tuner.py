@@ -31,7 +31,7 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
 
 from .repo_olmo2 import POSITION_WEIGHTS
-from .utils import LoadError, _one_line
+from .utils import LoadError, one_line
 
 POSITION_MODULE_CHOICES = ("frozen", "lora", "full")
 POSITION_KEYS = tuple(f"self_attn.{name}" for name in POSITION_WEIGHTS)
@@ -124,7 +124,7 @@ def setup_trainable(
     try:
         linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=use_dora)
     except (KeyError, ValueError) as e:
-        raise LoadError(f"Bad lora_parameters: {_one_line(e)}") from None
+        raise LoadError(f"Bad lora_parameters: {one_line(e)}") from None
     if position_module == "full":
         for m in _position_maps(layers):
             m.unfreeze()
@@ -155,7 +155,7 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
     try:
         config = json.loads((path / "adapter_config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise LoadError(f"Cannot read {path / 'adapter_config.json'}: {_one_line(e)}") from None
+        raise LoadError(f"Cannot read {path / 'adapter_config.json'}: {one_line(e)}") from None
     weights_file = path / "adapters.safetensors"
     if not weights_file.exists():
         raise LoadError(f"{path} has no adapters.safetensors.")
@@ -163,7 +163,7 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
         try:
             return _mlx_lm_load_adapters(model, str(path))
         except (ValueError, KeyError, TypeError) as e:
-            raise LoadError(f"Cannot apply the adapters in {path}: {_one_line(e)}") from None
+            raise LoadError(f"Cannot apply the adapters in {path}: {one_line(e)}") from None
     try:
         setup_trainable(
             model,
@@ -278,7 +278,7 @@ def tokenize(dataset, numbers, where: str, max_seq_length: int) -> List[Example]
         try:
             tokens, offset = dataset.process(dataset[i])
         except Exception as e:
-            raise LoadError(f"{where}, line {n}: cannot tokenize it ({_one_line(e)}).") from None
+            raise LoadError(f"{where}, line {n}: cannot tokenize it ({one_line(e)}).") from None
         if len(tokens) < 2:
             raise LoadError(f"{where}, line {n}: too short to train on (under 2 tokens).")
         if len(tokens) > max_seq_length:
@@ -312,7 +312,7 @@ def load_data(args, tokenizer) -> Tuple[List[Example], List[Example], List[Examp
     try:
         splits = load_dataset(args, tokenizer)
     except Exception as e:
-        raise LoadError(f"Cannot load Hugging Face dataset {args.data}: {_one_line(e)}") from None
+        raise LoadError(f"Cannot load Hugging Face dataset {args.data}: {one_line(e)}") from None
     return tuple(
         tokenize(s, range(len(s)), f"{args.data} [{name}]", args.max_seq_length)
         for s, name in zip(splits, ("train", "valid", "test"))
@@ -388,7 +388,7 @@ def build_optimizer(args):
     try:
         return OPTIMIZERS[name](learning_rate=lr, **config)
     except TypeError as e:
-        raise LoadError(f"Bad optimizer_config for {name}: {_one_line(e)}") from None
+        raise LoadError(f"Bad optimizer_config for {name}: {one_line(e)}") from None
 
 
 def state_file(adapter_file) -> Path:
@@ -423,7 +423,7 @@ def resume(model, optimizer, adapter_file, args) -> Tuple[int, int]:
     try:
         weights, meta = mx.load(str(adapter_file), return_metadata=True)
     except Exception as e:
-        raise LoadError(f"Cannot read {adapter_file}: {_one_line(e)}") from None
+        raise LoadError(f"Cannot read {adapter_file}: {one_line(e)}") from None
     _check_names(weights, model, adapter_file)
     model.load_weights(list(weights.items()), strict=False)
     optimizer.init(model.trainable_parameters())

@@ -24,7 +24,7 @@ class LoadError(Exception):
     """A model folder, Hub id or option that cannot be used; the message says why."""
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:400]
 
 
@@ -59,7 +59,7 @@ def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path
         elif isinstance(e, LocalEntryNotFoundError):
             why = "it is not in the local cache and the Hub cannot be reached (offline?)"
         else:
-            why = f"{type(e).__name__}: {_one_line(e)[:120]}"
+            why = f"{type(e).__name__}: {one_line(e)[:120]}"
         raise LoadError(
             f"Could not download {path_or_hf_repo} from the Hugging Face Hub: {why}. "
             "Connect and retry, or pass a local model folder."
@@ -148,7 +148,7 @@ def load_model(
             get_model_classes=lambda config: (Model, ModelArgs),
         )
     except (ValueError, KeyError, TypeError) as e:
-        raise LoadError(f"Cannot load {path}: {_one_line(e)}") from None
+        raise LoadError(f"Cannot load {path}: {one_line(e)}") from None
     config.pop("model_file")
     if dtype is not None:
         model.set_dtype(getattr(mx, dtype))
@@ -184,7 +184,7 @@ def load(
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except Exception as e:
-        raise LoadError(f"Cannot load the tokenizer in {path}: {_one_line(e)}") from None
+        raise LoadError(f"Cannot load the tokenizer in {path}: {one_line(e)}") from None
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 
