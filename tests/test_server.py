@@ -472,7 +472,9 @@ def test_apps_doc_python_example_runs(fixture_path, tiny):
     assert r.returncode == 0, r.stderr
     model, tokenizer = tiny
     assert r.stdout.startswith(repo_mlx.generate(model, tokenizer, "The capital of France is", max_tokens=20) + "\n")
-    assert re.search(r"^\[40 tokens, \d+ tokens/s\]$", r.stdout, re.M)
+    # Sampled without a seed: it may stop early at end of text.
+    done = re.search(r"^\[(\d+) tokens, \d+ tokens/s\]$", r.stdout, re.M)
+    assert done and 1 <= int(done.group(1)) <= 40
     assert [int(m) for m in re.findall(r"^(\d+) \(1, 4, \d+\) \[", r.stdout, re.M)] == [1, 2, 3]
 
 
