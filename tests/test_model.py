@@ -135,8 +135,8 @@ def test_half_precision_close_to_float32(fixture_path, reference, dtype, tol, ag
     assert model.layers[1].self_attn.gate_map.weight.dtype == getattr(mx, dtype)
     logits = model(mx.array(reference["input_ids"]))
     assert logits.dtype == getattr(mx, dtype)
-    # Observed on CPU: float16 0.034, bfloat16 0.097 (max error / max |logit|),
-    # with 100% and 92% of argmaxes equal. Positions of +-200 amplify rounding
+    # Observed on CPU: float16 0.040, bfloat16 0.109 (max error / max |logit|),
+    # with 100% and 90% of argmaxes equal. Positions of +-200 amplify rounding
     # in the hidden states; plain RoPE on the same weights gives 0.004 / 0.023.
     assert rel_err(logits, reference["logits"]) < tol
     top = np.array(logits.astype(mx.float32)).argmax(-1)
