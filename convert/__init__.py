@@ -18,7 +18,8 @@ from mlx_lm.utils import quantize_model, save, upload_to_hub
 
 from .. import repo_olmo2, rope
 from ..repo_olmo2 import POSITION_WEIGHTS
-from ..utils import DTYPES, LoadError, get_model_path, load_model, load_tokenizer
+from ..errors import LoadError
+from ..utils import DTYPES, get_model_path, load_model, load_tokenizer
 
 MODEL_FILE = "repo_olmo2.py"
 # Files a converted folder carries so it runs without repo_mlx installed (and,
@@ -30,9 +31,10 @@ STANDALONE_FILES = {
 }
 
 
-def add_model_file(folder: Path, config: dict) -> None:
-    """Make ``folder`` loadable by stock mlx-lm: the model file, named in config."""
+def save_standalone(folder: Path, src: Path, model, tokenizer, config: dict, donate_model=True) -> None:
+    """mlx-lm's ``save`` plus the model file, named in config, so stock mlx-lm loads it."""
     config["model_file"] = MODEL_FILE
+    save(folder, src, model, tokenizer, config, donate_model=donate_model)
     for name, source in STANDALONE_FILES.items():
         if source is not None:
             (folder / name).parent.mkdir(exist_ok=True)
@@ -100,9 +102,7 @@ def convert(
         )
     with atomic_folder(dst, force) as tmp:
         print(f"[INFO] Saving to {dst}")
-        config["model_file"] = MODEL_FILE
-        save(tmp, src, model, tokenizer, config)
-        add_model_file(tmp, config)
+        save_standalone(tmp, src, model, tokenizer, config)
     if upload_repo is not None:
         print(f"[INFO] Uploading to {upload_repo}")
         try:

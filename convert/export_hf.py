@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import make_shards
 
 from ..repo_olmo2 import _pe_setting
-from ..utils import LoadError
+from ..errors import LoadError
 
 # Keys only MLX loaders understand; the official config has none of them.
 MLX_ONLY = ("model_file", "quantization", "quantization_config", "position_blend")

@@ -1,24 +1,19 @@
 """repo_mlx: RePo (context re-positioning) OLMo-2 models in MLX."""
 
-from pathlib import Path
+import warnings
 
-# The top-level convert/ and metal/ folders are the subpackages repo_mlx.convert
-# and repo_mlx.metal: a wheel installs them so (pyproject.toml), and in a source
-# checkout this makes them importable without an install.
-_source = Path(__file__).resolve().parent.parent
-if (_source / "pyproject.toml").is_file() and (_source / "convert" / "__init__.py").is_file():
-    __path__.append(str(_source))
-
-from .rope import continuous_rope, continuous_rope_qk
-from .utils import (
-    DEFAULT_MODEL,
-    LoadError,
-    generate,
-    load,
-    positions,
-    set_position_blend,
-    stream_generate,
+# As in mlx-lm, ``generate`` and ``positions`` are both functions of the API and
+# commands; runpy warns that ``python -m repo_mlx.generate`` runs a module the
+# package already imported, which is harmless here.
+warnings.filterwarnings(
+    "ignore", r"'repo_mlx\.\w+' found in sys\.modules", RuntimeWarning, "runpy"
 )
+
+from .errors import LoadError
+from .generate import generate, stream_generate
+from .positions import positions
+from .rope import continuous_rope, continuous_rope_qk
+from .utils import DEFAULT_MODEL, load, set_position_blend
 
 __version__ = "0.1.0"
 

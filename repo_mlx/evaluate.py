@@ -20,7 +20,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
 from . import _cli, tasks
-from .utils import DEFAULT_MODEL, DTYPES, LoadError, context_length, load, set_position_blend, yarn_scaling
+from .errors import LoadError
+from .utils import DEFAULT_MODEL, DTYPES, context_length, load, set_position_blend, yarn_scaling
 
 SYNTHETIC = tasks.TASKS
 ALL_TASKS = ("perplexity",) + SYNTHETIC

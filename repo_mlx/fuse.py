@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 from mlx.utils import tree_unflatten
-from mlx_lm.utils import dequantize_model, save
+from mlx_lm.utils import dequantize_model
 
 from . import _cli
-from .convert import MODEL_FILE, add_model_file, atomic_folder
+from .convert import atomic_folder, save_standalone
 from .convert.export_hf import export_hf
-from .utils import LoadError, get_model_path, load
+from .errors import LoadError
+from .utils import get_model_path, load
 
 
 def fuse(
@@ -49,9 +50,7 @@ def fuse(
         if export_hf_format:
             export_hf(tmp, net, tokenizer, config, src)
         else:
-            config["model_file"] = MODEL_FILE
-            save(tmp, src, net, tokenizer, config, donate_model=False)
-            add_model_file(tmp, config)
+            save_standalone(tmp, src, net, tokenizer, config, donate_model=False)
     return dst
 
 

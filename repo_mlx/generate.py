@@ -1,17 +1,41 @@
-"""Generate text with a RePo model: ``python -m repo_mlx.generate --prompt ...``."""
+"""Generate text with a RePo model: ``python -m repo_mlx.generate --prompt ...``.
+
+``generate`` and ``stream_generate`` are mlx-lm's, warning first when the
+prompt is longer than the model's context.
+"""
 
 import argparse
 import sys
 from pathlib import Path
+from typing import List, Union
 
 import mlx.core as mx
+from mlx_lm.generate import generate as _mlx_lm_generate
+from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import _cli
-from .utils import DEFAULT_MODEL, DTYPES, LoadError, load
-from .utils import generate as generate_text
+from .errors import LoadError
+from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long
 
 DEFAULT_PROMPT = "The key idea of positional encoding in transformers is"
+
+
+def _encode(model, tokenizer, prompt: Union[str, List[int], mx.array]):
+    if isinstance(prompt, str):
+        prompt = tokenizer.encode(prompt)
+    warn_if_too_long(model, prompt.size if isinstance(prompt, mx.array) else len(prompt))
+    return prompt
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """mlx-lm's ``generate`` (same keywords), warning on prompts past the context."""
+    return _mlx_lm_generate(model, tokenizer, _encode(model, tokenizer, prompt), verbose, **kwargs)
+
+
+def stream_generate(model, tokenizer, prompt, **kwargs):
+    """mlx-lm's ``stream_generate`` (same keywords), warning on prompts past the context."""
+    yield from _mlx_lm_stream_generate(model, tokenizer, _encode(model, tokenizer, prompt), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +105,7 @@ def main(argv=None) -> None:
         )
     if args.seed is not None:  # after loading: building the model draws random numbers
         mx.random.seed(args.seed)
-    text = generate_text(
+    text = generate(
         model,
         tokenizer,
         prompt,
@@ -95,8 +119,6 @@ def main(argv=None) -> None:
     if not args.verbose:
         print(text)
 
-
-_cli.callable_module(__name__, generate_text)
 
 if __name__ == "__main__":
     _cli.run(main)

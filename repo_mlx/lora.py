@@ -22,7 +22,8 @@ from mlx_lm.tuner.utils import print_trainable_parameters
 from mlx_lm.utils import save_config
 
 from . import _cli, tuner
-from .utils import DEFAULT_MODEL, LoadError, one_line, load
+from .errors import LoadError, one_line
+from .utils import DEFAULT_MODEL, load
 
 CONFIG_DEFAULTS = {
     **_mlx_lm_lora.CONFIG_DEFAULTS,

@@ -9,14 +9,35 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
 from . import _cli
+from .errors import LoadError
 from .generate import read_prompt
-from .utils import DEFAULT_MODEL, DTYPES, LoadError, load, warn_if_too_long, yarn_scaling
-from .utils import positions as positions_function
+from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long, yarn_scaling
+
+
+def positions(model: nn.Module, input_ids) -> Dict[int, mx.array]:
+    """The positions z [B, heads, N] (float32) that every RePo layer assigns."""
+    ids = mx.array(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    h = model.model.embed_tokens(ids)
+    mask = create_attention_mask(h, None)
+    out = {}
+    last = max(model.args.repo_layers, default=-1)
+    for i, layer in enumerate(model.layers[: last + 1]):
+        if layer.self_attn.repo:
+            out[i] = layer.self_attn.positions(h)
+        h = layer(h, mask)
+    mx.eval(out)
+    return out
 
 
 def inlier_range(values, full: bool = False) -> Tuple[float, float]:
@@ -201,7 +222,7 @@ def main(argv=None) -> None:
     total = len(ids)
     ids = ids[: args.max_tokens]
     warn_if_too_long(model, len(ids))
-    z = {l: np.array(v) for l, v in positions_function(model, ids).items()}
+    z = {l: np.array(v) for l, v in positions(model, ids).items()}
     chosen = select(z, args.layer, args.head)
     tokens = token_texts(tokenizer, ids)
 
@@ -228,8 +249,6 @@ def main(argv=None) -> None:
             print(f"wrote {args.plot}")
     except OSError as e:
         raise LoadError(f"Cannot write {e.filename}: {e.strerror}.") from None
-
-_cli.callable_module(__name__, positions_function)
 
 if __name__ == "__main__":
     _cli.run(main)

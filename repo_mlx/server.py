@@ -45,7 +45,8 @@ from mlx_lm.server import (
 )
 
 from . import _cli
-from .utils import DTYPES, LoadError, context_length, load
+from .errors import LoadError, one_line
+from .utils import DTYPES, context_length, load
 
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 # Where mlx-lm's plain chat transcript (convert_chat's default role mapping)
@@ -509,8 +510,7 @@ def main(argv=None) -> None:
         provider.loaded.wait()
         if provider.load_error is not None:
             e = provider.load_error
-            one_line = " ".join(str(e).split())
-            raise e if isinstance(e, LoadError) else LoadError(f"Cannot load {args.model}: {one_line}")
+            raise e if isinstance(e, LoadError) else LoadError(f"Cannot load {args.model}: {one_line(e)}")
         model, tokenizer = provider.model, provider.tokenizer
         context = context_length(model) or 4096
         limit = args.max_tokens_limit or context

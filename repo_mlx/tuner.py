@@ -31,7 +31,7 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
 
 from .repo_olmo2 import POSITION_WEIGHTS
-from .utils import LoadError, one_line
+from .errors import LoadError, one_line
 
 POSITION_MODULE_CHOICES = ("frozen", "lora", "full")
 POSITION_KEYS = tuple(f"self_attn.{name}" for name in POSITION_WEIGHTS)

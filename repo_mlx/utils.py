@@ -5,27 +5,19 @@ import re
 import struct
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import generate as _mlx_lm_generate
-from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
 from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
+from .errors import LoadError, one_line
 from .repo_olmo2 import Model, ModelArgs
+from .tuner import load_adapters
 
 DEFAULT_MODEL = "SakanaAI/RePo-OLMo2-1B-stage2-L5"
 DTYPES = ("float32", "bfloat16", "float16")
 DOWNLOAD_PATTERNS = ["*.json", "model*.safetensors", "*.py", "*.txt", "*.jinja"]
-
-
-class LoadError(Exception):
-    """A model folder, Hub id or option that cannot be used; the message says why."""
-
-
-def one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:400]
 
 
 def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
@@ -177,9 +169,7 @@ def load(
     if adapter_path is not None:
         if not Path(adapter_path, "adapter_config.json").exists():
             raise LoadError(f"{adapter_path} has no adapter_config.json.")
-        from .tuner import load_adapters as load_repo_adapters  # knows --position-module
-
-        model = load_repo_adapters(model, adapter_path)
+        model = load_adapters(model, adapter_path)
         model.eval()
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
@@ -229,39 +219,3 @@ def set_position_blend(model: nn.Module, blend: float) -> None:
     for layer in model.layers:
         if layer.self_attn.repo:
             layer.self_attn.position_blend = blend
-
-
-def positions(model: nn.Module, input_ids) -> Dict[int, mx.array]:
-    """The positions z [B, heads, N] (float32) that every RePo layer assigns."""
-    ids = mx.array(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    h = model.model.embed_tokens(ids)
-    mask = "causal" if ids.shape[1] > 1 else None
-    out = {}
-    last = max(model.args.repo_layers, default=-1)
-    for i, layer in enumerate(model.layers[: last + 1]):
-        if layer.self_attn.repo:
-            out[i] = layer.self_attn.positions(h)
-        h = layer(h, mask)
-    mx.eval(out)
-    return out
-
-
-def _encode(model, tokenizer, prompt: Union[str, List[int], mx.array]):
-    if isinstance(prompt, str):
-        prompt = tokenizer.encode(prompt)
-    warn_if_too_long(model, prompt.size if isinstance(prompt, mx.array) else len(prompt))
-    return prompt
-
-
-def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
-    """mlx-lm's ``generate`` (same keywords), warning on prompts past the context."""
-    prompt = _encode(model, tokenizer, prompt)
-    return _mlx_lm_generate(model, tokenizer, prompt, verbose, **kwargs)
-
-
-def stream_generate(model, tokenizer, prompt, **kwargs):
-    """mlx-lm's ``stream_generate`` (same keywords), warning on prompts past the context."""
-    prompt = _encode(model, tokenizer, prompt)
-    yield from _mlx_lm_stream_generate(model, tokenizer, prompt, **kwargs)

@@ -10,7 +10,7 @@ import pytest
 
 import repo_mlx
 from repo_mlx import convert as conv
-from repo_mlx.utils import LoadError
+from repo_mlx import LoadError
 
 POSITION_KEYS = ("gate_map", "content_map", "final_map")
 

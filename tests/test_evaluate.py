@@ -12,7 +12,8 @@ import pytest
 
 import repo_mlx
 from repo_mlx import evaluate, tasks
-from repo_mlx.utils import LoadError, set_position_blend, yarn_scaling
+from repo_mlx import LoadError
+from repo_mlx.utils import set_position_blend, yarn_scaling
 
 
 @pytest.fixture(scope="module")

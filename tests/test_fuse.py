@@ -14,7 +14,7 @@ from finetune_helpers import make_data, make_model, train
 import repo_mlx
 from repo_mlx.convert import convert
 from repo_mlx.fuse import fuse
-from repo_mlx.utils import LoadError
+from repo_mlx import LoadError
 
 IDS = mx.array([[ord(c) for c in "the fox sat on the old barn. the fox likes"]])
 

@@ -94,9 +94,3 @@ def test_help_explains_every_flag():
         assert flag in r.stdout
     assert "SakanaAI/RePo-OLMo2-1B-stage2-L5" in r.stdout
 
-
-def test_generate_is_still_callable_after_importing_the_command(tiny):
-    import repo_mlx.generate  # noqa: F401  (rebinds the package attribute)
-
-    model, tokenizer = tiny
-    assert isinstance(repo_mlx.generate(model, tokenizer, "hi", max_tokens=3), str)

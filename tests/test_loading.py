@@ -14,7 +14,7 @@ from mlx_lm.models import olmo2
 import repo_mlx
 from repo_mlx import synthetic
 from repo_mlx.repo_olmo2 import repo_layer_ids
-from repo_mlx.utils import LoadError
+from repo_mlx import LoadError
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import repo_mlx
 from repo_mlx import tuner
 from repo_mlx.convert import convert
 from repo_mlx.repo_olmo2 import POSITION_WEIGHTS
-from repo_mlx.utils import LoadError
+from repo_mlx import LoadError
 
 # (fine-tune type, position module, 4-bit base?)
 RUNS = {

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import repo_mlx
-from repo_mlx.utils import LoadError, yarn_scaling
-from repo_mlx.utils import positions as utils_positions
+from repo_mlx import LoadError
+from repo_mlx.positions import positions as utils_positions
+from repo_mlx.utils import yarn_scaling
 
 # `from repo_mlx import positions` gives the function; the module is the CLI.
 positions_cli = importlib.import_module("repo_mlx.positions")
@@ -28,18 +29,6 @@ def png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
-
-
-def test_positions_stays_callable_after_the_module_import(tiny):
-    import repo_mlx.positions  # noqa: F401  (rebinds the package attribute)
-
-    model, tokenizer = tiny
-    ids = tokenizer.encode(PROMPT)
-    got, want = repo_mlx.positions(model, ids), utils_positions(model, ids)
-    assert sorted(got) == sorted(want) == [1, 2, 3]
-    for layer in want:
-        np.testing.assert_array_equal(np.array(got[layer]), np.array(want[layer]))
-    assert callable(repo_mlx.positions.main)
 
 
 def test_csv_and_json_equal_repo_mlx_positions(tiny, fixture_path, tmp_path, capsys):
