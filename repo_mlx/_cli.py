@@ -1,9 +1,174 @@
-"""What every ``python -m repo_mlx.<command>`` shares."""
+"""What every ``python -m repo_mlx.<command>`` shares.
 
+``ArgumentParser`` prints a bad flag as one line, ``error: ...``, and exits 2
+(argparse's own error adds a usage block); it also adds ``--version``. The
+types below check a value while parsing, before any work, and say the valid
+range. They carry what they accept (``kind``, ``lo``, ``hi``) so the tests can
+derive the values they must refuse.
+"""
+
+import argparse
+import math
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import LoadError
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
+
+    try:
+        return _version("repo-mlx")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and ``--version``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if kwargs.get("add_help", True) and "--version" not in self._option_string_actions:
+            self.add_argument(
+                "--version", action="version", version=f"repo_mlx {version()}",
+                help="Print the repo_mlx version and exit.",
+            )
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _typed(fn, kind: str, lo=None, hi=None, **extra):
+    fn.kind, fn.lo, fn.hi = kind, lo, hi
+    for k, v in extra.items():
+        setattr(fn, k, v)
+    return fn
+
+
+def int_range(lo=None, hi=None):
+    """An integer in [lo, hi] (either end may be open: None)."""
+    if lo is not None and hi is not None:
+        want = f"an integer from {lo} to {hi}"
+    elif lo is not None:
+        want = {0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
+    else:
+        want = f"an integer <= {hi}" if hi is not None else "an integer"
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s.strip(), 10)
+        except (ValueError, AttributeError):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {s!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {v}")
+        return v
+
+    parse.__name__ = want  # argparse names the type in some messages
+    return _typed(parse, "int", lo, hi)
+
+
+def float_range(lo=None, hi=None, lo_open=False, hi_open=False):
+    """A finite float in [lo, hi]; ``lo_open``/``hi_open`` exclude that end."""
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    want = "a number" + (" " + " and ".join(parts) if parts else "")
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {s!r}") from None
+        bad = not math.isfinite(v)
+        bad |= lo is not None and (v <= lo if lo_open else v < lo)
+        bad |= hi is not None and (v >= hi if hi_open else v > hi)
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {s}")
+        return v
+
+    parse.__name__ = want
+    return _typed(parse, "float", lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+positive_float = float_range(0, lo_open=True)
+non_negative_float = float_range(0)
+probability = float_range(0, 1)
+# numpy's seed takes 32 bits; mlx-lm and our commands seed both.
+seed = int_range(0, 2**32 - 1)
+
+
+def _nearest_existing(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _path_check(kind: str, check):
+    def parse(s: str) -> Path:
+        if not s.strip():
+            raise argparse.ArgumentTypeError("must be a path, got ''")
+        p = Path(s).expanduser()
+        problem = check(p)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{s}: {problem}")
+        return p
+
+    parse.__name__ = kind.replace("_", " ")
+    return _typed(parse, kind)
+
+
+def _file(p: Path):
+    if p.is_dir():
+        return "is a folder, not a file"
+    if not p.is_file():
+        return "no such file"
+
+
+def _dir(p: Path):
+    if p.exists() and not p.is_dir():
+        return "is a file, not a folder"
+    if not p.is_dir():
+        return "no such folder"
+
+
+def _out(want_dir: bool):
+    def check(p: Path):
+        if want_dir and p.exists() and not p.is_dir():
+            return "exists and is not a folder"
+        if not want_dir and p.is_dir():
+            return "is a folder; give a file name"
+        base = _nearest_existing(p.parent)
+        if not base.is_dir():
+            return f"cannot be created: {base} is a file, not a folder"
+
+    return check
+
+
+existing_file = _path_check("file", _file)
+existing_dir = _path_check("dir", _dir)
+output_dir = _path_check("output_dir", _out(True))
+output_file = _path_check("output_file", _out(False))
+
+
+def check_output_dir(path, flag: str, force: bool = False) -> Path:
+    """For values that bypass argparse (config files): the same checks as ``output_dir``,
+    plus the ``--force`` rule every command applies to an existing output folder."""
+    p = Path(path)
+    problem = _out(True)(p)
+    if problem:
+        raise LoadError(f"{flag} {p}: {problem}.")
+    if p.exists() and not force and any(p.iterdir()):
+        raise LoadError(f"{flag} {p} already exists and is not empty; pass --force to replace it.")
+    return p
 
 
 def run(main, argv=None) -> None:
