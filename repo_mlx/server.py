@@ -44,8 +44,9 @@ from mlx_lm.server import (
     get_system_fingerprint,
 )
 
-from . import _cli
+from . import _cli, http_checks
 from .errors import LoadError, one_line
+from .http_checks import RequestError
 from .utils import DTYPES, context_length, load
 
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
@@ -54,15 +55,6 @@ POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 NEXT_USER_TURN = "\nUSER:"
 MAX_STOP_WORDS = 16
 ERROR_TYPES = {403: "permission_error", 404: "not_found_error"}
-DRAIN_BYTES = 64 << 20  # an oversized body up to this size is read and dropped
-
-
-class RequestError(ValueError):
-    """A request the server refuses; ``status`` is the HTTP code."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclasses.dataclass
@@ -377,28 +369,10 @@ class Handler(APIHandler):
         self.wfile.write(body)
 
     def origin_allowed(self) -> bool:
-        # Browsers send Origin; a page of another site (or one that rebinds its
-        # DNS name to 127.0.0.1) must not drive the local model.
-        origin = self.headers.get("Origin")
-        allowed = self.settings["allowed_origins"]
-        return origin is None or "*" in allowed or origin in allowed
+        return http_checks.origin_allowed(self.headers.get("Origin"), self.settings["allowed_origins"])
 
     def read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestError("A Content-Length header is required.", 411)
-        if not length.strip().isdecimal():
-            raise RequestError("Content-Length must be a non-negative integer.")
-        limit, length = self.settings["limits"].max_request_bytes, int(length)
-        if length > limit:
-            # Read and drop a body of sane size, so the client is not cut off
-            # mid-send and sees the reply; a larger one is never read.
-            if length <= DRAIN_BYTES:
-                while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
-                    length -= len(chunk)
-            self.close_connection = True
-            raise RequestError(f"The request body is larger than {limit} bytes.", 413)
-        return self.rfile.read(length)
+        return http_checks.read_body(self, self.settings["limits"].max_request_bytes)
 
     def do_POST(self):
         path = urlsplit(self.path).path
