@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model
 
@@ -18,6 +20,22 @@ from .convert import atomic_folder, save_standalone
 from .convert.export_hf import export_hf
 from .errors import LoadError
 from .utils import get_model_path, load
+
+
+def fuse_layer(layer: nn.Module, dequantize: bool = False) -> nn.Module:
+    """mlx-lm's ``fuse`` of one adapted layer, computed in float32 and rounded once.
+
+    mlx-lm adds the delta in the weight's dtype: in bfloat16 that rounds the
+    delta and then the sum.
+    """
+    base = layer.linear
+    dtype = (base.scales if isinstance(base, nn.QuantizedLinear) else base.weight).dtype
+    if dtype == mx.float32:
+        return layer.fuse(dequantize=dequantize)
+    layer.set_dtype(mx.float32)  # floating arrays only: packed 4-bit weights stay
+    fused = layer.fuse(dequantize=dequantize)
+    fused.set_dtype(dtype)
+    return fused
 
 
 def fuse(
@@ -38,7 +56,7 @@ def fuse(
     net, tokenizer, config = load(str(src), adapter_path=adapter_path, return_config=True)
     # The HF format has no quantized layers, so exporting always dequantizes.
     de_quantize = de_quantize or export_hf_format
-    fused = [(n, m.fuse(dequantize=de_quantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]
+    fused = [(n, fuse_layer(m, de_quantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]
     if fused:
         net.update_modules(tree_unflatten(fused))
     if de_quantize:

@@ -24,14 +24,15 @@ import numpy as np
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from mlx_lm.cli_ui import rprint
-from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset
+from mlx_lm.tuner.datasets import CompletionsDataset, create_dataset
 from mlx_lm.tuner.trainer import default_loss, evaluate, iterate_batches
 from mlx_lm.tuner.trainer import grad_checkpoint as _grad_checkpoint
 from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.tuner.utils import load_adapters as _mlx_lm_load_adapters
+from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from .repo_olmo2 import POSITION_WEIGHTS
 from .errors import LoadError, one_line
+from .repo_olmo2 import POSITION_WEIGHTS
 
 POSITION_MODULE_CHOICES = ("frozen", "lora", "full")
 POSITION_KEYS = tuple(f"self_attn.{name}" for name in POSITION_WEIGHTS)
@@ -221,7 +222,7 @@ def _read_jsonl(path: Path) -> List[Tuple[int, dict]]:
 
 
 def _make_dataset(records, tokenizer, args, where: str):
-    """mlx-lm's dataset class for the records' format, checking every record."""
+    """mlx-lm's dataset for the records' format, after checking every record's keys."""
     keys = {
         "prompt": getattr(args, "prompt_feature", "prompt"),
         "completion": getattr(args, "completion_feature", "completion"),
@@ -251,24 +252,18 @@ def _make_dataset(records, tokenizer, args, where: str):
                     f"line {records[0][0]}'s ({found})."
                 )
     data = [r for _, r in records]
-    if kind == "text":
-        if mask:
-            raise LoadError(
-                f"{where}: --mask-prompt needs prompt/completion or chat data, not text."
-            )
-        return TextDataset(data, tokenizer, keys["text"])
-    template = tokenizer.has_chat_template
-    if kind == "chat":
-        if not template:
-            raise LoadError(
-                f"{where}: chat ('messages') data needs a chat template and this "
-                "tokenizer has none (RePo is a base model); use 'text' or "
-                "'prompt'/'completion' lines, or add a chat_template to the model's "
-                "tokenizer_config.json."
-            )
-        return ChatDataset(data, tokenizer, keys["messages"], mask)
-    cls = CompletionsDataset if template else PlainCompletions
-    return cls(data, tokenizer, keys["prompt"], keys["completion"], mask)
+    if kind == "text" and mask:
+        raise LoadError(f"{where}: --mask-prompt needs prompt/completion or chat data, not text.")
+    if kind != "text" and not tokenizer.has_chat_template:
+        if kind == "completions":
+            return PlainCompletions(data, tokenizer, keys["prompt"], keys["completion"], mask)
+        raise LoadError(
+            f"{where}: chat ('messages') data needs a chat template and this "
+            "tokenizer has none (RePo is a base model); use 'text' or "
+            "'prompt'/'completion' lines, or add a chat_template to the model's "
+            "tokenizer_config.json."
+        )
+    return create_dataset(data, tokenizer, args)
 
 
 def tokenize(dataset, numbers, where: str, max_seq_length: int) -> List[Example]:
@@ -480,6 +475,7 @@ def train(
     because mlx-lm's cannot resume (it restarts the iteration count, the data
     order and the optimizer).
     """
+    maybe_set_recommended_wired_limit()  # keeps the weights resident on a Mac, as mlx-lm does
     world = mx.distributed.init()
     size = world.size()
     adapter_file = Path(adapter_file)

@@ -137,3 +137,29 @@ def test_fuse_errors_leave_no_folder(trained, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: {out} already exists; pass --force to replace it."
     ]
+
+
+def test_bfloat16_fuse_rounds_once(trained):
+    """Each fused bfloat16 weight is (W + delta) computed in float32, rounded once."""
+    root = trained["root"]
+    bf16 = convert(str(trained["base"]), str(root / "bf16"), dtype="bfloat16")
+    adapters = root / "bf16_lora"
+    train(bf16, make_data(root / "bf16_data", sizes=(("train", 16),)), adapters, iters=4)
+    out = fuse(str(bf16), str(adapters), str(root / "bf16_fused"))
+    fused = mx.load(str(out / "model.safetensors"))
+
+    adapted, _ = repo_mlx.load(str(bf16), adapter_path=str(adapters))
+    once = naive = total = 0
+    for name, m in adapted.named_modules():
+        if not hasattr(m, "fuse"):
+            continue
+        w = m.linear.weight
+        delta = (m.scale * m.lora_b.T.astype(mx.float32)) @ m.lora_a.T.astype(mx.float32)
+        want = (w.astype(mx.float32) + delta).astype(mx.bfloat16)
+        got = fused[f"{name}.weight"]
+        assert got.dtype == mx.bfloat16
+        once += mx.array_equal(got, want).item()
+        naive += mx.array_equal(got, w + delta.astype(w.dtype)).item()  # mlx-lm's rounding
+        total += 1
+    assert total > 0 and once == total
+    assert naive < total  # the two roundings differ somewhere, so this test can fail
