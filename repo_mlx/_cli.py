@@ -42,6 +42,14 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def add_trust_remote_code(p) -> None:
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="Accepted as in mlx-lm, and has no effect: repo_mlx carries the RePo model "
+        "code and the OLMo-2 tokenizer needs none, so nothing from the model folder is run.",
+    )
+
+
 def _typed(fn, kind: str, lo=None, hi=None, **extra):
     fn.kind, fn.lo, fn.hi = kind, lo, hi
     for k, v in extra.items():
@@ -79,6 +87,8 @@ def float_range(lo=None, hi=None, lo_open=False, hi_open=False):
     if hi is not None:
         parts.append(f"{'<' if hi_open else '<='} {hi:g}")
     want = "a number" + (" " + " and ".join(parts) if parts else "")
+    if lo is not None and hi is not None and not (lo_open or hi_open):
+        want = f"a number from {lo:g} to {hi:g}"
 
     def parse(s: str) -> float:
         try:

@@ -16,9 +16,12 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import _cli
 from .errors import LoadError
-from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long
+from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long, yarn_scaling
 
 DEFAULT_PROMPT = "The key idea of positional encoding in transformers is"
+KV_BITS = [2, 3, 4, 6, 8]
+KV_GROUP_SIZES = [32, 64, 128]  # what mx.quantize supports
+MIN_KV_SIZE = 8  # mlx-lm's rotating cache always keeps the first 4 tokens
 
 
 def _encode(model, tokenizer, prompt: Union[str, List[int], mx.array]):
@@ -39,7 +42,7 @@ def stream_generate(model, tokenizer, prompt, **kwargs):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m repo_mlx.generate",
         description="Generate text with a RePo-OLMo2 model, streaming it to stdout.",
     )
@@ -53,26 +56,53 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--prompt", "-p", default=None, help=f"Prompt text; '-' reads stdin (default: {DEFAULT_PROMPT!r})."
     )
-    src.add_argument("--prompt-file", type=Path, help="Read the prompt from this file.")
-    p.add_argument("--max-tokens", "-m", type=int, default=100, help="Tokens to generate (default: 100).")
-    p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature; 0 is greedy (default: 0).")
-    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling: keep tokens up to this probability mass (default: 1, off).")
-    p.add_argument("--min-p", type=float, default=0.0, help="Drop tokens below this fraction of the top probability (default: 0, off).")
-    p.add_argument("--seed", type=int, default=None, help="Random seed for sampling (default: random).")
-    p.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 6, 8], default=None, help="Quantize the KV cache to this many bits (default: off).")
-    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=64, help="Group size for --kv-bits; must divide head_dim (default: 64).")
-    p.add_argument("--max-kv-size", type=int, default=None, help="Keep at most this many tokens in a rotating KV cache (default: unbounded).")
+    src.add_argument("--prompt-file", type=_cli.existing_file, help="Read the prompt from this file.")
+    p.add_argument("--max-tokens", "-m", type=_cli.positive_int, default=100, help="Tokens to generate (default: 100).")
+    add_sampling_flags(p)
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache to this many bits (default: off); needs a head_dim divisible by 32.")
+    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64, help="Group size for --kv-bits; must divide head_dim (default: 64).")
+    p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
+    p.add_argument("--yarn", type=_cli.float_range(1), default=None, help="YaRN factor over 4096 tokens for every layer, for prompts past 4K: 2 for 8K, 4 for 16K (default: off).")
     p.add_argument(
         "--position-blend",
-        type=float,
+        type=_cli.probability,
         default=0.0,
         help="Blend learned positions with token indices: 0 = RePo as trained, "
         "1 = plain RoPE in every layer (the paper's ablation), default 0.",
     )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
-    p.add_argument("--adapter-path", default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
+    p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
+    _cli.add_trust_remote_code(p)
     p.add_argument("--verbose", type=int, choices=[0, 1], default=1, help="1 prints separators and speed (default); 0 prints the text only.")
     return p
+
+
+def add_sampling_flags(p) -> None:
+    """The sampling flags of mlx_lm.generate (shared with repo_mlx.chat)."""
+    p.add_argument("--temp", type=_cli.non_negative_float, default=0.0, help="Sampling temperature; 0 is greedy (default: 0).")
+    p.add_argument("--top-p", type=_cli.probability, default=1.0, help="Nucleus sampling: keep tokens up to this probability mass, 0 to 1 (default: 1, off).")
+    p.add_argument("--top-k", type=_cli.non_negative_int, default=0, help="Sample from the k most likely tokens only (default: 0, off).")
+    p.add_argument("--min-p", type=_cli.probability, default=0.0, help="Drop tokens below this fraction of the top probability, 0 to 1 (default: 0, off).")
+    p.add_argument("--seed", type=_cli.seed, default=None, help=f"Random seed for sampling, 0 to {2**32 - 1} (default: random).")
+
+
+def sampler(args):
+    return make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+
+
+def check_kv_bits(model, kv_bits, kv_group_size) -> None:
+    """Before any work: the KV cache can only be quantized in groups dividing head_dim."""
+    head_dim = model.layers[0].self_attn.head_dim
+    if kv_bits is not None and head_dim % kv_group_size:
+        fits = [g for g in KV_GROUP_SIZES if head_dim % g == 0]
+        fix = (
+            f"pick --kv-group-size {' or '.join(map(str, fits))}"
+            if fits
+            else f"no group size ({', '.join(map(str, KV_GROUP_SIZES))}) divides it, so drop --kv-bits"
+        )
+        raise LoadError(
+            f"--kv-group-size {kv_group_size} does not divide this model's head_dim {head_dim}; {fix}."
+        )
 
 
 def read_prompt(args) -> str:
@@ -88,21 +118,22 @@ def read_prompt(args) -> str:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        raise LoadError("--max-tokens must be at least 1.")
     prompt = read_prompt(args)
+    if not prompt:
+        raise LoadError("The prompt is empty; give text with --prompt, --prompt-file or on stdin (--prompt -).")
+    model_config = {"position_blend": args.position_blend}
+    if args.yarn is not None:
+        model_config.update(yarn_scaling(args.yarn))
     model, tokenizer = load(
         args.model,
         dtype=args.dtype,
         adapter_path=args.adapter_path,
-        model_config={"position_blend": args.position_blend},
+        model_config=model_config,
     )
-    head_dim = model.layers[0].self_attn.head_dim
-    if args.kv_bits is not None and head_dim % args.kv_group_size:
-        raise LoadError(
-            f"--kv-group-size {args.kv_group_size} does not divide this model's "
-            f"head_dim {head_dim}; pick one that does (32, 64 or 128)."
-        )
+    check_kv_bits(model, args.kv_bits, args.kv_group_size)
+    prompt = tokenizer.encode(prompt)
+    if not prompt:
+        raise LoadError("The prompt encodes to no tokens; give some text.")
     if args.seed is not None:  # after loading: building the model draws random numbers
         mx.random.seed(args.seed)
     text = generate(
@@ -111,7 +142,7 @@ def main(argv=None) -> None:
         prompt,
         verbose=bool(args.verbose),
         max_tokens=args.max_tokens,
-        sampler=make_sampler(args.temp, args.top_p, args.min_p),
+        sampler=sampler(args),
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,
         max_kv_size=args.max_kv_size,
