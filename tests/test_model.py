@@ -197,11 +197,18 @@ def test_quantized_kv_cache(wide_heads):
     assert len(q) == 12
 
 
-def test_rotating_kv_cache(tiny, reference):
+def test_rotating_kv_cache(fixture_path, tiny, reference):
     model, _ = tiny
-    prompt = reference["input_ids"][0].tolist()
-    # A rotating cache larger than the whole sequence changes nothing.
-    assert greedy(model, prompt, 16, max_kv_size=64) == reference["greedy"].tolist()
+    prompt = reference["input_ids"][0].tolist()  # 24 tokens; with 16 more a 28-token cache wraps
+    cache = make_prompt_cache(model, max_kv_size=28)
+    tokens = greedy(model, prompt, 16, prompt_cache=cache)
+    assert cache[0].offset == 24 + 16 and cache[0].keys.shape[2] == 28
+    assert tokens[:5] == reference["greedy"][:5].tolist()  # before it wraps
+    # Wrapped, with integer positions: the same tokens as mlx-lm's OLMo-2 with its rotating cache.
+    rope, _ = repo_mlx.load(str(fixture_path), model_config={"position_blend": 1.0})
+    wrapped = greedy(rope, prompt, 16, max_kv_size=28)
+    assert wrapped == greedy(plain_olmo2(rope), prompt, 16, max_kv_size=28)
+    assert wrapped != greedy(rope, prompt, 16)  # the window changed what the model saw
 
 
 def test_sampling_is_seeded(tiny, reference):
