@@ -94,26 +94,6 @@ def test_every_layer_uses_yarn(yarn_model):
             np.testing.assert_allclose(np.array(got), expected, atol=3e-3, err_msg=f"layer {i}")
 
 
-def test_integer_layers_agree_with_the_continuous_path(yarn_model):
-    """On integer positions, mlx-lm's YarnRoPE and our continuous rotation agree."""
-    integer = [l.self_attn for l in yarn_model.layers if not l.self_attn.repo]
-    repo = [l.self_attn for l in yarn_model.layers if l.self_attn.repo]
-    assert integer and repo
-    x = mx.random.normal((1, 4, 33, 16), key=mx.random.key(1))
-    positions = mx.broadcast_to(mx.arange(100, 133, dtype=mx.float32), (1, 4, 33))
-    got = integer[0].rope(x, offset=100)
-    via_continuous = rope.continuous_rope(
-        x, positions, inv_freq=repo[0]._inv_freq, attention_factor=repo[0]._attention_factor
-    )
-    np.testing.assert_allclose(np.array(got), np.array(via_continuous), atol=2e-5)
-
-
-def test_yarn_changes_the_model(yarn_model, tiny, reference):
-    ids = mx.array(reference["input_ids"])
-    plain, scaled = tiny[0](ids), yarn_model(ids)
-    assert np.abs(np.array(plain) - np.array(scaled)).max() > 1e-2
-
-
 def test_yarn_factor_below_one_is_refused():
     with pytest.raises(LoadError, match="at least 1"):
         yarn_scaling(0.5)
