@@ -106,6 +106,18 @@ def float_range(lo=None, hi=None, lo_open=False, hi_open=False):
     return _typed(parse, "float", lo, hi, lo_open=lo_open, hi_open=hi_open)
 
 
+def _all_or_positive(s: str) -> int:
+    try:
+        v = int(s.strip(), 10)
+    except (ValueError, AttributeError):
+        v = None
+    if v is None or not (v == -1 or v >= 1):
+        raise argparse.ArgumentTypeError(f"must be a positive integer or -1 for all, got {s!r}")
+    return v
+
+
+# Counts where -1 means "all" (mlx-lm's --num-layers, --val-batches, --test-batches).
+all_or_positive = _typed(_all_or_positive, "int", -1, None, excluded=(0,))
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 positive_float = float_range(0, lo_open=True)

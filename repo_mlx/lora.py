@@ -5,6 +5,7 @@ mlx-lm's ``mlx_lm.lora`` flags, data formats and ``-c config.yaml``, plus
 command under ``mlx.launch`` (see docs/finetune.md).
 """
 
+import argparse
 import math
 import os
 import signal
@@ -16,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 import yaml
 from mlx_lm import lora as _mlx_lm_lora
+from mlx_lm.cli_ui import rprint
 from mlx_lm.tuner.callbacks import get_reporting_callbacks
 from mlx_lm.tuner.trainer import evaluate
 from mlx_lm.tuner.utils import print_trainable_parameters
@@ -31,11 +33,25 @@ CONFIG_DEFAULTS = {
     "data": None,  # mlx-lm's default dataset needs the Hub; ask instead
     # Frozen by default: see docs/finetune.md, "The position module".
     "position_module": "frozen",
+    "num_layers": None,  # mlx-lm's 16, or all layers of a smaller model
+    "force": False,
 }
-POSITIVE = (
-    "batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
-    "max_seq_length", "grad_accumulation_steps",
-)
+# Checked while parsing, and the same checks for values from -c config.yaml.
+TYPES = {
+    **dict.fromkeys(
+        ["batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
+         "max_seq_length", "grad_accumulation_steps"],
+        _cli.positive_int,
+    ),
+    **dict.fromkeys(["num_layers", "val_batches", "test_batches"], _cli.all_or_positive),
+    "learning_rate": _cli.positive_float,
+    "seed": _cli.seed,
+    "resume_adapter_file": _cli.existing_file,
+    "adapter_path": _cli.output_dir,
+    "config": _cli.existing_file,
+}
+# Files a training run writes into --adapter-path (what --force replaces).
+RUN_FILES = ("adapter_config.json", "adapters.safetensors", "*_adapters.safetensors", "*.state.safetensors")
 
 
 def _set_help(parser, flag: str, text: str) -> None:
@@ -46,24 +62,39 @@ def _set_help(parser, flag: str, text: str) -> None:
 
 
 def build_parser():
-    p = _mlx_lm_lora.build_parser()
-    p.prog = "python -m repo_mlx.lora"
-    p.description = (
-        "LoRA, QLoRA (on a 4-bit converted model), DoRA or full fine-tuning of a "
+    p = _cli.ArgumentParser(
+        prog="python -m repo_mlx.lora",
+        description="LoRA, QLoRA (on a 4-bit converted model), DoRA or full fine-tuning of a "
         "RePo-OLMo2 model, with the position module frozen, LoRA-adapted or fully "
         "trained. Flags, data formats and -c config.yaml as in mlx_lm.lora; a flag "
-        "given on the command line overrides the config file."
+        "given on the command line overrides the config file.",
+        parents=[_mlx_lm_lora.build_parser()],
+        conflict_handler="resolve",  # the parent's -h replaces ours
     )
+    for action in p._actions:
+        if action.dest in TYPES:
+            action.type = TYPES[action.dest]
     _set_help(p, "--model", f"Model folder (official Hugging Face or converted, e.g. 4-bit for QLoRA) or Hub id (default: {DEFAULT_MODEL}).")
     _set_help(p, "--data", "Folder with train.jsonl, valid.jsonl (optional) and test.jsonl (for --test); each line a JSON object with 'text', 'prompt'/'completion' or chat 'messages'. A Hub dataset id also works when online.")
-    _set_help(p, "--num-layers", "Tune the last N layers (default: 16, all of the 1B; -1 for all).")
+    _set_help(p, "--num-layers", "Tune the last N layers, -1 for all (default: 16, all of the 1B; all of a model with fewer).")
+    _set_help(p, "--optimizer", "Optimizer: adam, adamw, muon, sgd or adafactor (default: adam).")
+    _set_help(p, "--val-batches", "Validation batches, -1 for the whole validation set (default: 25).")
+    _set_help(p, "--test-batches", "Test batches, -1 for the whole test set (default: 500).")
     _set_help(p, "--iters", "Total iterations to train for, counting those of a resumed checkpoint (default: 1000).")
     _set_help(p, "--learning-rate", "Learning rate (default: 1e-5).")
     _set_help(p, "--adapter-path", "Folder for adapter_config.json, adapters.safetensors, numbered checkpoints and their .state files (default: adapters).")
     _set_help(p, "--resume-adapter-file", "Continue from this checkpoint (adapters.safetensors or NNNNNNN_adapters.safetensors): weights, and from its .state.safetensors file the optimizer state and iteration, so the run goes on exactly as if uninterrupted.")
     _set_help(p, "--save-every", "Save a checkpoint every N iterations (default: 100).")
     _set_help(p, "--seed", "Seed for LoRA initialisation, data order and dropout (default: 0).")
-    _set_help(p, "--trust-remote-code", "Accepted for mlx_lm.lora compatibility; RePo needs no remote code.")
+    _set_help(p, "--trust-remote-code", "Accepted as in mlx_lm.lora, and has no effect: repo_mlx carries the RePo model code and the OLMo-2 tokenizer needs none.")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        default=None,
+        help="Train into an --adapter-path that holds an earlier run, replacing its "
+        "adapters and numbered checkpoints (without it, such a folder is refused; "
+        "resuming from a checkpoint in it needs no --force).",
+    )
     p.add_argument(
         "--position-module",
         choices=tuner.POSITION_MODULE_CHOICES,
@@ -90,39 +121,64 @@ def parse_args(argv=None) -> types.SimpleNamespace:
             raise LoadError(f"{args['config']} must hold a mapping of option names to values.")
         for k, v in config.items():
             if args.get(k) is None:
+                if k in TYPES and v is not None:
+                    try:
+                        v = TYPES[k](str(v))
+                    except argparse.ArgumentTypeError as e:
+                        raise LoadError(f"{args['config']}: {k} {e}.") from None
                 args[k] = v
     for k, v in CONFIG_DEFAULTS.items():
         if args.get(k) is None:
             args[k] = v
-    for k in POSITIVE:
-        if not isinstance(args[k], int) or args[k] < 1:
-            raise LoadError(f"--{k.replace('_', '-')} must be a positive integer, got {args[k]!r}.")
     if args["save_every"] % args["grad_accumulation_steps"]:
         raise LoadError("--save-every must be a multiple of --grad-accumulation-steps.")
-    if not isinstance(args["seed"], int) or args["seed"] < 0:
-        raise LoadError(f"--seed must be a non-negative integer, got {args['seed']!r}.")
+    if args["train"]:
+        check_adapter_path(args)
     if args["batch_size"] % mx.distributed.init().size():
         raise LoadError("--batch-size must be divisible by the number of processes.")
     return types.SimpleNamespace(**args)
 
 
-def rprint(*a, **kw):
-    if mx.distributed.init().rank() == 0:
-        print(*a, **kw, flush=True)
+def check_adapter_path(args: dict) -> None:
+    """Refuse to mix a new run into an older one's checkpoints unless --force."""
+    path = Path(args["adapter_path"])
+    if not path.is_dir():
+        return
+    old = [f for pattern in RUN_FILES for f in path.glob(pattern)]
+    resume = args["resume_adapter_file"]
+    resuming_here = resume is not None and Path(resume).resolve().parent == path.resolve()
+    if old and not resuming_here and not args["force"]:
+        raise LoadError(
+            f"--adapter-path {path} holds an earlier run ({len(old)} files); pass --force "
+            "to replace it, or choose another folder."
+        )
+    if args["force"] and not resuming_here and mx.distributed.init().rank() == 0:
+        for f in old:
+            f.unlink()
+
+
+def _num_layers(args, model) -> int:
+    n, total = args.num_layers, len(model.layers)
+    if n is None:
+        return min(16, total)
+    if n > total:
+        raise LoadError(f"--num-layers {n} is more than the model's {total} layers; pass {total} or -1 for all.")
+    return n
 
 
 def train_model(args, model, train_set, valid_set, callback=None):
     mx.random.seed(args.seed)  # LoRA initialisation
+    args.num_layers = _num_layers(args, model)
     args.lora_parameters = tuner.setup_trainable(
         model, args.fine_tune_type, args.num_layers, args.lora_parameters, args.position_module
     )
     if any(layer.self_attn.repo for layer in model.layers):
-        rprint(f"Position module: {args.position_module}")
+        rprint(f"Position module: {args.position_module}", flush=True)
     optimizer = tuner.build_optimizer(args)
     start = trained = 0
     if args.resume_adapter_file is not None:
         start, trained = tuner.resume(model, optimizer, args.resume_adapter_file, args)
-        rprint(f"Resuming from {args.resume_adapter_file} at iteration {start}")
+        rprint(f"Resuming from {args.resume_adapter_file} at iteration {start}", flush=True)
         if start >= args.iters:
             raise LoadError(
                 f"{args.resume_adapter_file} is from iteration {start}; pass an --iters above it."
@@ -149,7 +205,7 @@ def run(args) -> None:
     np.random.seed(args.seed)
     if not args.train and not args.test:
         raise LoadError("Pass --train, --test or both.")
-    rprint(f"Loading {args.model}")
+    rprint(f"Loading {args.model}", flush=True)
     model, tokenizer = load(args.model)
     train_set, valid_set, test_set = tuner.load_data(args, tokenizer)
     if args.train:
@@ -164,10 +220,10 @@ def run(args) -> None:
         if Path(args.adapter_path, "adapter_config.json").exists():
             tuner.load_adapters(model, args.adapter_path)
         else:
-            rprint(f"No adapters in {args.adapter_path}: testing the base model")
+            rprint(f"No adapters in {args.adapter_path}: testing the base model", flush=True)
     if args.test:
         loss = evaluate(model, test_set, args.batch_size, args.test_batches, args.max_seq_length)
-        rprint(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.")
+        rprint(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.", flush=True)
 
 
 def main(argv=None) -> None:
