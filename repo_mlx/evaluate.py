@@ -11,7 +11,6 @@ import json
 import math
 import re
 import warnings
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -160,7 +159,7 @@ def table(results: List[Dict], blends: List[float]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m repo_mlx.evaluate",
         description="Evaluate a RePo model: perplexity on a text file and synthetic "
         "long/noisy-context tasks (needle in a haystack, key-value retrieval, variable "
@@ -177,12 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="Comma-separated tasks: perplexity, " + ", ".join(SYNTHETIC) + "; 'ruler' means all synthetic ones.",
     )
-    p.add_argument("--data", type=Path, help="Plain-text file for perplexity, tokenized as is (OLMo-2 adds no BOS).")
-    p.add_argument("--window", type=int, default=None, help="Perplexity window in tokens (default: the model's context, 4096 for the release; YaRN multiplies it).")
-    p.add_argument("--stride", type=int, default=None, help="Perplexity window step; smaller than --window gives every token more context (default: --window).")
+    p.add_argument("--data", type=_cli.existing_file, help="Plain-text file for perplexity, tokenized as is (OLMo-2 adds no BOS).")
+    p.add_argument("--window", type=_cli.int_range(2), default=None, help="Perplexity window in tokens (default: the model's context, 4096 for the release; YaRN multiplies it).")
+    p.add_argument("--stride", type=_cli.positive_int, default=None, help="Perplexity window step; smaller than --window gives every token more context (default: --window).")
     p.add_argument("--lengths", default="1K,2K,4K", help="Context lengths in tokens for the synthetic tasks, e.g. 1K,2K,4K,8K,16K (default: 1K,2K,4K).")
-    p.add_argument("--samples", type=int, default=10, help="Samples per synthetic task and length (default: 10).")
-    p.add_argument("--seed", type=int, default=0, help="Seed the synthetic samples are made from (default: 0).")
+    p.add_argument("--samples", type=_cli.positive_int, default=10, help="Samples per synthetic task and length (default: 10).")
+    p.add_argument("--seed", type=_cli.seed, default=0, help="Seed the synthetic samples are made from (default: 0).")
     p.add_argument(
         "--position-blend",
         default="0",
@@ -191,13 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--yarn",
-        type=float,
+        type=_cli.float_range(1),
         default=None,
         help="YaRN factor over 4096 tokens for every layer, the RePo layers included, as the "
         "paper did: 2 for 8K, 4 for 16K (default: off).",
     )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
-    p.add_argument("--output", type=Path, default=None, help="Also write the results, with every sample's prediction, as JSON here.")
+    p.add_argument("--output", type=_cli.output_file, default=None, help="Also write the results, with every sample's prediction, as JSON here.")
     return p
 
 
@@ -206,10 +205,6 @@ def main(argv=None) -> None:
     names = parse_tasks(args.task)
     blends = parse_blends(args.position_blend)
     lengths = list(dict.fromkeys(parse_length(t) for t in args.lengths.split(",")))
-    if args.samples < 1:
-        raise LoadError("--samples must be at least 1.")
-    if (args.window is not None and args.window < 2) or (args.stride is not None and args.stride < 1):
-        raise LoadError("--window must be at least 2 and --stride at least 1.")
     tokens = None
     if "perplexity" in names:
         if args.data is None:
@@ -283,10 +278,8 @@ def main(argv=None) -> None:
             "position_blends": blends,
             "results": results,
         }
-        try:
-            args.output.write_text(json.dumps(report, indent=1))
-        except OSError as e:
-            raise LoadError(f"Cannot write {args.output}: {e.strerror}.") from None
+        with _cli.atomic_file(args.output) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.output}")
 
 
