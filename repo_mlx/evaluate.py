@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "paper did: 2 for 8K, 4 for 16K (default: off).",
     )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    _cli.add_trust_remote_code(p)
     p.add_argument("--output", type=_cli.output_file, default=None, help="Also write the results, with every sample's prediction, as JSON here.")
     return p
 

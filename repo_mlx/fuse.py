@@ -73,22 +73,24 @@ def fuse(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m repo_mlx.fuse",
         description="Fuse LoRA/DoRA adapters (or full fine-tuned weights) from "
         "repo_mlx.lora into the base model and save a standalone model.",
     )
     p.add_argument("--model", required=True, help="The base model the adapters were trained on: folder or Hub id.")
-    p.add_argument("--adapter-path", default="adapters", help="Folder with adapter_config.json and adapters.safetensors (default: adapters).")
-    p.add_argument("--save-path", default="fused_model", help="Output folder (default: fused_model).")
+    p.add_argument("--adapter-path", type=_cli.existing_dir, default="adapters", help="Folder with adapter_config.json and adapters.safetensors (default: adapters).")
+    p.add_argument("--save-path", type=_cli.output_dir, default="fused_model", help="Output folder (default: fused_model).")
     p.add_argument("--de-quantize", "--dequantize", dest="de_quantize", action="store_true", help="Write float weights even if the base model is quantized (otherwise fused layers are re-quantized).")
     p.add_argument("--export-hf", dest="export_hf_format", action="store_true", help="Write the official Hugging Face format (float weights, HF config.json, tokenizer) instead of the MLX format; it loads in the official PyTorch code.")
     p.add_argument("--force", action="store_true", help="Replace --save-path if it exists (only once the new one is complete).")
+    _cli.add_trust_remote_code(p)
     return p
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    del args.trust_remote_code
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     fuse(**vars(args))
     print(f"[INFO] Done: {args.save_path}")
