@@ -124,14 +124,32 @@ def write_json(path: Path, chosen, tokens: List[str], ids: List[int]) -> None:
     Path(path).write_text(json.dumps(data, ensure_ascii=False))
 
 
-def plot(path: Path, layer: int, heads: Dict[int, np.ndarray], tokens: List[str], full: bool = False, max_labels: int = 8) -> Tuple[int, int]:
-    """Token index against position, one panel per head; returns the PNG's (width, height)."""
+def place_labels(points, boxes) -> List[int]:
+    """Greedy: keep each label (in order) whose box, in points, overlaps none kept so far.
+
+    ``points`` are label anchors in display points, ``boxes`` their (width, height).
+    """
+    kept = []
+    for i, ((x, y), (w, h)) in enumerate(zip(points, boxes)):
+        if all(abs(x - points[j][0]) >= (w + boxes[j][0]) / 2 or abs(y - points[j][1]) >= (h + boxes[j][1]) / 2 for j in kept):
+            kept.append(i)
+    return kept
+
+
+def plot(path: Path, layer: int, heads: Dict[int, np.ndarray], tokens: List[str], full: bool = False, max_labels: int = 8) -> Dict[int, Dict[str, int]]:
+    """Token index against position, one panel per head.
+
+    Every outlier is red, and those off the shown range sit on its edge as a
+    triangle; at most ``max_labels`` of them, the most extreme, get a label,
+    fewer where labels would overlap. Returns {head: {"outliers", "off_range",
+    "labelled"}}, the counts each panel's title states.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dpi = 100
+    dpi, fontsize = 100, 7
     cols = min(4, len(heads))
     rows = math.ceil(len(heads) / cols)
     size = (10, 5) if len(heads) == 1 else (4 * cols, 3 * rows)
@@ -139,43 +157,53 @@ def plot(path: Path, layer: int, heads: Dict[int, np.ndarray], tokens: List[str]
     for ax in axes.flat[len(heads):]:
         ax.set_visible(False)
     n = len(tokens)
+    counts = {}
     for ax, (head, z) in zip(axes.flat, heads.items()):
         x = np.arange(n)
         ax.plot(x, z, color="0.75", linewidth=0.8, zorder=1)
         ax.scatter(x, z, s=10, zorder=2)
         lo, hi = inlier_range(z, full)
         ax.set_ylim(lo, hi)
-        # Label the outliers, most extreme first; those off the shown range sit on its edge.
+        ax.set_xlim(-0.5, max(n - 0.5, 0.5))
         out = outliers(z)
+        shown = np.clip(z, lo, hi)
+        off = out[shown[out] != z[out]]
+        ax.scatter(out, shown[out], s=14, color="C3", zorder=3, clip_on=False)
+        for marker, side in (("^", z[off] > hi), ("v", z[off] < lo)):
+            ax.scatter(off[side], shown[off][side], marker=marker, s=30, color="C3", zorder=4, clip_on=False)
         median = np.median(z)
-        for i in sorted(out, key=lambda i: -abs(z[i] - median))[:max_labels]:
-            y = min(max(z[i], lo), hi)
+        ranked = sorted(out, key=lambda i: -abs(z[i] - median))[:max_labels]
+        labels = [f"{tokens[i]!r} {z[i]:.0f}" for i in ranked]
+        to_points = ax.transData + matplotlib.transforms.Affine2D().scale(72 / dpi)
+        anchors = [tuple(to_points.transform((i, shown[i]))) for i in ranked]
+        boxes = [(0.6 * fontsize * len(t), fontsize + 2) for t in labels]
+        kept = place_labels(anchors, boxes)
+        for k in kept:
+            i, y = ranked[k], shown[ranked[k]]
             ax.annotate(
-                f"{tokens[i]!r} {z[i]:.0f}",
-                (i, y),
-                xytext=(3, -8 if y >= hi else 3),
-                textcoords="offset points",
-                fontsize=7,
-                color="C3",
-                clip_on=False,
+                labels[k], (i, y), xytext=(3, -8 if y >= hi else 3), textcoords="offset points",
+                fontsize=fontsize, color="C3", clip_on=False,
             )
-            if y != z[i]:
-                ax.scatter([i], [y], marker="^" if z[i] > hi else "v", color="C3", s=20, clip_on=False, zorder=3)
-        note = "full range" if full else f"{len(out)} outliers marked red"
-        ax.set_title(f"layer {layer} head {head} ({note})", fontsize=9)
+        counts[head] = {"outliers": len(out), "off_range": len(off), "labelled": len(kept)}
+        if full:
+            note = "full range"
+        else:
+            note = f"{len(out)} outliers in red, {len(off)} off the range, {len(kept)} labelled"
+        ax.set_title(f"layer {layer} head {head} ({note})", fontsize=8 if len(heads) == 1 else 6)
         ax.set_xlabel("token index", fontsize=8)
         ax.set_ylabel("position", fontsize=8)
         if len(heads) == 1 and n <= 48:
             ax.set_xticks(x, [t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    with _cli.atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
-    return int(size[0] * dpi), int(size[1] * dpi)
+    return counts
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m repo_mlx.positions",
         description="Show the positions a RePo model assigns to each token: a per-head "
         "summary (min, max, IQR, share of adjacent tokens whose position increases), "
@@ -189,23 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", "-p", help="Text to position; '-' reads stdin.")
-    src.add_argument("--prompt-file", type=Path, help="Read the text from this file.")
+    src.add_argument("--prompt-file", type=_cli.existing_file, help="Read the text from this file.")
     p.add_argument("--layer", default="all", help="A RePo layer index, or 'all' (default). --plot needs one layer.")
     p.add_argument("--head", default="all", help="A head index, or 'all' (default; the plot becomes a grid of heads).")
-    p.add_argument("--max-tokens", type=int, default=512, help="Use at most this many tokens of the text, like the official viewer (default: 512).")
-    p.add_argument("--csv", type=Path, help="Write rows 'layer, head, index, token, position' to this file.")
-    p.add_argument("--json", type=Path, help="Write tokens, token ids and positions {layer: {head: [...]}} to this file.")
-    p.add_argument("--plot", type=Path, help="Write a PNG of token index against position (needs matplotlib).")
+    p.add_argument("--max-tokens", type=_cli.positive_int, default=512, help="Use at most this many tokens of the text, like the official viewer (default: 512).")
+    p.add_argument("--csv", type=_cli.output_file, help="Write rows 'layer, head, index, token, position' to this file.")
+    p.add_argument("--json", type=_cli.output_file, help="Write tokens, token ids and positions {layer: {head: [...]}} to this file.")
+    p.add_argument("--plot", type=_cli.output_file, help="Write a PNG of token index against position (needs matplotlib).")
     p.add_argument("--full-range", action="store_true", help="Plot the full y-range instead of zooming on the inliers (Tukey fences).")
-    p.add_argument("--yarn", type=float, default=None, help="YaRN factor over 4096 tokens for every layer, for texts past 4K: 2 for 8K, 4 for 16K (default: off).")
+    p.add_argument("--yarn", type=_cli.float_range(1), default=None, help="YaRN factor over 4096 tokens for every layer, for texts past 4K: 2 for 8K, 4 for 16K (default: off).")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
     return p
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        raise LoadError("--max-tokens must be at least 1.")
     if args.plot is not None and args.layer == "all":
         raise LoadError("--plot needs a single --layer (the summary lists the RePo layers).")
     if args.plot is not None:
@@ -236,19 +262,18 @@ def main(argv=None) -> None:
                 f"{layer:>5} {head:>4} {s['min']:>10.2f} {s['max']:>10.2f} "
                 f"{s['iqr']:>10.2f} {s['increasing']:>10.2f}"
             )
-    try:
-        if args.csv is not None:
-            write_csv(args.csv, chosen, tokens)
-            print(f"wrote {args.csv}")
-        if args.json is not None:
-            write_json(args.json, chosen, tokens, ids)
-            print(f"wrote {args.json}")
-        if args.plot is not None:
-            layer = next(iter(chosen))
-            plot(args.plot, layer, chosen[layer], tokens, args.full_range)
-            print(f"wrote {args.plot}")
-    except OSError as e:
-        raise LoadError(f"Cannot write {e.filename}: {e.strerror}.") from None
+    if args.csv is not None:
+        with _cli.atomic_file(args.csv) as tmp:
+            write_csv(tmp, chosen, tokens)
+        print(f"wrote {args.csv}")
+    if args.json is not None:
+        with _cli.atomic_file(args.json) as tmp:
+            write_json(tmp, chosen, tokens, ids)
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        layer = next(iter(chosen))
+        plot(args.plot, layer, chosen[layer], tokens, args.full_range)
+        print(f"wrote {args.plot}")
 
 if __name__ == "__main__":
     _cli.run(main)

@@ -134,3 +134,35 @@ def test_yarn_option(tiny, fixture_path, tmp_path):
         np.testing.assert_array_equal(np.float32(values), want[int(head)])
     # Layer 0 rotates with YaRN, so the hidden states that layer 2 reads change.
     assert np.abs(want - plain).max() > 1e-3
+
+
+def test_plot_marks_every_outlier_and_labels_without_overlap(tmp_path):
+    # 40 ordinary positions 0..39, then 12 outliers: 10 far above the range in one
+    # cluster of neighbouring tokens (their labels would pile up), one far below, one above.
+    z = np.concatenate([np.arange(40.0), np.full(10, 500.0) + np.arange(10), [-100.0, 200.0]])
+    tokens = [f"t{i}" for i in range(len(z))]
+    counts = positions_cli.plot(tmp_path / "p.png", 1, {0: z}, tokens)
+    assert png_size(tmp_path / "p.png") == (1000, 500)
+    c = counts[0]
+    assert c["outliers"] == len(positions_cli.outliers(z)) == 12
+    lo, hi = positions_cli.inlier_range(z)
+    assert c["off_range"] == int(((z < lo) | (z > hi)).sum()) == 12
+    # Ten labels on adjacent tokens at one height cannot all fit: some are dropped.
+    assert 1 <= c["labelled"] < 8
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_place_labels_keeps_only_non_overlapping():
+    boxes = [(20, 9)] * 4
+    assert positions_cli.place_labels([(0, 0), (5, 0), (30, 0), (5, 20)], boxes) == [0, 2, 3]
+
+
+def test_bad_output_paths_are_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    for flag, value in (("--plot", tmp_path), ("--csv", tmp_path / "f" / "x.csv"), ("--prompt-file", tmp_path)):
+        with pytest.raises(SystemExit) as e:
+            positions_cli.main(["--model", str(tmp_path / "missing"), "--layer", "1", "--prompt", "hi", flag, str(value)]
+                               if flag != "--prompt-file" else ["--model", str(tmp_path / "missing"), flag, str(value)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: argument {flag}")
