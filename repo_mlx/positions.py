@@ -124,13 +124,14 @@ def write_json(path: Path, chosen, tokens: List[str], ids: List[int]) -> None:
     Path(path).write_text(json.dumps(data, ensure_ascii=False))
 
 
-def place_labels(points, boxes) -> List[int]:
-    """Greedy: keep each label (in order) whose box, in points, overlaps none kept so far.
-
-    ``points`` are label anchors in display points, ``boxes`` their (width, height).
-    """
+def place_labels(points, boxes, limit: int = 8) -> List[int]:
+    """Greedy: keep each label (in order) whose box, in points, overlaps none kept so far,
+    up to ``limit`` labels. ``points`` are label anchors in display points, ``boxes``
+    their (width, height)."""
     kept = []
     for i, ((x, y), (w, h)) in enumerate(zip(points, boxes)):
+        if len(kept) == limit:
+            break
         if all(abs(x - points[j][0]) >= (w + boxes[j][0]) / 2 or abs(y - points[j][1]) >= (h + boxes[j][1]) / 2 for j in kept):
             kept.append(i)
     return kept
@@ -140,8 +141,8 @@ def plot(path: Path, layer: int, heads: Dict[int, np.ndarray], tokens: List[str]
     """Token index against position, one panel per head.
 
     Every outlier is red, and those off the shown range sit on its edge as a
-    triangle; at most ``max_labels`` of them, the most extreme, get a label,
-    fewer where labels would overlap. Returns {head: {"outliers", "off_range",
+    triangle; up to ``max_labels`` of them get a label, the most extreme first,
+    skipping those whose label would overlap one already placed. Returns {head: {"outliers", "off_range",
     "labelled"}}, the counts each panel's title states.
     """
     import matplotlib
@@ -172,12 +173,12 @@ def plot(path: Path, layer: int, heads: Dict[int, np.ndarray], tokens: List[str]
         for marker, side in (("^", z[off] > hi), ("v", z[off] < lo)):
             ax.scatter(off[side], shown[off][side], marker=marker, s=30, color="C3", zorder=4, clip_on=False)
         median = np.median(z)
-        ranked = sorted(out, key=lambda i: -abs(z[i] - median))[:max_labels]
+        ranked = sorted(out, key=lambda i: -abs(z[i] - median))
         labels = [f"{tokens[i]!r} {z[i]:.0f}" for i in ranked]
         to_points = ax.transData + matplotlib.transforms.Affine2D().scale(72 / dpi)
         anchors = [tuple(to_points.transform((i, shown[i]))) for i in ranked]
         boxes = [(0.6 * fontsize * len(t), fontsize + 2) for t in labels]
-        kept = place_labels(anchors, boxes)
+        kept = place_labels(anchors, boxes, max_labels)
         for k in kept:
             i, y = ranked[k], shown[ranked[k]]
             ax.annotate(

@@ -147,14 +147,16 @@ def test_plot_marks_every_outlier_and_labels_without_overlap(tmp_path):
     assert c["outliers"] == len(positions_cli.outliers(z)) == 12
     lo, hi = positions_cli.inlier_range(z)
     assert c["off_range"] == int(((z < lo) | (z > hi)).sum()) == 12
-    # Ten labels on adjacent tokens at one height cannot all fit: some are dropped.
-    assert 1 <= c["labelled"] < 8
+    # Ten labels on adjacent tokens at one height cannot all fit: some are skipped,
+    # and the two lone outliers are labelled instead.
+    assert 3 <= c["labelled"] < 8
     assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_place_labels_keeps_only_non_overlapping():
     boxes = [(20, 9)] * 4
     assert positions_cli.place_labels([(0, 0), (5, 0), (30, 0), (5, 20)], boxes) == [0, 2, 3]
+    assert positions_cli.place_labels([(0, 0), (5, 0), (30, 0), (5, 20)], boxes, limit=2) == [0, 2]
 
 
 def test_bad_output_paths_are_refused_before_loading(tmp_path, capsys):
