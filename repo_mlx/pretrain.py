@@ -1,0 +1,859 @@
+"""Continual pre-training into RePo: ``python -m repo_mlx.pretrain --model BASE --data PATH``.
+
+The paper's recipe (arXiv 2512.14391; docs/pretrain.md): take a plain OLMo-2,
+add the position module (gate_map, content_map, final_map) to its upper
+layers, initialised as the official trainer does, and continue pre-training
+all parameters on packed text. A RePo BASE keeps its module and continues.
+
+Half precision computes with float32 master weights and optimizer state:
+at lr 7e-5 a bfloat16 weight's rounding step swallows most updates.
+Checkpoints resume bit-identically; the same command under ``mlx.launch`` is
+data-parallel.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import types
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import yaml
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm import lora as _mlx_lm_lora
+from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
+
+from . import _cli, pretrain_data, synthetic, tuner
+from .convert import atomic_folder, save_standalone
+from .convert.export_hf import export_hf
+from .errors import LoadError, one_line
+from .positions import positions, summary
+from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, repo_layer_ids
+from .utils import check_weight_files, get_model_path, load_config, set_position_blend, yarn_scaling
+
+TRAIN_ONLY = ("all", "position", "position+lora")
+DTYPES = ("bfloat16", "float16", "float32")
+DEFAULTS = {
+    "model": None, "data": None, "val_data": None, "val_share": 0.01, "val_batches": 8,
+    "text_feature": "text", "data_split": "train", "save_path": "repo_model",
+    "repo_start_layer": None, "repo_layer_ids": None, "position_warmup": 0,
+    "train_only": "all", "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+    # The official run (configs/official-0425/...-SEXMH-L5.yaml of the RePo release).
+    "iters": 1000, "batch_size": 4, "grad_accumulation_steps": 1, "seq_len": 4096,
+    "learning_rate": 7.4487e-5, "warmup": 0, "betas": [0.9, 0.95], "weight_decay": 0.1,
+    "adam_eps": 1e-8, "grad_clip": 1.0, "z_loss": 1e-5, "dtype": "bfloat16",
+    "grad_checkpoint": False, "seed": 0, "steps_per_report": 10, "steps_per_eval": 200,
+    "save_every": 100, "keep_checkpoints": 1, "plot": None, "export_hf": None,
+    "dry_run": False, "yarn_factor": None, "force": False, "resume": None,
+}
+POSITIVE = ("iters", "batch_size", "grad_accumulation_steps", "seq_len", "steps_per_report",
+            "steps_per_eval", "save_every", "keep_checkpoints")
+# Settings a resumed run must share with the original to continue it exactly.
+RUN_DEFINING = ("model", "data", "val_data", "val_share", "text_feature", "data_split",
+                "repo_start_layer", "repo_layer_ids", "train_only", "lora_parameters",
+                "batch_size", "grad_accumulation_steps", "seq_len", "learning_rate", "warmup",
+                "betas", "weight_decay", "adam_eps", "grad_clip", "z_loss", "dtype", "seed",
+                "position_warmup", "yarn_factor", "iters")
+ARGS_FILE, METRICS_FILE = "pretrain_args.json", "metrics.jsonl"
+
+
+def rprint(*a, **kw):
+    if mx.distributed.init().rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+# --- the position module ----------------------------------------------------
+
+
+def init_position_weights(args: ModelArgs, seed: int) -> Dict[str, mx.array]:
+    """New gate_map/content_map/final_map weights (HF names) for every RePo layer.
+
+    The official trainer's init (init_fn normal, init_std 0.02, init_cutoff_factor 3):
+    a normal of std 0.02 truncated at +-3 std, so z starts near 0.
+    """
+    d, heads = args.hidden_size, args.num_attention_heads
+    shapes = {"gate_map": (d // 8, d), "content_map": (d // 8, d), "final_map": (heads, d // 8)}
+    key = mx.random.key(seed)
+    out = {}
+    for i in args.repo_layers:
+        for name in POSITION_WEIGHTS:
+            key, sub = mx.random.split(key)
+            w = 0.02 * mx.random.truncated_normal(-3.0, 3.0, shapes[name], key=sub)
+            out[f"model.layers.{i}.self_attn.{name}.weight"] = w
+    return out
+
+
+def _inserting(seed: int):
+    """The model class whose loading adds a freshly initialised position module."""
+
+    class InsertedRePo(Model):
+        def sanitize(self, weights):
+            dtype = weights["model.norm.weight"].dtype  # float even in a quantized base
+            new = {k: v.astype(dtype) for k, v in init_position_weights(self.args, seed).items()}
+            # The loader's own config/weight cross-check then runs on the result.
+            return super().sanitize({**new, **weights})
+
+    return InsertedRePo
+
+
+def _layer_ids(text) -> str:
+    if text is None or isinstance(text, str):
+        return text
+    return ",".join(str(int(i)) for i in text)  # a YAML list
+
+
+def prepare_model(args, log=rprint):
+    """Load BASE, add the position module if it has none; returns what training needs."""
+    src = get_model_path(args.model)
+    config = load_config(src)
+    check_weight_files(src)
+    n = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    quantized = "quantization" in config or "quantization_config" in config
+    if quantized and args.train_only == "all":
+        raise LoadError(
+            f"{args.model} is quantized; --train-only all needs float weights. Use "
+            "--train-only position or position+lora, or a float base (convert without -q)."
+        )
+    if quantized and args.export_hf:
+        raise LoadError("--export-hf needs a float base; this one is quantized.")
+    if quantized and args.dtype != "float32":
+        pass  # the quantized weights keep their format; LoRA and positions train in float32
+    try:
+        existing = repo_layer_ids(config.get("pe_config"), n)
+    except ValueError as e:
+        raise LoadError(f"{src / 'config.json'}: {one_line(e)}") from None
+    overrides = {"model_file": None}
+    if args.yarn_factor:
+        overrides.update(yarn_scaling(args.yarn_factor, config.get("max_position_embeddings") or 4096))
+    context = overrides.get("max_position_embeddings", config.get("max_position_embeddings"))
+    if context and args.seq_len > context:
+        raise LoadError(
+            f"--seq-len {args.seq_len} is longer than the base's context of {context} "
+            f"tokens; use --seq-len {context} or pass --yarn-factor "
+            f"{math.ceil(args.seq_len / context)} (YaRN, as the paper did for 8K/16K)."
+        )
+    ids = _layer_ids(args.repo_layer_ids)
+    if existing:
+        pe = config["pe_config"]
+        if args.repo_start_layer is not None or ids:
+            wanted = repo_layer_ids(
+                synthetic.pe_config(args.repo_start_layer or 0, ids or ""), n
+            )
+            if wanted != existing:
+                raise LoadError(
+                    f"{args.model} is already a RePo model with RePo layers {existing}; "
+                    f"--repo-start-layer/--repo-layer-ids ask for {wanted}. Drop them to "
+                    "continue training its module, or start from a plain OLMo-2."
+                )
+        classes, new_layers = (Model, ModelArgs), []
+    else:
+        start = 5 if args.repo_start_layer is None else args.repo_start_layer
+        if not 0 <= start < n:
+            raise LoadError(
+                f"--repo-start-layer {start} is beyond the base's {n} layers (0..{n - 1})."
+            )
+        if kv != heads:
+            raise LoadError(
+                f"{args.model} uses grouped-query attention ({kv} key/value heads for "
+                f"{heads} query heads); RePo rotates head h's keys by query head h's "
+                "positions, so it needs a base with as many key/value heads as query heads."
+            )
+        pe = synthetic.pe_config(start, ids or "")
+        try:
+            new_layers = repo_layer_ids(pe, n)
+        except ValueError as e:
+            raise LoadError(f"--repo-layer-ids: {one_line(e)}") from None
+        if not new_layers:
+            raise LoadError(f"--repo-layer-ids {ids} has no layer >= --repo-start-layer {start}.")
+        overrides["pe_config"] = pe
+        classes = (_inserting(args.seed), ModelArgs)
+    try:
+        model, config = _mlx_lm_load_model(
+            src, lazy=True, model_config=overrides, get_model_classes=lambda config: classes
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"Cannot load {src}: {one_line(e)}") from None
+    config.pop("model_file")
+    config.pop("position_blend", None)
+    stored = config.get("torch_dtype") or "float32"
+    master = None
+    if not quantized:
+        if args.dtype != "float32":
+            # float32 masters from the stored values, before they are rounded.
+            master = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
+        model.set_dtype(getattr(mx, args.dtype))
+    mx.eval(model.parameters(), master)
+    tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))
+    if tokenizer.eos_token_id is None:
+        raise LoadError(f"The tokenizer in {src} has no EOS token to separate documents.")
+    if new_layers:
+        log(f"Inserted the position module into layers {new_layers} (truncated normal, std 0.02)")
+    else:
+        log(f"RePo base: continuing its position module in layers {existing}")
+    return types.SimpleNamespace(
+        model=model, tokenizer=tokenizer, config=config, src=src, master=master,
+        repo_layers=new_layers or existing, inserted=bool(new_layers),
+        quantized=quantized, stored_dtype=stored if stored in DTYPES else "float32",
+    )
+
+
+def setup_trainable(model, train_only: str, lora_parameters: Optional[dict]) -> Optional[dict]:
+    """all: every parameter; position: gate/content/final maps; position+lora: plus LoRA."""
+    if train_only == "all":
+        model.unfreeze()
+        return None
+    if train_only == "position+lora":
+        return tuner.setup_trainable(model, "lora", -1, lora_parameters, "full")
+    model.freeze()
+    for m in tuner._position_maps(model.layers):
+        m.unfreeze()
+    return None
+
+
+# --- optimizer and memory ---------------------------------------------------------
+
+
+def build_optimizer(args):
+    """AdamW with linear decay to 0 (after optional warm-up); no decay on embeddings.
+
+    The official run decays norms too (decay_norm_and_bias: true) but not the
+    embeddings (decay_embeddings: false).
+    """
+    decay_steps = max(args.iters - args.warmup, 1)
+    lr = optim.linear_schedule(args.learning_rate, 0.0, decay_steps)
+    if args.warmup:
+        ramp = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
+        lr = optim.join_schedules([ramp, lr], [args.warmup])
+    kw = dict(learning_rate=lr, betas=list(args.betas), eps=args.adam_eps)
+    return optim.MultiOptimizer(
+        [optim.AdamW(weight_decay=0.0, **kw), optim.AdamW(weight_decay=args.weight_decay, **kw)],
+        [lambda path, _: path.startswith("model.embed_tokens")],
+    )
+
+
+def count_parameters(config: dict, train_only: str, lora_rank: int = 8) -> Dict[str, int]:
+    """Total and trainable parameter counts from a config (RePo layers included)."""
+    a = ModelArgs.from_dict(config)
+    d, f, v, h = a.hidden_size, a.intermediate_size, a.vocab_size, a.num_attention_heads
+    hd = a.head_dim or d // h
+    q, kv = h * hd, a.num_key_value_heads * hd
+    layer = d * q + 2 * d * kv + q * d + q + kv + 3 * d * f + 2 * d
+    position = 2 * d * (d // 8) + (d // 8) * h
+    n_repo = len(a.repo_layers)
+    total = v * d * (1 if a.tie_word_embeddings else 2) + d + a.num_hidden_layers * layer + n_repo * position
+    lora = a.num_hidden_layers * lora_rank * (
+        (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)
+    )
+    trainable = {"all": total, "position": n_repo * position,
+                 "position+lora": n_repo * position + lora}[train_only]
+    return {"total": total, "trainable": trainable, "position": n_repo * position}
+
+
+def estimate_memory(config: dict, s) -> Dict[str, float]:
+    """Estimated peak bytes of one training step, by part.
+
+    ``s`` carries train_only, dtype, batch_size (per process), seq_len,
+    grad_checkpoint, grad_accumulation_steps and lora rank. Activations count
+    what the backward pass keeps: per layer the projections, norms, MLP and
+    the attention matrices (MLX's attention backward materialises them), and
+    the logits in float32 for the loss.
+    """
+    a = ModelArgs.from_dict(config)
+    n = count_parameters(config, s.train_only, s.lora_rank)
+    b = 4 if s.dtype == "float32" else 2
+    q = config.get("quantization") or {}
+    wbytes = (q["bits"] + 32 / q["group_size"]) / 8 if q else b
+    frozen = n["total"] - n["trainable"]
+    if s.train_only == "position+lora":
+        frozen = n["total"] - n["position"]
+    # LoRA weights and the position module of a quantized base stay float32.
+    tb = 4 if q else b
+    weights = frozen * wbytes + n["trainable"] * tb
+    master = 4 * n["trainable"] if tb < 4 else 0
+    grads = n["trainable"] * tb * (2 if s.grad_accumulation_steps > 1 else 1)
+    grads += 4 * n["trainable"] if tb < 4 else 0  # float32 copy for the update
+    optimizer = 2 * 4 * n["trainable"]
+    d, f, h, L = a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_hidden_layers
+    hd = a.head_dim or d // h
+    qd, kvd = h * hd, a.num_key_value_heads * hd
+    T = s.batch_size * s.seq_len
+    per_token = b * (6 * d + 5 * qd + 4 * kvd + 4 * f) + 4 * (h * hd)  # + float32 cos/sin
+    repo_extra = b * 3 * (d // 8) + 4 * h
+    attention = s.batch_size * 2 * h * s.seq_len ** 2 * 4
+    layer = T * per_token + attention
+    n_repo = len(a.repo_layers)
+    if s.grad_checkpoint:
+        acts = L * T * d * b + 2 * (layer + T * repo_extra)
+    else:
+        acts = L * layer + n_repo * T * repo_extra + layer
+    logits = T * a.vocab_size * (b + 4 + 4)
+    parts = {"weights": weights, "master weights": master, "gradients": grads,
+             "optimizer": optimizer, "activations": acts + logits}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def print_memory(parts: Dict[str, float], counts: Dict[str, int], where: str) -> None:
+    gb = lambda x: f"{x / 1e9:8.3f} GB"
+    rprint(f"Parameters: {counts['total'] / 1e6:.2f}M, trainable {counts['trainable'] / 1e6:.2f}M")
+    rprint(f"Estimated peak memory per process ({where}):")
+    for k, v in parts.items():
+        rprint(f"  {k:<15}{gb(v)}")
+
+
+# --- training -------------------------------------------------------------------
+
+
+def loss_fn(model, batch, z_loss: float):
+    """Next-token cross-entropy of every packed token, plus OLMo's z-loss."""
+    logits = model(batch)[:, :-1].astype(mx.float32)
+    targets = batch[:, 1:]
+    lse = mx.logsumexp(logits, axis=-1)
+    ce = (lse - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]).mean()
+    z = z_loss * mx.square(lse).mean()
+    return ce + z, (ce, z)
+
+
+class Trainer:
+    """One optimizer step at a time; its whole state is (model, optimizer, master, step, cursor)."""
+
+    def __init__(self, model, optimizer, args, master: Optional[dict] = None):
+        self.model, self.optimizer, self.args = model, optimizer, args
+        self.world = mx.distributed.init()
+        trainable = dict(tree_flatten(model.trainable_parameters()))
+        # float32 masters for the trainable weights that compute in half precision.
+        half = [k for k, v in trainable.items() if v.dtype != mx.float32]
+        self.master = {k: (master[k] if master and k in master else trainable[k]).astype(mx.float32) for k in half}
+        self.step, self.cursor, self.tokens = 0, 0, 0
+        optimizer.init(self._params())
+        if args.grad_checkpoint:
+            tuner._checkpoint_layers(model)
+        self.loss_and_grad = nn.value_and_grad(model, partial(loss_fn, z_loss=args.z_loss))
+        self._capture()
+
+    def _capture(self):
+        # What a compiled step reads and writes; rebuilt when the optimizer state is replaced.
+        self.state = [self.model.state, self.optimizer.state, self.master, mx.random.state]
+        self._compiled = None
+
+    def _params(self):
+        trainable = dict(tree_flatten(self.model.trainable_parameters()))
+        return tree_unflatten(list({**trainable, **self.master}.items()))
+
+    def _step(self, batch, prev, update):
+        (_, (ce, z)), grad = self.loss_and_grad(self.model, batch)
+        if prev is not None:
+            grad = tree_map(lambda a, b: a + b, grad, prev)
+        if not update:
+            return ce, z, mx.array(0.0), grad
+        grad = average_gradients(grad)
+        accum = self.args.grad_accumulation_steps
+        grad = tree_map(lambda g: g.astype(mx.float32) / accum, grad)
+        grad, norm = optim.clip_grad_norm(grad, self.args.grad_clip)
+        if self.master:
+            new = self.optimizer.apply_gradients(grad, self._params())
+            flat = dict(tree_flatten(new))
+            self.master.update({k: flat[k] for k in self.master})
+            current = dict(tree_flatten(self.model.trainable_parameters()))
+            self.model.update(tree_unflatten([(k, v.astype(current[k].dtype)) for k, v in flat.items()]))
+        else:
+            self.optimizer.update(self.model, grad)
+        return ce, z, norm, None
+
+    def blend(self, step: int) -> float:
+        k = self.args.position_warmup
+        return max(0.0, 1.0 - step / k) if k else 0.0
+
+    def train_step(self, data: pretrain_data.Packed):
+        """One optimizer step on the next global batch(es); returns (ce, z-loss, grad norm)."""
+        args, rank, size = self.args, self.world.rank(), self.world.size()
+        blend = self.blend(self.step)
+        if args.position_warmup:
+            set_position_blend(self.model, blend)
+        # The blend is a Python constant inside the graph: compile once it is fixed at 0.
+        if blend == 0.0 and self._compiled is None:
+            self._compiled = mx.compile(self._step, inputs=self.state, outputs=self.state)
+        fn = self._compiled if blend == 0.0 else self._step
+        mx.random.seed(tuner.derived_seed(args.seed, 1, self.step))
+        local = args.batch_size // size
+        grad, ces, zs = None, 0.0, 0.0
+        for micro in range(args.grad_accumulation_steps):
+            idx = pretrain_data.batch_indices(len(data), args.seed, self.cursor, args.batch_size)
+            batch = mx.array(data.batch(idx[rank * local : (rank + 1) * local]))
+            last = micro == args.grad_accumulation_steps - 1
+            ce, z, norm, grad = fn(batch, grad, last)
+            mx.eval(self.state, ce, z, norm, grad)
+            self.cursor += args.batch_size
+            ces, zs = ces + ce, zs + z
+        self.step += 1
+        self.tokens += args.batch_size * args.grad_accumulation_steps * args.seq_len
+        accum = args.grad_accumulation_steps
+        return ces / accum, zs / accum, norm
+
+    def evaluate(self, val: pretrain_data.Packed) -> float:
+        args, rank, size = self.args, self.world.rank(), self.world.size()
+        local = args.batch_size // size
+        # A short validation set wraps around to fill its batches.
+        n = max(1, len(val) // args.batch_size)
+        if args.val_batches > 0:
+            n = min(n, args.val_batches)
+        total = mx.array(0.0)
+        for i in range(n):
+            idx = np.arange(i * args.batch_size, (i + 1) * args.batch_size) % len(val)
+            batch = mx.array(val.batch(idx[rank * local : (rank + 1) * local]))
+            total = total + loss_fn(self.model, batch, 0.0)[1][0]
+            mx.eval(total)
+        total = mx.distributed.all_sum(total, stream=mx.cpu) / size
+        return total.item() / max(n, 1)
+
+    # -- checkpoints --
+
+    def trainable_weights(self) -> dict:
+        trainable = dict(tree_flatten(self.model.trainable_parameters()))
+        return {**trainable, **self.master}
+
+    def save(self, folder: Path, fingerprint: str) -> None:
+        with atomic_folder(folder, force=True) as tmp:
+            tmp.mkdir()
+            mx.save_safetensors(str(tmp / "trainable.safetensors"), self.trainable_weights())
+            opt = dict(tree_flatten(self.optimizer.state))
+            opt["random_state"] = mx.random.state[0]
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
+            state = {"step": self.step, "cursor": self.cursor, "tokens": self.tokens,
+                     "data": fingerprint}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+    def load(self, folder: Path) -> dict:
+        weights = mx.load(str(folder / "trainable.safetensors"))
+        current = dict(tree_flatten(self.model.trainable_parameters()))
+        if set(weights) != set(current):
+            raise LoadError(f"{folder} holds other trainable weights than this run's; was it made with the same --train-only?")
+        self.master.update({k: weights[k] for k in self.master})
+        self.model.update(tree_unflatten([(k, v.astype(current[k].dtype)) for k, v in weights.items()]))
+        opt = mx.load(str(folder / "optimizer.safetensors"))
+        mx.random.state[0] = opt.pop("random_state")
+        expected = dict(tree_flatten(self.optimizer.state))
+        if set(opt) != set(expected):
+            raise LoadError(f"{folder} holds another optimizer's state.")
+        self.optimizer.state = tree_unflatten(list(opt.items()))
+        state = json.loads((folder / "state.json").read_text())
+        self.step, self.cursor, self.tokens = state["step"], state["cursor"], state["tokens"]
+        self._capture()
+        mx.eval(self.state)
+        return state
+
+
+def position_report(model, sequence) -> Dict[str, Dict[str, float]]:
+    """Per RePo layer, head-averaged spread (IQR), range and share of increasing steps."""
+    out = {}
+    for layer, z in positions(model, sequence[None]).items():
+        heads = [summary(np.array(z[0, h])) for h in range(z.shape[1])]
+        out[str(layer)] = {k: float(np.mean([s[k] for s in heads])) for k in heads[0]}
+    return out
+
+
+def checkpoints(out: Path) -> List[Path]:
+    return sorted((out / "checkpoints").glob("step-*"))
+
+
+def plot_metrics(records: List[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]'.") from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if val:
+        ax1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax1.set(xlabel="step", ylabel="cross-entropy", title="Loss")
+    ax1.legend()
+    pos = [r for r in records if "positions" in r]
+    for layer in (pos[0]["positions"] if pos else {}):
+        ax2.plot([r["step"] for r in pos], [r["positions"][layer]["iqr"] for r in pos], label=f"layer {layer}")
+    ax2.set(xlabel="step", ylabel="position IQR (head mean)", title="Position spread per RePo layer")
+    if pos:
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _replace_into(dst: Path, src: Path) -> None:
+    """Move src's files into dst, config.json last: no loader sees a half model."""
+    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json")
+    for f in files:
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, target)
+
+
+def save_model(prep, trainer, args, out: Path) -> None:
+    """The final model in OUT (standalone MLX folder) and, if asked, the HF format."""
+    model = prep.model
+    set_position_blend(model, 0.0)
+    if not prep.quantized and args.dtype != prep.stored_dtype:
+        # Frozen weights as stored, not rounded to the compute dtype.
+        base = {}
+        for f in sorted(prep.src.glob("model*.safetensors")):
+            base.update(mx.load(str(f)))
+        trainable = dict(tree_flatten(model.trainable_parameters()))
+        frozen = []
+        for k, v in tree_flatten(model.parameters()):
+            b = base.get(k.replace(".linear.", "."))  # a LoRA layer wraps the base linear
+            if k not in trainable and b is not None and b.shape == v.shape:
+                frozen.append((k, b))
+        model.set_dtype(mx.float32)
+        model.update(tree_unflatten(frozen))
+    if trainer.master:  # the float32 masters, not their half-precision copies
+        model.update(tree_unflatten(list(trainer.master.items())))
+    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    config = dict(prep.config)
+    if not prep.quantized:
+        model.set_dtype(getattr(mx, prep.stored_dtype))
+        config["torch_dtype"] = prep.stored_dtype
+    if args.export_hf:
+        with atomic_folder(Path(args.export_hf), args.force or bool(args.resume)) as tmp:
+            export_hf(tmp, model, prep.tokenizer, config, prep.src)
+        rprint(f"Exported the Hugging Face format to {args.export_hf}")
+    tmp = out / f".final-partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_standalone(tmp, prep.src, model, prep.tokenizer, config, donate_model=False)
+        _replace_into(out, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train(prep, trainer, train_set, val_set, args, out: Path, fingerprint: str, on_step=None):
+    """The loop: report, evaluate, checkpoint; Ctrl-C (or SIGTERM) saves and stops."""
+    world = trainer.world
+    rank0 = world.rank() == 0
+    metrics = out / METRICS_FILE
+    probe = val_set[0] if len(val_set) else train_set[0]
+    probe = mx.array(np.asarray(probe, dtype=np.int32))
+    stop = []
+
+    def interrupt(signum, frame):
+        if stop:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop.append(signum)
+        rprint("Stopping after this step; saving a checkpoint (Ctrl-C again to quit now)")
+
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def log(record):
+        if rank0:
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save():
+        folder = out / "checkpoints" / f"step-{trainer.step:07d}"
+        if rank0:
+            trainer.save(folder, fingerprint)
+            for old_ckpt in checkpoints(out)[: -args.keep_checkpoints]:
+                shutil.rmtree(old_ckpt)
+        rprint(f"Step {trainer.step}: saved checkpoint {folder}")
+
+    def evaluate():
+        record = {"step": trainer.step}
+        if len(val_set):
+            record["val_loss"] = trainer.evaluate(val_set)
+        if prep.repo_layers and rank0:
+            record["positions"] = position_report(prep.model, probe)
+        text = f"Step {trainer.step}:"
+        if "val_loss" in record:
+            text += f" val loss {record['val_loss']:.4f}"
+        for layer, s in record.get("positions", {}).items():
+            text += f" | L{layer} IQR {s['iqr']:.3g} incr {s['increasing']:.2f}"
+        rprint(text)
+        log(record)
+
+    try:
+        if trainer.step == 0:
+            evaluate()
+        tic, window = time.perf_counter(), []
+        start = trainer.step
+        while trainer.step < args.iters:
+            t0 = time.perf_counter()
+            ce, z, norm = trainer.train_step(train_set)
+            lr = trainer.optimizer.learning_rate.item()  # the one this step used
+            window.append((ce.item(), z.item(), time.perf_counter() - t0))
+            if on_step is not None:
+                on_step(trainer)
+            step = trainer.step
+            if step % args.steps_per_report == 0 or step == args.iters:
+                ce_sum = mx.distributed.all_sum(mx.array(sum(w[0] for w in window)), stream=mx.cpu).item()
+                loss = ce_sum / (len(window) * world.size())
+                seconds = sum(w[2] for w in window)
+                toks = len(window) * args.batch_size * args.grad_accumulation_steps * args.seq_len
+                rate = (step - start) / (time.perf_counter() - tic)
+                record = {
+                    "step": step, "loss": loss, "z_loss": float(np.mean([w[1] for w in window])),
+                    "learning_rate": lr, "grad_norm": norm.item(),
+                    "tokens_per_second": toks / seconds, "trained_tokens": trainer.tokens,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                    "eta_seconds": (args.iters - step) / rate,
+                    "position_blend": trainer.blend(step - 1),
+                }
+                rprint(
+                    f"Step {step}/{args.iters}: loss {loss:.4f}, z-loss {record['z_loss']:.2e}, "
+                    f"lr {lr:.3e}, grad norm {record['grad_norm']:.3f}, tokens/s "
+                    f"{record['tokens_per_second']:.0f}, peak mem {record['peak_memory_gb']:.3f} GB, "
+                    f"ETA {record['eta_seconds'] / 60:.1f} min"
+                )
+                log(record)
+                window = []
+            if step % args.steps_per_eval == 0 or step == args.iters:
+                evaluate()
+            if step % args.save_every == 0 or step == args.iters:
+                save()
+            if world.size() > 1:  # every process stops at the same step
+                flag = mx.distributed.all_sum(mx.array(float(bool(stop))), stream=mx.cpu)
+                if flag.item() and not stop:
+                    stop.append(signal.SIGINT)
+            if stop:
+                if step % args.save_every and step != args.iters:
+                    save()
+                raise KeyboardInterrupt
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# --- the command --------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m repo_mlx.pretrain",
+        description="Continual pre-training into RePo: add the position module to a plain "
+        "OLMo-2 (or continue a RePo model) and train on packed text with the paper's recipe. "
+        "Every default is the official run's; -c config.yaml sets any option, a flag "
+        "given here overrides it. Under mlx.launch the same command is data-parallel.",
+    )
+    a = p.add_argument
+    a("--model", help="BASE: plain OLMo-2 or RePo model, Hugging Face folder or Hub id, or an MLX float folder.")
+    a("--data", help="Training text: a .txt file (one document), a .jsonl file (one document per line, in --text-feature), a .parquet file (needs the data extra), a folder of such files, or a Hub dataset id (needs the data extra).")
+    a("--val-data", help="Validation text, same forms as --data (default: hold out --val-share of --data).")
+    a("--val-share", type=float, help="Share of the packed --data sequences held out for validation when there is no --val-data (default: 0.01, at least one sequence).")
+    a("--val-batches", type=int, help="Validation batches per evaluation; -1 for all (default: 8).")
+    a("--text-feature", help="Field holding the text in .jsonl/.parquet/Hub data (default: text).")
+    a("--data-split", help="Split of a Hub dataset (default: train).")
+    a("--save-path", help="Output folder OUT: the final model (loads in repo_mlx and mlx-lm --trust-remote-code), checkpoints/, metrics.jsonl (default: repo_model). The token cache goes beside it, in OUT.tokens.")
+    a("--force", action="store_true", default=None, help="Replace an existing OUT.")
+    a("--resume", metavar="OUT", help="Continue the run in OUT from its newest checkpoint, exactly as if uninterrupted (its settings are reused; flags given here override them).")
+    a("-c", "--config", help="YAML file of options (names with underscores, e.g. seq_len: 2048).")
+    a("--repo-start-layer", type=int, help="Plain BASE: layers with index >= N get the position module (default: 5, as the release).")
+    a("--repo-layer-ids", help="Plain BASE: comma-separated layers that may get the module (with the start-layer rule; default: all).")
+    a("--position-warmup", type=int, help="Blend positions from integers (the base model exactly) to learned over K steps (default: 0, the paper's cold start).")
+    a("--train-only", choices=TRAIN_ONLY, help="What trains: all parameters (default, the paper), the position module only, or it plus LoRA on every other linear (lora_parameters from -c) - the last two fit a 16 GB Mac.")
+    a("--iters", type=int, help="Optimizer steps; the learning rate reaches 0 at the last one (default: 1000).")
+    a("--batch-size", type=int, help="Sequences per batch over all processes (default: 4; the official run used 512).")
+    a("--grad-accumulation-steps", type=int, help="Batches whose gradients make one optimizer step (default: 1).")
+    a("--seq-len", type=int, help="Tokens per packed sequence (default: 4096).")
+    a("--learning-rate", type=float, help="Peak AdamW learning rate, decayed linearly to 0 (default: 7.4487e-5).")
+    a("--warmup", type=int, help="Linear learning-rate warm-up steps (default: 0).")
+    a("--betas", type=float, nargs=2, help="AdamW betas (default: 0.9 0.95).")
+    a("--weight-decay", type=float, help="AdamW weight decay, not applied to the embeddings (default: 0.1).")
+    a("--adam-eps", type=float, help="AdamW epsilon (default: 1e-8).")
+    a("--grad-clip", type=float, help="Clip the global gradient norm to this (default: 1.0).")
+    a("--z-loss", type=float, help="Weight of the z-loss, mean logsumexp(logits)^2 (default: 1e-5).")
+    a("--dtype", choices=DTYPES, help="Compute dtype; half precision keeps float32 master weights and optimizer state (default: bfloat16).")
+    a("--grad-checkpoint", action="store_true", default=None, help="Recompute each layer's activations in the backward pass: less memory, about a third more compute.")
+    a("--seed", type=int, help="Seed of the new position module, data order and dropout (default: 0).")
+    a("--steps-per-report", type=int, help="Print and log training metrics every N steps (default: 10).")
+    a("--steps-per-eval", type=int, help="Validation loss and per-layer position summary every N steps (default: 200).")
+    a("--save-every", type=int, help="Checkpoint every N steps (default: 100).")
+    a("--keep-checkpoints", type=int, help="Keep the newest N checkpoints (default: 1).")
+    a("--yarn-factor", type=float, help="Apply YaRN with this factor to all layers, for --seq-len beyond the base's context.")
+    a("--plot", help="Write a PNG of the loss curve and the position spread over steps here at the end.")
+    a("--export-hf", help="Also write the official Hugging Face format to this folder at the end.")
+    a("--dry-run", action="store_true", default=None, help="Print the estimated peak memory and stop before any training.")
+    return p
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            config = yaml.load(f, _mlx_lm_lora.yaml_loader)
+    except OSError as e:
+        raise LoadError(f"Cannot read config {path}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise LoadError(f"{path} is not valid YAML: {one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{path} must hold a mapping of option names to values.")
+    unknown = sorted(set(config) - set(DEFAULTS) - {"config"})
+    if unknown:
+        raise LoadError(f"{path}: unknown options {', '.join(unknown)}.")
+    return config
+
+
+def parse_args(argv=None) -> types.SimpleNamespace:
+    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    args = {}
+    if given.get("resume"):
+        saved = Path(given["resume"]) / ARGS_FILE
+        if not saved.exists():
+            raise LoadError(f"--resume {given['resume']}: no {ARGS_FILE} there; is it a pretrain output folder?")
+        args.update(json.loads(saved.read_text()))
+        changed = [k for k in RUN_DEFINING if k in given and given[k] != args.get(k)]
+        if changed:
+            print(f"[WARNING] --resume with changed {', '.join(changed)}: the run will not continue exactly.", file=sys.stderr)
+        given["save_path"] = given["resume"]
+    if given.get("config"):
+        args.update(_read_yaml(given["config"]))
+    args.update(given)
+    for k, v in DEFAULTS.items():
+        args.setdefault(k, v)
+    for k in POSITIVE:
+        if not isinstance(args[k], int) or args[k] < 1:
+            raise LoadError(f"--{k.replace('_', '-')} must be a positive integer, got {args[k]!r}.")
+    if args["model"] is None or args["data"] is None:
+        raise LoadError("--model BASE and --data PATH are required (or --resume OUT).")
+    for k in ("warmup", "position_warmup", "seed"):
+        if not isinstance(args[k], int) or args[k] < 0:
+            raise LoadError(f"--{k.replace('_', '-')} must be a non-negative integer, got {args[k]!r}.")
+    if args["warmup"] >= args["iters"]:
+        raise LoadError(f"--warmup {args['warmup']} must be less than --iters {args['iters']}.")
+    if not 0 <= args["val_share"] < 1:
+        raise LoadError(f"--val-share must be in [0, 1), got {args['val_share']}.")
+    if args["train_only"] not in TRAIN_ONLY:
+        raise LoadError(f"train_only must be one of {', '.join(TRAIN_ONLY)}.")
+    if args["dtype"] not in DTYPES:
+        raise LoadError(f"dtype must be one of {', '.join(DTYPES)}.")
+    if args["batch_size"] % mx.distributed.init().size():
+        raise LoadError(f"--batch-size {args['batch_size']} must be divisible by the number of processes ({mx.distributed.init().size()}).")
+    args["repo_layer_ids"] = _layer_ids(args["repo_layer_ids"])
+    return types.SimpleNamespace(**args)
+
+
+def _barrier():
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
+
+
+def load_split(args, tokenizer, cache: Path):
+    """Training and validation sequences; the fingerprint of what they came from."""
+    world = mx.distributed.init()
+    log = rprint
+    def tokens(path, name):
+        source = pretrain_data.Source(path, args.text_feature, args.data_split)
+        # Rank 0 tokenizes; the others then find the cache.
+        if world.rank() == 0:
+            t = pretrain_data.token_cache(source, tokenizer, cache, name, log)
+        _barrier()
+        if world.rank() != 0:
+            t = pretrain_data.token_cache(source, tokenizer, cache, name, lambda *a: None)
+        return t, source.fingerprint()
+
+    train_tokens, fp = tokens(args.data, "train")
+    if args.val_data:
+        train_set = pretrain_data.Packed(train_tokens, args.seq_len)
+        val_tokens, vfp = tokens(args.val_data, "valid")
+        val_set = pretrain_data.Packed(val_tokens, args.seq_len)
+        fp += vfp
+    else:
+        train_set, val_set = pretrain_data.split(train_tokens, args.seq_len, args.val_share)
+    if len(train_set) < args.batch_size:
+        raise LoadError(
+            f"Data {args.data} gives {len(train_set)} training sequences of {args.seq_len} "
+            f"tokens ({len(train_tokens)} tokens), fewer than --batch-size {args.batch_size}; "
+            "add text or lower --seq-len or --batch-size."
+        )
+    if args.val_data and len(val_set) < args.batch_size:
+        raise LoadError(
+            f"--val-data {args.val_data} gives {len(val_set)} sequences of {args.seq_len} "
+            f"tokens, fewer than --batch-size {args.batch_size}."
+        )
+    rprint(f"Data: {len(train_set)} training and {len(val_set)} validation sequences of {args.seq_len} tokens")
+    return train_set, val_set, fp
+
+
+def run(args, on_step=None):
+    world = mx.distributed.init()
+    out = Path(args.save_path)
+    if args.resume:
+        found = checkpoints(out)
+        if not found:
+            raise LoadError(f"--resume {out}: no checkpoint in {out / 'checkpoints'} yet; start the run again.")
+    elif out.exists() and not args.force and not args.dry_run:
+        raise LoadError(f"{out} already exists; pass --force to replace it or --resume {out} to continue it.")
+    if args.export_hf and Path(args.export_hf).exists() and not (args.force or args.resume):
+        raise LoadError(f"--export-hf {args.export_hf} already exists; pass --force to replace it.")
+    rprint(f"Loading {args.model}")
+    prep = prepare_model(args)
+    rank_batch = args.batch_size // world.size()
+    rank = (args.lora_parameters or {}).get("rank", 8)
+    counts = count_parameters(prep.config, args.train_only, rank)
+    settings = types.SimpleNamespace(**{**vars(args), "batch_size": rank_batch, "lora_rank": rank,
+                                        "dtype": "float32" if prep.quantized else args.dtype})
+    print_memory(estimate_memory(prep.config, settings), counts,
+                 f"{args.train_only}, {args.dtype}, batch {rank_batch} x {args.seq_len} tokens"
+                 + (", grad checkpoint" if args.grad_checkpoint else ""))
+    if args.dry_run:
+        return None
+    cache = out.parent / f"{out.name}.tokens"
+    train_set, val_set, fingerprint = load_split(args, prep.tokenizer, cache)
+    mx.random.seed(args.seed)  # LoRA initialisation
+    setup_trainable(prep.model, args.train_only, args.lora_parameters)
+    optimizer = build_optimizer(args)
+    trainer = Trainer(prep.model, optimizer, args, prep.master)
+    prep.master = None  # the trainer holds what it needs
+    _barrier()  # every process has checked its input before OUT changes
+    if args.resume:
+        folder = checkpoints(out)[-1]
+        state = trainer.load(folder)
+        if state["data"] != fingerprint:
+            raise LoadError(f"The data changed since {folder} was saved; resuming would not continue the same run.")
+        if trainer.step >= args.iters:
+            raise LoadError(f"{folder} is at step {trainer.step}; pass an --iters above it to train on.")
+        rprint(f"Resuming from {folder} at step {trainer.step} (sequence {trainer.cursor})")
+        if world.rank() == 0 and (out / METRICS_FILE).exists():
+            kept = [l for l in (out / METRICS_FILE).read_text().splitlines()
+                    if json.loads(l)["step"] <= trainer.step]
+            (out / METRICS_FILE).write_text("".join(l + "\n" for l in kept))
+    elif world.rank() == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        saved = {k: v for k, v in vars(args).items() if k not in ("resume", "force", "dry_run", "config")}
+        (out / ARGS_FILE).write_text(json.dumps(saved, indent=2))
+    _barrier()
+    train(prep, trainer, train_set, val_set, args, out, fingerprint, on_step)
+    if world.rank() == 0:
+        save_model(prep, trainer, args, out)
+        if args.plot:
+            records = [json.loads(l) for l in (out / METRICS_FILE).read_text().splitlines()]
+            plot_metrics(records, Path(args.plot))
+    rprint(f"Done: {out}")
+    return trainer
+
+
+def main(argv=None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    _cli.run(main)
