@@ -14,7 +14,7 @@ from mlx_lm.generate import generate as _mlx_lm_generate
 from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import _cli
+from . import _cli, cache_prompt
 from .errors import LoadError
 from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long, yarn_scaling
 
@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
     p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
+    p.add_argument(
+        "--prompt-cache-file",
+        type=_cli.existing_file,
+        default=None,
+        help="A document's KV cache made by repo_mlx.cache_prompt: the prompt continues after "
+        "the document. Needs the model, --dtype, --yarn, --position-blend and --adapter-path that made it.",
+    )
     _cli.add_trust_remote_code(p)
     p.add_argument("--verbose", type=int, choices=[0, 1], default=1, help="1 prints separators and speed (default); 0 prints the text only.")
     return p
@@ -118,6 +125,8 @@ def read_prompt(args) -> str:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.prompt_cache_file is not None and args.max_kv_size is not None:
+        raise LoadError("--max-kv-size cannot be used with --prompt-cache-file: the cached document is in a plain KV cache.")
     prompt = read_prompt(args)
     if not prompt:
         raise LoadError("The prompt is empty; give text with --prompt, --prompt-file or on stdin (--prompt -).")
@@ -131,7 +140,11 @@ def main(argv=None) -> None:
         model_config=model_config,
     )
     check_kv_bits(model, args.kv_bits, args.kv_group_size)
-    prompt = tokenizer.encode(prompt)
+    cache = None
+    if args.prompt_cache_file is not None:
+        cache, _ = cache_prompt.load_for(args.prompt_cache_file, model)
+    # After a cached document the prompt is a continuation: no BOS in the middle.
+    prompt = tokenizer.encode(prompt, add_special_tokens=cache is None)
     if not prompt:
         raise LoadError("The prompt encodes to no tokens; give some text.")
     if args.seed is not None:  # after loading: building the model draws random numbers
@@ -146,6 +159,7 @@ def main(argv=None) -> None:
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,
         max_kv_size=args.max_kv_size,
+        prompt_cache=cache,
     )
     if not args.verbose:
         print(text)

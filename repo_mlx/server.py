@@ -44,7 +44,7 @@ from mlx_lm.server import (
     get_system_fingerprint,
 )
 
-from . import _cli, http_checks
+from . import _cli, cache_prompt, http_checks
 from .errors import LoadError, one_line
 from .http_checks import RequestError
 from .utils import DTYPES, context_length, load
@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "curl send no Origin and are always served).",
     )
     p.add_argument("--prompt-cache-size", type=int, default=10, help="KV caches of recent prompts kept for reuse (default: 10).")
+    p.add_argument(
+        "--prompt-cache-file",
+        type=_cli.existing_file,
+        default=None,
+        help="A document's KV cache made by repo_mlx.cache_prompt for this model and --dtype: "
+        "every request's prompt continues after the document, which is not processed again.",
+    )
     p.add_argument(
         "--log-level",
         default="WARNING",
@@ -346,6 +353,14 @@ class RePoResponseGenerator(ResponseGenerator):
         ctx, responses = super().generate(request, args, progress_callback)
         return ctx, cut_at_stop(responses, args.stop_words)
 
+    document = []  # tokens of --prompt-cache-file, before every prompt
+
+    def _tokenize(self, tokenizer, request, args):
+        prompt, segments, *rest = super()._tokenize(tokenizer, request, args)
+        if self.document:  # its cache is in the prompt cache: mlx-lm reuses it
+            prompt, segments = self.document + prompt, [self.document + segments[0], *segments[1:]]
+        return (prompt, segments, *rest)
+
 
 class Handler(APIHandler):
     """mlx-lm's request handler behind a check of every request."""
@@ -490,6 +505,9 @@ def main(argv=None) -> None:
         limit = args.max_tokens_limit or context
         if args.max_tokens > limit:
             raise LoadError(f"--max-tokens {args.max_tokens} is above the limit of {limit} tokens.")
+        if args.prompt_cache_file is not None:
+            cache, generator.document = cache_prompt.load_for(args.prompt_cache_file, model)
+            generator.prompt_cache.insert_cache(provider.model_key, generator.document, cache)
         settings = {
             "model_id": args.model,
             "created": int(time.time()),
