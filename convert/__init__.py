@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import mlx.core as mx
-from mlx_lm.utils import quantize_model, save, upload_to_hub
+from mlx_lm.utils import quantize_model, save
 
-from .. import repo_olmo2, rope
+from .. import _cli, repo_olmo2, rope
 from ..repo_olmo2 import POSITION_WEIGHTS
 from ..errors import LoadError
 from ..utils import DTYPES, get_model_path, load_model, load_tokenizer
@@ -69,18 +69,122 @@ def atomic_folder(dst: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = None) -> str:
+    """The converted folder's README.md: what RePo is and how to run it, with
+    mlx-lm's front matter (mlx-lm's own card is an empty stub, and its upload
+    replaces the text with a recipe that stock mlx-lm cannot run without
+    trust_remote_code)."""
+    q = config.get("quantization")
+    weights = (
+        f"{q['bits']}-bit weights (group size {q['group_size']}); the position module "
+        "(gate_map, content_map, final_map) stays in float, as 4-bit positions drift"
+        if q
+        else f"{config.get('torch_dtype', 'float')} weights, not quantized"
+    )
+    hub = not Path(hf_path).exists()
+    front = [
+        "---",
+        "library_name: mlx",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- mlx",
+        "- repo",
+        "- olmo2",
+        *([f"base_model: {hf_path}"] if hub else []),
+        *([f"license: {license}"] if license else []),
+        "---",
+    ]
+    source = f"[{hf_path}](https://huggingface.co/{hf_path})" if hub else f"`{Path(hf_path).name}`"
+    license_line = (
+        f"License: {license}, as the source checkpoint; see its model card."
+        if license
+        else "License: that of the source checkpoint; see its model card."
+    )
+    return "\n".join(front) + f"""
+
+# {name}
+
+A RePo model (["Language Models with Context Re-Positioning"](https://arxiv.org/abs/2512.14391),
+Sakana AI) in MLX format. RePo is OLMo-2 in which the upper layers carry a small
+position module (gate_map, content_map, final_map) that gives each token a learned,
+real-valued position per head; queries and keys are rotated by those positions
+instead of by the token index.
+
+Converted from {source} with repo_mlx {_cli.version()}: {weights}.
+
+## Run with repo_mlx
+
+```bash
+pip install repo-mlx
+python -m repo_mlx.generate --model {name} --prompt "The capital of France is"
+```
+
+```python
+from repo_mlx import load, generate
+
+model, tokenizer = load("{name}")
+print(generate(model, tokenizer, "The capital of France is", max_tokens=32))
+```
+
+## Run with stock mlx-lm
+
+The folder carries its model file (`{MODEL_FILE}`, named by `model_file` in
+config.json), so mlx-lm runs it without repo_mlx once you allow that file to run:
+
+```bash
+pip install mlx-lm
+python -m mlx_lm generate --model {name} --trust-remote-code --prompt "The capital of France is"
+```
+
+```python
+from mlx_lm import load, generate
+
+model, tokenizer = load("{name}", trust_remote_code=True)
+print(generate(model, tokenizer, "The capital of France is", max_tokens=32))
+```
+
+This is a base model: it continues text and has no chat template.
+
+{license_line}
+"""
+
+
+def _source_license(src: Path) -> Optional[str]:
+    card = src / "README.md"
+    if card.is_file():
+        for line in card.read_text(errors="replace").split("\n---", 1)[0].splitlines():
+            if line.startswith("license:"):
+                return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def upload(path: Path, repo: str) -> None:
+    """mlx-lm's upload, keeping our model card (mlx-lm's ``upload_to_hub`` rewrites it)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id=repo, exist_ok=True)
+    api.upload_large_folder(folder_path=str(path), repo_id=repo, repo_type="model")
+
+
 def convert(
     hf_path: str,
     mlx_path: str = "mlx_model",
     dtype: Optional[str] = None,
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
     upload_repo: Optional[str] = None,
     force: bool = False,
     revision: Optional[str] = None,
 ) -> Path:
     dst = Path(mlx_path)
+    if not quantize and (q_bits is not None or q_group_size is not None):
+        flag = "--q-bits" if q_bits is not None else "--q-group-size"
+        raise LoadError(f"{flag} needs -q/--quantize; without it the weights stay in float.")
+    q_bits, q_group_size = q_bits or 4, q_group_size or 64
+    if dst.exists() and not dst.is_dir():
+        raise LoadError(f"--mlx-path {dst} exists and is not a folder.")
     if dst.exists() and not force:  # fail before any download or compute
         raise LoadError(f"{dst} already exists; pass --force to replace it.")
     print(f"[INFO] Loading {hf_path}")
@@ -103,10 +207,12 @@ def convert(
     with atomic_folder(dst, force) as tmp:
         print(f"[INFO] Saving to {dst}")
         save_standalone(tmp, src, model, tokenizer, config)
+        card = model_card(upload_repo or dst.name, hf_path, config, _source_license(src))
+        (tmp / "README.md").write_text(card)
     if upload_repo is not None:
         print(f"[INFO] Uploading to {upload_repo}")
         try:
-            upload_to_hub(str(dst), upload_repo)
+            upload(dst, upload_repo)
         except Exception as e:
             raise LoadError(
                 f"Upload to {upload_repo} failed ({type(e).__name__}); the converted "
@@ -116,26 +222,28 @@ def convert(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m repo_mlx.convert",
         description="Convert an official RePo-OLMo2 Hugging Face checkpoint to MLX "
         "(float or quantized). The result loads in repo_mlx and in stock mlx-lm "
         "with --trust-remote-code.",
     )
     p.add_argument("--hf-path", "--model", required=True, help="Source: local Hugging Face folder or Hub id.")
-    p.add_argument("--mlx-path", default="mlx_model", help="Output folder (default: mlx_model).")
+    p.add_argument("--mlx-path", type=_cli.output_dir, default="mlx_model", help="Output folder (default: mlx_model).")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the float weights (default: config's torch_dtype).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the linear layers and embeddings (the position module stays float).")
-    p.add_argument("--q-bits", type=int, choices=[4, 8], default=4, help="Bits per quantized weight (default: 4).")
-    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64, help="Weights per quantization group (default: 64).")
+    p.add_argument("--q-bits", type=int, choices=[4, 8], default=None, help="Bits per quantized weight, with -q (default: 4).")
+    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=None, help="Weights per quantization group, with -q (default: 64).")
     p.add_argument("--upload-repo", default=None, help="Also upload the result to this Hub repo (needs a login).")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --hf-path.")
     p.add_argument("--force", action="store_true", help="Replace --mlx-path if it exists (only once the new one is complete).")
+    _cli.add_trust_remote_code(p)
     return p
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    del args.trust_remote_code
     # A kill must still run the cleanup that keeps a half-written folder away.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     convert(**vars(args))

@@ -210,3 +210,45 @@ def test_convert_bad_source(tmp_path):
     with pytest.raises(LoadError, match="does not exist"):
         conv.convert(str(tmp_path / "nothing"), str(tmp_path / "out"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_card(converted, fixture_path):
+    """README.md is a real card; its stock mlx-lm Python example runs as written."""
+    card = (converted["q4"] / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: mlx\n")
+    assert "RePo" in card and "arxiv.org/abs/2512.14391" in card
+    assert "4-bit weights (group size 64)" in card and "position module" in card
+    assert f"`{fixture_path.name}`" in card and "License:" in card
+    assert "python -m mlx_lm generate --model q4 --trust-remote-code" in card
+    assert "not quantized" in (converted["float"] / "README.md").read_text()
+    stock = card.split("## Run with stock mlx-lm")[1].split("```python\n")[1].split("```")[0]
+    stock = stock.replace('"q4"', repr(str(converted["q4"]))).replace("max_tokens=32", "max_tokens=2")
+    r = run("-c", stock)
+    assert r.returncode == 0, r.stderr
+
+
+def test_model_card_names_hub_source_and_license():
+    card = conv.model_card("me/repo-1b-4bit", "SakanaAI/RePo-OLMo2-1B", {"torch_dtype": "bfloat16"}, "apache-2.0")
+    assert "base_model: SakanaAI/RePo-OLMo2-1B\n" in card and "license: apache-2.0\n" in card
+    assert "[SakanaAI/RePo-OLMo2-1B](https://huggingface.co/SakanaAI/RePo-OLMo2-1B)" in card
+    assert "bfloat16 weights, not quantized" in card
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--q-bits", "8"], "error: --q-bits needs -q/--quantize"),
+        (["--q-group-size", "32"], "error: --q-group-size needs -q/--quantize"),
+        (["--mlx-path", "{file}/out"], "error: argument --mlx-path: "),
+        (["--mlx-path", "{file}"], "error: argument --mlx-path: "),
+    ],
+)
+def test_convert_bad_flags_are_one_line_errors(fixture_path, tmp_path, flags, message):
+    (tmp_path / "file").write_text("x")
+    flags = [f.format(file=tmp_path / "file") for f in flags]
+    if "--mlx-path" not in flags:
+        flags += ["--mlx-path", str(tmp_path / "out")]
+    r = run("-m", "repo_mlx.convert", "--hf-path", str(fixture_path), *flags)
+    assert r.returncode == 2
+    assert r.stderr.startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
