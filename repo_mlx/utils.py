@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
+from mlx_lm.utils import load_model as _mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer as _mlx_lm_load_tokenizer
 
 from .errors import LoadError, one_line
 from .repo_olmo2 import Model, ModelArgs
@@ -18,6 +19,8 @@ from .tuner import load_adapters
 DEFAULT_MODEL = "SakanaAI/RePo-OLMo2-1B-stage2-L5"
 DTYPES = ("float32", "bfloat16", "float16")
 DOWNLOAD_PATTERNS = ["*.json", "model*.safetensors", "*.py", "*.txt", "*.jinja"]
+# Any one of these is a tokenizer transformers can read without remote code.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 
 
 def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
@@ -142,6 +145,12 @@ def load_model(
     except (ValueError, KeyError, TypeError) as e:
         raise LoadError(f"Cannot load {path}: {one_line(e)}") from None
     config.pop("model_file")
+    if not model.args.repo_layers:
+        # Same text for the same folder: Python's warning filter shows it once.
+        warnings.warn(
+            f"{path} is plain OLMo-2, not RePo: its config has no RePo layers (pe_config), "
+            "so every layer uses token-index positions."
+        )
     if dtype is not None:
         model.set_dtype(getattr(mx, dtype))
     if not lazy:
@@ -171,11 +180,22 @@ def load(
             raise LoadError(f"{adapter_path} has no adapter_config.json.")
         model = load_adapters(model, adapter_path)
         model.eval()
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def load_tokenizer(path: Path, eos_token_ids=None):
+    """mlx-lm's tokenizer loader, saying which file is missing (transformers
+    blames sentencepiece or tiktoken instead)."""
+    if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
+        raise LoadError(
+            f"{path} has no tokenizer.json (OLMo-2's tokenizer file); copy it, with "
+            "tokenizer_config.json, from the source checkpoint."
+        )
     try:
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        return _mlx_lm_load_tokenizer(path, eos_token_ids=eos_token_ids)
     except Exception as e:
         raise LoadError(f"Cannot load the tokenizer in {path}: {one_line(e)}") from None
-    return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 
 def yarn_scaling(factor: float, original_max_position_embeddings: int = 4096) -> dict:
