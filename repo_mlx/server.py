@@ -65,13 +65,13 @@ class Limits:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m repo_mlx.server",
         description="Serve a RePo-OLMo2 model over an OpenAI-compatible HTTP API "
         "(/v1/models, /v1/completions, /v1/chat/completions) built on mlx-lm's server.",
     )
     p.add_argument("--model", required=True, help="Model folder (official Hugging Face or converted) or Hub id.")
-    p.add_argument("--adapter-path", default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
+    p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
     p.add_argument(
         "--host",
@@ -79,18 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Address to listen on (default: 127.0.0.1, this machine only). "
         "Anything else lets other machines use the model; the server warns.",
     )
-    p.add_argument("--port", type=int, default=8080, help="Port to listen on; 0 picks a free one (default: 8080).")
-    p.add_argument("--max-tokens", type=int, default=512, help="max_tokens of requests that give none (default: 512).")
+    p.add_argument("--port", type=_cli.int_range(0, 65535), default=8080, help="Port to listen on; 0 picks a free one (default: 8080).")
+    p.add_argument("--max-tokens", type=_cli.positive_int, default=512, help="max_tokens of requests that give none (default: 512).")
     p.add_argument(
         "--max-tokens-limit",
-        type=int,
+        type=_cli.positive_int,
         default=None,
         help="Refuse requests asking for more tokens than this "
         "(default: the model's context length, 4096 for the released models).",
     )
     p.add_argument(
         "--max-request-bytes",
-        type=int,
+        type=_cli.positive_int,
         default=1 << 20,
         help="Refuse request bodies larger than this many bytes (default: 1048576).",
     )
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pages may call the server from a browser (default: none; native apps and "
         "curl send no Origin and are always served).",
     )
-    p.add_argument("--prompt-cache-size", type=int, default=10, help="KV caches of recent prompts kept for reuse (default: 10).")
+    p.add_argument("--prompt-cache-size", type=_cli.positive_int, default=10, help="KV caches of recent prompts kept for reuse (default: 10).")
     p.add_argument(
         "--prompt-cache-file",
         type=_cli.existing_file,
@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="A document's KV cache made by repo_mlx.cache_prompt for this model and --dtype: "
         "every request's prompt continues after the document, which is not processed again.",
     )
+    p.add_argument("--temp", type=_cli.non_negative_float, default=0.0, help="Temperature of requests that give none; 0 is greedy (default: 0).")
+    p.add_argument("--top-p", type=_cli.probability, default=1.0, help="top_p of requests that give none, 0 to 1 (default: 1, off).")
+    p.add_argument("--top-k", type=_cli.non_negative_int, default=0, help="top_k of requests that give none (default: 0, off).")
+    p.add_argument("--min-p", type=_cli.probability, default=0.0, help="min_p of requests that give none, 0 to 1 (default: 0, off).")
+    _cli.add_trust_remote_code(p)
     p.add_argument(
         "--log-level",
         default="WARNING",
@@ -131,10 +136,10 @@ def mlx_lm_arguments(args: argparse.Namespace) -> argparse.Namespace:
         use_default_chat_template=False,
         chat_template_args={},
         allowed_origins=args.allowed_origins,
-        temp=0.0,
-        top_p=1.0,
-        top_k=0,
-        min_p=0.0,
+        temp=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
         max_tokens=args.max_tokens,
         decode_concurrency=32,
         prompt_concurrency=8,
@@ -478,18 +483,8 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
         raise LoadError(f"Cannot listen on {host}:{port}: {e.strerror or e}.") from None
 
 
-def check_arguments(args) -> None:
-    if not 0 <= args.port <= 65535:
-        raise LoadError(f"--port must be from 0 to 65535, got {args.port}.")
-    for name in ("max_tokens", "max_tokens_limit", "max_request_bytes", "prompt_cache_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise LoadError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    check_arguments(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
 
     httpd = bind(args.host, args.port)  # before loading: a busy port fails fast
