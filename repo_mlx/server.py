@@ -54,6 +54,8 @@ POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 # starts the next user turn; a base model writes it when its reply is done.
 NEXT_USER_TURN = "\nUSER:"
 MAX_STOP_WORDS = 16
+MAX_PROMPTS = 32  # of a completions request's list of prompts
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 ERROR_TYPES = {403: "permission_error", 404: "not_found_error"}
 
 
@@ -227,7 +229,13 @@ def _message_text(i: int, content) -> str:
 def check_request(body, path: str, limits: Limits, model_id: str, has_chat_template: bool) -> dict:
     """The request mlx-lm will serve, or a RequestError saying what is wrong.
 
-    Null fields mean "use the default", as in OpenAI's API.
+    Null fields mean "use the default", as in OpenAI's API. mlx-lm's handler
+    then checks the types and lower bounds it knows (stream, logprobs,
+    top_logprobs, repetition_penalty, the *_context_size fields); these are
+    the checks it lacks: booleans passed as numbers, infinities, upper limits,
+    seeds, logit_bias keys, stop strings, messages, unsupported fields, and
+    OpenAI's completions form of logprobs. A completions ``prompt`` may be a
+    list of strings: ``prompts`` then holds them, one choice each.
     """
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.")
@@ -240,7 +248,6 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
     for key, only in (("n", 1), ("best_of", 1), ("echo", False)):
         if key in body and body[key] != only:
             raise RequestError(f"{key} is not supported (only {json.dumps(only)}).")
-    _check_type(body, "stream", bool, "true or false")
     _check_type(body, "stream_options", dict, "an object")
     options = dict(body.get("stream_options", {}))
     _check_type(options, "include_usage", bool, "true or false")
@@ -254,16 +261,12 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
     _check_number(body, "min_p", 0, 1)
     _check_int(body, "top_k", 0, limits.vocab_size)
     _check_int(body, "seed", 0, 2**64 - 1)  # what mx.random.seed accepts
-    for key in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+    for key in ("presence_penalty", "frequency_penalty"):
         _check_number(body, key, -100, 100)
-    for key in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
-        _check_int(body, key, 0, limits.max_tokens)
     for key in ("xtc_probability", "xtc_threshold"):
         _check_number(body, key, 0, 1)
         if key in body:
             body[key] = float(body[key])  # mlx-lm takes floats only
-    _check_type(body, "logprobs", bool, "true or false")
-    _check_int(body, "top_logprobs", 0, 10)
     _check_type(body, "chat_template_kwargs", dict, "an object")
 
     if "logit_bias" in body:
@@ -288,8 +291,29 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
 
     if path == "/v1/completions":
         prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError("prompt must be a non-empty string.")
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        if not (
+            0 < len(prompts) <= MAX_PROMPTS and all(isinstance(p, str) and p for p in prompts)
+        ):
+            raise RequestError(
+                f"prompt must be a non-empty string or a list of at most {MAX_PROMPTS} of them."
+            )
+        if isinstance(prompt, list):
+            if body.get("stream"):
+                raise RequestError("A list of prompts is served whole, not streamed: drop stream, or send one request per prompt.")
+            body["prompts"] = prompts
+            body["prompt"] = prompts[0]
+        if "logprobs" in body:
+            # OpenAI's completions form: how many top tokens to list per token.
+            n = body["logprobs"]
+            if not _is_int(n) or not 0 <= n <= MAX_COMPLETION_LOGPROBS:
+                raise RequestError(
+                    f"logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS} on /v1/completions "
+                    f"(the number of most likely tokens to list), got {n!r}."
+                )
+            if "top_logprobs" in body:
+                raise RequestError("top_logprobs belongs to chat; on /v1/completions logprobs gives the count.")
+            body["logprobs"], body["top_logprobs"] = True, n
     else:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -412,14 +436,87 @@ class Handler(APIHandler):
         except RequestError as e:
             self.send_error_json(e.status, str(e))
             return
-        # mlx-lm's handler reads and parses the checked body itself.
         self.path = path
+        prompts = body.pop("prompts", None)
+        try:
+            if prompts is None:
+                self.serve(body)
+            else:
+                self.serve_prompts(body, prompts)
+        except Refused as e:
+            self.send_error_json(400, str(e))
+
+    def serve(self, body: dict, index: int = 0) -> None:
+        """mlx-lm's handler on the checked body, which it reads and parses itself."""
+        self.choice_index = index
+        self.completion_logprobs = body.get("top_logprobs") if self.path == "/v1/completions" and body.get("logprobs") else None
+        self.prompt_chars = len(body.get("prompt", ""))
         original, self.rfile = self.rfile, BytesIO(raw := json.dumps(body).encode())
         self.headers.replace_header("Content-Length", str(len(raw)))
         try:
             super().do_POST()
         finally:
             self.rfile = original
+
+    def serve_prompts(self, body: dict, prompts) -> None:
+        """One choice per prompt, each with its index, as OpenAI serves a prompt list."""
+        replies, out = [], self.wfile
+        try:
+            for i, prompt in enumerate(prompts):
+                self.wfile = BytesIO()
+                self.serve({**body, "prompt": prompt}, i)
+                head, _, reply = self.wfile.getvalue().partition(b"\r\n\r\n")
+                if b" 200 " not in head.split(b"\r\n")[0]:
+                    out.write(self.wfile.getvalue())  # mlx-lm's error, as it sent it
+                    return
+                replies.append(json.loads(reply))
+        finally:
+            self.wfile = out
+        merged = replies[0]
+        merged["choices"] = [r["choices"][0] for r in replies]
+        merged["usage"] = {
+            k: sum(r["usage"][k] for r in replies)
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        }
+        self.send_json(merged)
+
+    def validate_model_parameters(self) -> None:
+        # mlx-lm answers its own refusals as {"error": "..."}; send them in OpenAI's shape.
+        try:
+            super().validate_model_parameters()
+        except ValueError as e:
+            raise Refused(f"{e}.") from None
+
+    def generate_response(self, text, finish_reason, *args, token_logprobs=None, top_tokens=None, tokens=None, **kwargs):
+        response = super().generate_response(
+            text, finish_reason, *args, token_logprobs=token_logprobs, top_tokens=top_tokens, tokens=tokens, **kwargs
+        )
+        choice = response["choices"][0]
+        choice["index"] = self.choice_index
+        if "logprobs" in choice:
+            entries = self.token_logprobs(tokens, token_logprobs, top_tokens)
+            if self.completion_logprobs is None:
+                choice["logprobs"] = {"content": entries}
+            else:
+                choice["logprobs"] = completion_logprobs(entries, self.completion_logprobs, self.prompt_chars)
+        return response
+
+    def token_logprobs(self, tokens, logprobs, top_tokens):
+        """OpenAI's chat shape: each generated token, its logprob and the most likely
+        tokens there. mlx-lm's gives token ids and puts a top token where the chosen one goes."""
+        decode = self.settings["decode"]
+
+        def entry(token_id, logprob):
+            text = decode(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        top_tokens = top_tokens or [()] * len(tokens)
+        out = []
+        for i, token in enumerate(tokens):
+            lp = logprobs[i] if logprobs else next((t["logprob"] for t in top_tokens[i] if t["id"] == token), None)
+            top = sorted(top_tokens[i], key=lambda t: -t["logprob"])
+            out.append({**entry(token, lp), "top_logprobs": [entry(t["id"], t["logprob"]) for t in top]})
+        return out
 
     def handle_completion(self, request, stop_words):
         try:
@@ -452,6 +549,25 @@ class Handler(APIHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def completion_logprobs(entries, n: int, offset: int) -> dict:
+    """The chat shape of ``Handler.token_logprobs`` in OpenAI's completions shape;
+    ``text_offset`` counts characters from the start of the prompt."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries] if n else None,
+        "text_offset": offsets,
+    }
+
+
+class Refused(Exception):
+    """A request mlx-lm's own checks refuse (not a ValueError: mlx-lm would catch it)."""
 
 
 def _no_constant(name):
@@ -507,6 +623,7 @@ def main(argv=None) -> None:
             "model_id": args.model,
             "created": int(time.time()),
             "has_chat_template": tokenizer.has_chat_template,
+            "decode": lambda token: tokenizer.decode([token]),
             "allowed_origins": args.allowed_origins,
             "limits": Limits(limit, model.args.vocab_size, args.max_request_bytes),
         }

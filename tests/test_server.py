@@ -130,14 +130,16 @@ def test_models_lists_the_one_served_model(server):
 def test_completion_matches_generate_and_is_deterministic(server, tiny):
     text, tokens = reference(tiny, PROMPT, 12)
     assert tokens[-1] not in tiny[1].eos_token_ids  # so the reply ends by length
-    body = {"prompt": PROMPT, "max_tokens": 12, "logprobs": True}
+    body = {"prompt": PROMPT, "max_tokens": 12, "logprobs": 0}
     first = post(server, "/v1/completions", body)
     second = post(server, "/v1/completions", body)  # served from the prompt cache
     for status, reply in (first, second):
         assert status == 200
         assert reply["object"] == "text_completion" and reply["model"] == server["model"]
         assert choice(reply)["text"] == text
-        assert [t["id"] for t in choice(reply)["logprobs"]["content"]] == tokens
+        logprobs = choice(reply)["logprobs"]  # OpenAI's completions shape
+        assert logprobs["tokens"] == [tiny[1].decode([t]) for t in tokens]
+        assert len(logprobs["token_logprobs"]) == 12 and logprobs["top_logprobs"] is None
         assert choice(reply)["finish_reason"] == "length"
         n = len(tiny[1].encode(PROMPT))
         assert {k: reply["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")} == {
@@ -239,7 +241,13 @@ BAD = {
     "numeric stop": ({"prompt": "x", "stop": 5}, 400),
     "empty stop": ({"prompt": "x", "stop": [""]}, 400),
     "logit_bias past the vocabulary": ({"prompt": "x", "logit_bias": {"320": 5}}, 400),
-    "list prompt": ({"prompt": ["x"]}, 400),
+    "prompt of token ids": ({"prompt": [1, 2]}, 400),
+    "empty prompt list": ({"prompt": []}, 400),
+    "streamed prompt list": ({"prompt": ["x", "y"], "stream": True}, 400),
+    "boolean logprobs on completions": ({"prompt": "x", "logprobs": True}, 400),
+    "logprobs above 5 on completions": ({"prompt": "x", "logprobs": 6}, 400),
+    "top_logprobs on completions": ({"prompt": "x", "logprobs": 1, "top_logprobs": 2}, 400),
+    "negative repetition_penalty (mlx-lm's check)": ({"prompt": "x", "repetition_penalty": -1}, 400),
     "empty prompt": ({"prompt": ""}, 400),
     "no prompt": ({"max_tokens": 3}, 400),
     "n above 1": ({"prompt": "x", "n": 2}, 400),
@@ -255,6 +263,8 @@ BAD_CHAT = {
         400,
     ),
     "role_mapping not strings": ({"messages": [{"role": "user", "content": "hi"}], "role_mapping": {"user": 1}}, 400),
+    "top_logprobs above 11 (mlx-lm's check)": ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 12}, 400),
+    "string logprobs (mlx-lm's check)": ({"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}, 400),
 }
 
 
