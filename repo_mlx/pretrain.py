@@ -319,7 +319,9 @@ def print_memory(parts: Dict[str, float], counts: Dict[str, int], where: str) ->
 
 def loss_fn(model, batch, z_loss: float):
     """Next-token cross-entropy of every packed token, plus OLMo's z-loss."""
-    logits = model(batch)[:, :-1].astype(mx.float32)
+    logits = model(batch)[:, :-1]
+    if logits.dtype in (mx.bfloat16, mx.float16):  # the loss in float32, as OLMo's fused loss
+        logits = logits.astype(mx.float32)
     targets = batch[:, 1:]
     lse = mx.logsumexp(logits, axis=-1)
     ce = (lse - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]).mean()
@@ -430,10 +432,10 @@ class Trainer:
             tmp.mkdir()
             mx.save_safetensors(str(tmp / "trainable.safetensors"), self.trainable_weights())
             opt = dict(tree_flatten(self.optimizer.state))
-            opt["random_state"] = mx.random.state[0]
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
+            # The random state needs no saving: each step reseeds from (seed, step).
             state = {"step": self.step, "cursor": self.cursor, "tokens": self.tokens,
-                     "data": fingerprint}
+                     "seed": self.args.seed, "data": fingerprint}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     def load(self, folder: Path) -> dict:
@@ -444,7 +446,6 @@ class Trainer:
         self.master.update({k: weights[k] for k in self.master})
         self.model.update(tree_unflatten([(k, v.astype(current[k].dtype)) for k, v in weights.items()]))
         opt = mx.load(str(folder / "optimizer.safetensors"))
-        mx.random.state[0] = opt.pop("random_state")
         expected = dict(tree_flatten(self.optimizer.state))
         if set(opt) != set(expected):
             raise LoadError(f"{folder} holds another optimizer's state.")

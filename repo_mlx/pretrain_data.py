@@ -181,6 +181,7 @@ def token_cache(
     if file.exists():
         log(f"Token cache {file} (reused)")
         return np.memmap(file, dtype=np.uint32, mode="r")
+    created = not cache_dir.exists()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{file.name}.partial-{os.getpid()}"
     n_docs = n_tokens = 0
@@ -200,6 +201,8 @@ def token_cache(
     finally:
         if tmp.exists():
             tmp.unlink()
+            if created:  # bad data leaves nothing behind
+                cache_dir.rmdir()
     for old in cache_dir.glob(f"{name}-*.u32"):  # stale caches of this split
         if old != file:
             old.unlink()
