@@ -32,46 +32,6 @@ POSITION_MODES = ("swigluex_multihead",)
 POSITION_WEIGHTS = ("gate_map", "content_map", "final_map")
 
 
-def _pe_setting(pe_config: dict, name: str):
-    # The official code reads only the misspelled key; its converter writes both.
-    wrong, right = pe_config.get("dynmaic_" + name), pe_config.get("dynamic_" + name)
-    if wrong is not None and right is not None and wrong != right:
-        raise ValueError(
-            f"pe_config disagrees with itself: dynmaic_{name}={wrong!r} but "
-            f"dynamic_{name}={right!r}; make both spellings equal."
-        )
-    return wrong if wrong is not None else right
-
-
-def repo_layer_ids(pe_config: Optional[dict], num_layers: int) -> List[int]:
-    """The layers that assign their own positions, from a HF ``pe_config``."""
-    if not pe_config:
-        return []
-    mode = pe_config.get("dynamic_pe_mode")
-    if mode in (None, "", "none"):
-        return []
-    if mode not in POSITION_MODES:
-        raise ValueError(
-            f"pe_config dynamic_pe_mode {mode!r} is not supported; "
-            f"supported: {', '.join(POSITION_MODES)} (or 'none' for plain OLMo-2)."
-        )
-    start = int(_pe_setting(pe_config, "pe_start_layer") or 0)
-    ids = _pe_setting(pe_config, "pe_layer_ids") or ""
-    if isinstance(ids, str):
-        try:
-            ids = [int(i) for i in ids.split(",") if i.strip()]
-        except ValueError:
-            raise ValueError(
-                f"pe_config layer ids {ids!r} must be comma-separated integers."
-            ) from None
-    bad = [i for i in ids if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(
-            f"pe_config names layers {bad} but the model has {num_layers} layers."
-        )
-    return [i for i in (ids or range(num_layers)) if i >= start]
-
-
 @dataclass
 class ModelArgs(BaseModelArgs):
     model_type: str
@@ -129,6 +89,7 @@ class Attention(nn.Module):
             self.content_map = nn.Linear(dim, d_p, bias=False)
             self.final_map = nn.Linear(d_p, n_heads, bias=False)
             self.position_blend = args.position_blend
+            # Built once; private, so not a parameter.
             self._inv_freq, self._attention_factor = rope.rope_parameters(
                 head_dim, args.rope_theta, args.rope_scaling
             )
@@ -143,7 +104,7 @@ class Attention(nn.Module):
 
     def positions(self, x: mx.array, offset=0) -> mx.array:
         """z [B, heads, N] in float32: where this layer puts each token, per head."""
-        z = self.final_map(nn.silu(self.gate_map(x)) * self.content_map(x))
+        z = self.final_map(swiglu(self.gate_map(x), self.content_map(x)))
         z = z.astype(mx.float32).transpose(0, 2, 1)
         if p := self.position_blend:
             index = mx.arange(x.shape[1], dtype=mx.float32)
@@ -166,9 +127,13 @@ class Attention(nn.Module):
 
         offset = cache.offset if cache is not None else 0
         if self.repo:
-            z = self.positions(x, offset)
-            kw = {"inv_freq": self._inv_freq, "attention_factor": self._attention_factor}
-            queries, keys = rope.continuous_rope_qk(queries, keys, z, **kw)
+            queries, keys = rope.continuous_rope_qk(
+                queries,
+                keys,
+                self.positions(x, offset),
+                inv_freq=self._inv_freq,
+                attention_factor=self._attention_factor,
+            )
         else:
             queries = self.rope(queries, offset=offset)
             keys = self.rope(keys, offset=offset)
@@ -273,3 +238,44 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+
+# ------------------------------------------------------- pe_config parsing
+def _pe_setting(pe_config: dict, name: str):
+    # The official code reads only the misspelled key; its converter writes both.
+    wrong, right = pe_config.get("dynmaic_" + name), pe_config.get("dynamic_" + name)
+    if wrong is not None and right is not None and wrong != right:
+        raise ValueError(
+            f"pe_config disagrees with itself: dynmaic_{name}={wrong!r} but "
+            f"dynamic_{name}={right!r}; make both spellings equal."
+        )
+    return wrong if wrong is not None else right
+
+
+def repo_layer_ids(pe_config: Optional[dict], num_layers: int) -> List[int]:
+    """The layers that assign their own positions, from a HF ``pe_config``."""
+    if not pe_config:
+        return []
+    mode = pe_config.get("dynamic_pe_mode")
+    if mode in (None, "", "none"):
+        return []
+    if mode not in POSITION_MODES:
+        raise ValueError(
+            f"pe_config dynamic_pe_mode {mode!r} is not supported; "
+            f"supported: {', '.join(POSITION_MODES)} (or 'none' for plain OLMo-2)."
+        )
+    start = int(_pe_setting(pe_config, "pe_start_layer") or 0)
+    ids = _pe_setting(pe_config, "pe_layer_ids") or ""
+    if isinstance(ids, str):
+        try:
+            ids = [int(i) for i in ids.split(",") if i.strip()]
+        except ValueError:
+            raise ValueError(
+                f"pe_config layer ids {ids!r} must be comma-separated integers."
+            ) from None
+    bad = [i for i in ids if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"pe_config names layers {bad} but the model has {num_layers} layers."
+        )
+    return [i for i in (ids or range(num_layers)) if i >= start]

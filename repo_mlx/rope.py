@@ -1,17 +1,20 @@
 # Rotary embedding by continuous, per-head positions (RePo, spec section 4).
 #
 # This file imports nothing but mlx and the standard library: a converted folder
-# carries a copy of it so that stock mlx-lm can run the model without repo_mlx
-# installed. There the Metal sources are absent and the pure-MLX path runs.
+# carries a copy of it (repo_rope.py) and of metal/rope.metal beside it, so that
+# stock mlx-lm runs the model, with the kernels on a Mac, without repo_mlx.
 #
-# Both paths are mx.custom_function's with a hand-written VJP (training needs
-# d/dpositions): on a Metal GPU they launch the kernels of metal/rope.metal,
-# elsewhere they run the same math as compiled MLX ops.
+# One differentiable op, rotating queries and keys together: on a Metal GPU it
+# launches the two kernels of metal/rope.metal, elsewhere (or if a kernel fails)
+# it runs the same math as compiled MLX ops.
 
 import functools
+import importlib.resources
 import math
+import os
+import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -68,104 +71,112 @@ def rope_parameters(
     )
 
 
+# ------------------------------------------------------------------ pure path
+# Pairs (i, i + D/2) as [..., 2, D/2]: reshapes and a reversed slice are views,
+# so each rotation compiles to one elementwise kernel.
+def _halves(x):
+    return x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
+
+
 def _cos_sin(positions, inv_freq, factor):
-    angles = positions.astype(mx.float32)[..., None] * inv_freq
+    angles = positions.astype(mx.float32)[..., None, None] * inv_freq
     return mx.cos(angles) * factor, mx.sin(angles) * factor
 
 
 def _rotate_by(x, cos, sin):
-    # cos and sin are cast to the model dtype just before rotating, as the official code does.
+    # out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin, with cos and sin cast to the
+    # model dtype first, as the official code does.
     cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def _angle_grad(x, g, cos, sin):
-    # d(out . g)/d(angle) per pair, in float32: out1 * g2 - out2 * g1.
-    half = x.shape[-1] // 2
-    x, g = x.astype(mx.float32), g.astype(mx.float32)
-    x1, x2, g1, g2 = x[..., :half], x[..., half:], g[..., :half], g[..., half:]
-    return (x1 * cos - x2 * sin) * g2 - (x2 * cos + x1 * sin) * g1
+    y = _halves(x)
+    sign = mx.array([[-1.0], [1.0]], x.dtype)
+    return (y * cos + y[..., ::-1, :] * (sin * sign)).reshape(x.shape)
 
 
 @mx.compile
-def _rotate(x, positions, inv_freq, factor):
-    return _rotate_by(x, *_cos_sin(positions, inv_freq, factor))
-
-
-@mx.compile
-def _rotate_qk(q, k, positions, inv_freq, factor):
+def _forward(q, k, positions, inv_freq, factor):
     cos, sin = _cos_sin(positions, inv_freq, factor)
     return _rotate_by(q, cos, sin), _rotate_by(k, cos, sin)
 
 
 @mx.compile
-def _backward(x, positions, g, inv_freq, factor):
+def _backward(q, k, positions, gq, gk, inv_freq, factor):
+    # dx = rotate(g, -z); dz = sum_k w_k (out1 g2 - out2 g1) over q and k, with
+    # out recomputed in float32.
     cos, sin = _cos_sin(positions, inv_freq, factor)
-    dx = _rotate_by(g, cos, -sin)  # rotate(g, -positions)
-    t = _angle_grad(x, g, cos, sin)
-    return dx, (t * inv_freq).sum(-1).astype(positions.dtype)
-
-
-@mx.compile
-def _backward_qk(q, k, positions, gq, gk, inv_freq, factor):
-    cos, sin = _cos_sin(positions, inv_freq, factor)
-    t = _angle_grad(q, gq, cos, sin) + _angle_grad(k, gk, cos, sin)
-    dz = (t * inv_freq).sum(-1).astype(positions.dtype)
+    t = sum(
+        _halves(_rotate_by(x.astype(mx.float32), cos, sin)) * _halves(g.astype(mx.float32))[..., ::-1, :]
+        for x, g in ((q, gq), (k, gk))
+    )
+    dz = (t * (mx.array([[1.0], [-1.0]]) * inv_freq)).sum((-2, -1)).astype(positions.dtype)
     return _rotate_by(gq, cos, -sin), _rotate_by(gk, cos, -sin), dz
 
 
-def _frequency_grads(pairs, positions, inv_freq, factor):
-    """Gradients for inv_freq and factor; lazy, so free unless someone asks for them."""
-    cos, sin = _cos_sin(positions, inv_freq, mx.array(1.0, mx.float32))
-    t = sum(_angle_grad(x, g, cos, sin) for x, g in pairs) * factor
-    d_inv_freq = (t * positions.astype(mx.float32)[..., None]).reshape(-1, t.shape[-1]).sum(0)
-    d_factor = sum((_rotate_by(x.astype(mx.float32), cos, sin) * g).sum() for x, g in pairs)
-    return d_inv_freq, d_factor.astype(mx.float32)
-
-
 # ---------------------------------------------------------------- Metal kernels
-# name: (input names, output names, body). Each body is one call into
-# metal/rope.metal, which goes in as the kernel header.
+class Kernel(NamedTuple):
+    kind: str  # "forward": a thread per pair; "backward": a simdgroup per row
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    body: str  # one call into metal/rope.metal, which goes in as the header
+
+
 KERNELS = {
-    "repo_rope_forward": (
-        ("x", "z", "inv_freq", "factor"),
-        ("out",),
-        "repo_rope_forward<T>(x, x_shape, x_strides, z, z_strides, inv_freq, factor, "
-        "out, thread_position_in_grid);",
-    ),
-    "repo_rope_qk_forward": (
+    "repo_rope_forward": Kernel(
+        "forward",
         ("q", "k", "z", "inv_freq", "factor"),
         ("q_out", "k_out"),
-        "repo_rope_qk_forward<T>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
-        "inv_freq, factor, q_out, k_out, thread_position_in_grid);",
+        "repo_rope_forward<T, H, D>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
+        "inv_freq, inv_freq_strides, factor, q_out, k_out, thread_position_in_grid);",
     ),
-    "repo_rope_backward": (
-        ("x", "z", "g", "inv_freq", "factor"),
-        ("dx", "dz"),
-        "repo_rope_backward<T, P>(x, x_shape, x_strides, z, z_strides, g, g_strides, "
-        "inv_freq, factor, dx, dz, thread_position_in_grid);",
-    ),
-    "repo_rope_qk_backward": (
+    "repo_rope_backward": Kernel(
+        "backward",
         ("q", "k", "z", "gq", "gk", "inv_freq", "factor"),
         ("dq", "dk", "dz"),
-        "repo_rope_qk_backward<T, P>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
-        "gq, gq_strides, gk, gk_strides, inv_freq, factor, dq, dk, dz, "
+        "repo_rope_backward<T, P, H, D>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
+        "gq, gq_strides, gk, gk_strides, inv_freq, inv_freq_strides, factor, dq, dk, dz, "
         "thread_position_in_grid);",
     ),
 }
-SIMD_WIDTH = 32  # lanes per simdgroup on Apple GPUs; the backward kernels rely on it
-_KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+SIMD_WIDTH = 32  # lanes per simdgroup on Apple GPUs; the backward kernel relies on it
+KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+MAX_KERNEL_ELEMENTS = 2**28  # 32-bit offsets, with 8x room for views of larger buffers
+# A first use's largest difference from the pure path, relative to max(1, |pure|):
+# a few units of the dtype pass (the pure path rounds after each op), a wrong index does not.
+CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 6e-2}
+
+
+class KernelError(RuntimeError):
+    """A Metal kernel failed and REPO_MLX_KERNELS=strict made that an error."""
+
+
+def set_kernels(mode: Union[bool, str]) -> None:
+    """Use the Metal kernels (True, "on", "1"), never (False, "off", "0"), or make a
+    kernel failure an error ("strict"); forgets an earlier failure. The default is
+    the environment variable REPO_MLX_KERNELS."""
+    modes = {True: "on", "1": "on", "on": "on", False: "off", "0": "off", "off": "off"}
+    if (mode := modes.get(mode, mode)) not in ("on", "off", "strict"):
+        raise ValueError(f"kernel mode must be 1/on, 0/off or strict, got {mode!r}.")
+    _state.update(mode=mode, failure=None, checked=set())
+
+
+_state = {}
+try:
+    set_kernels(os.environ.get("REPO_MLX_KERNELS", "1").strip().lower())
+except ValueError as e:
+    warnings.warn(f"REPO_MLX_KERNELS: {e} Using 1.")
+    set_kernels("on")
 
 
 def metal_source_path() -> Optional[Path]:
-    """Where metal/rope.metal is, or None where it is absent (a converted folder)."""
-    here = Path(__file__).resolve().parent
-    places = [here / "metal"]  # installed wheel: repo_mlx/metal/
-    if here.name == "repo_mlx":
-        places.append(here.parent / "metal")  # source checkout: <repo>/metal/
-    return next((p / "rope.metal" for p in places if (p / "rope.metal").is_file()), None)
+    """rope.metal in package repo_mlx.metal, or in metal/ beside this file (the
+    copy in a converted folder); None where it is absent."""
+    if __package__:
+        try:
+            path = Path(importlib.resources.files(__package__ + ".metal") / "rope.metal")
+        except ModuleNotFoundError:
+            return None
+    else:
+        path = Path(__file__).resolve().parent / "metal" / "rope.metal"
+    return path if path.is_file() else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,27 +185,33 @@ def metal_source() -> Optional[str]:
     return path.read_text() if path else None
 
 
-def _use_metal(*arrays) -> bool:
+def _on_metal_gpu() -> bool:
+    return mx.metal.is_available() and mx.default_device() == mx.gpu
+
+
+def _use_kernels(*arrays) -> bool:
     # The kernels read any strides but want [B, H, N, D] and a GPU stream.
-    x = arrays[0]
+    q = arrays[0]
     return (
-        x.ndim == 4
-        and x.size > 0
-        and all(a.dtype in _KERNEL_DTYPES for a in arrays)
-        and mx.metal.is_available()
-        and mx.default_device() == mx.gpu
-        and metal_source() is not None
+        _state["mode"] != "off"
+        and _state["failure"] is None
+        and q.ndim == 4
+        and 0 < q.size < MAX_KERNEL_ELEMENTS
+        and all(a.dtype in KERNEL_DTYPES for a in arrays)
+        and _on_metal_gpu()
     )
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name):
-    inputs, outputs, body = KERNELS[name]
+    if metal_source() is None:
+        raise FileNotFoundError("metal/rope.metal is missing")
+    kernel = KERNELS[name]
     return mx.fast.metal_kernel(
         name=name,
-        input_names=inputs,
-        output_names=outputs,
-        source=body,
+        input_names=kernel.inputs,
+        output_names=kernel.outputs,
+        source=kernel.body,
         header=metal_source(),
         ensure_row_contiguous=False,  # the kernels read strides: no copies of q/k views
     )
@@ -202,112 +219,98 @@ def _kernel(name):
 
 def launch(name, *inputs) -> dict:
     """Keyword arguments of kernel ``name``'s call (tests/metal_harness runs the same)."""
-    *arrays, inv_freq, factor = inputs
-    inputs = (*arrays, mx.contiguous(inv_freq), factor)
-    x, z = arrays[0], arrays[2 if "_qk_" in name else 1]
-    B, H, N, D = x.shape
-    n = 2 if "_qk_" in name else 1
-    if name.endswith("backward"):
+    q, z = inputs[0], inputs[2]
+    B, H, N, D = q.shape
+    if KERNELS[name].kind == "forward":
+        tx = min(D // 2, 256)
         return dict(
             inputs=inputs,
-            template=[("T", x.dtype), ("P", z.dtype)],
-            grid=(SIMD_WIDTH, N, B * H),  # one simdgroup per row: sums meet in simd_sum
-            threadgroup=(SIMD_WIDTH, 8, 1),
-            output_shapes=[x.shape] * n + [z.shape],
-            output_dtypes=[x.dtype] * n + [z.dtype],
+            template=[("T", q.dtype), ("H", H), ("D", D)],
+            grid=(D // 2, N, B * H),  # one thread per pair
+            threadgroup=(tx, max(1, 256 // tx), 1),
+            output_shapes=[q.shape] * 2,
+            output_dtypes=[q.dtype] * 2,
         )
-    tx = min(D // 2, 256)
     return dict(
         inputs=inputs,
-        template=[("T", x.dtype)],
-        grid=(D // 2, N, B * H),  # one thread per pair
-        threadgroup=(tx, max(1, 256 // tx), 1),
-        output_shapes=[x.shape] * n,
-        output_dtypes=[x.dtype] * n,
+        template=[("T", q.dtype), ("P", z.dtype), ("H", H), ("D", D)],
+        grid=(SIMD_WIDTH, N, B * H),  # one simdgroup per row: sums meet in simd_sum
+        threadgroup=(SIMD_WIDTH, 8, 1),
+        output_shapes=[q.shape, q.shape, z.shape],
+        output_dtypes=[q.dtype, q.dtype, z.dtype],
     )
+
+
+def _check(name, q, z) -> None:
+    # First use of an instance (dtypes, heads, head_dim): run it on two tokens
+    # against the pure path, so a compile error or a wrong result shows here,
+    # once, and not in some later mx.eval.
+    H, D = q.shape[1], q.shape[3]
+    if (key := (name, q.dtype, z.dtype, H, D)) in _state["checked"]:
+        return
+    keys = mx.random.split(mx.random.key(0), 5)
+    x = [mx.random.normal((1, H, 2, D), key=keys[i]).astype(q.dtype) for i in range(4)]
+    zs = mx.random.uniform(-1000, 1000, (1, H, 2), key=keys[4]).astype(z.dtype)
+    w, factor = inv_frequencies(D, 10000.0), mx.array(1.25)
+    forward = KERNELS[name].kind == "forward"
+    args = (x[0], x[1], zs, *([] if forward else x[2:]), w, factor)
+    got, want = _kernel(name)(**launch(name, *args)), (_forward if forward else _backward)(*args)
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w, dtype = g.astype(mx.float32), w.astype(mx.float32), (q.dtype, z.dtype)[i > 1]
+        err = (mx.abs(g - w).max() / mx.maximum(mx.abs(w).max(), 1.0)).item()
+        if not err <= CHECK_TOLERANCE[dtype]:  # NaN fails too
+            raise ArithmeticError(
+                f"{name} output {i} is {err:.3g} (relative) from the pure path "
+                f"for {q.dtype}, {H} heads of {D}"
+            )
+    _state["checked"].add(key)
 
 
 def _run(name, *inputs):
-    return _kernel(name)(**launch(name, *inputs))
+    """The kernel's outputs, or None after a failure (the caller then runs the pure path)."""
+    try:
+        _check(name, inputs[0], inputs[2])
+        return _kernel(name)(**launch(name, *inputs))
+    except Exception as e:
+        lines = str(e).strip().splitlines() or [""]
+        cause = _state["failure"] = f"{type(e).__name__}: {lines[0]}"
+    message = (
+        f"repo_mlx: a Metal rotary kernel failed ({cause}). Continuing on the pure-MLX "
+        "path (same results, slower); please report it to the repo_mlx project with "
+        "the output of `python -m repo_mlx.doctor`. REPO_MLX_KERNELS=0 turns the "
+        "kernels off, REPO_MLX_KERNELS=strict makes this an error."
+    )
+    if _state["mode"] == "strict":
+        raise KernelError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
-# ------------------------------------------------------------- differentiable ops
+# ------------------------------------------------------------- differentiable op
+# inv_freq and the attention factor are keyword arguments: constants to the VJP,
+# as nothing trains them.
 @mx.custom_function
-def _rope(x, positions, inv_freq, factor):
-    if _use_metal(x, positions):
-        return _run("repo_rope_forward", x, positions, inv_freq, factor)[0]
-    return _rotate(x, positions, inv_freq, factor)
-
-
-@_rope.vjp
-def _rope_vjp(primals, g, output):
-    x, positions, inv_freq, factor = primals
-    if _use_metal(x, positions, g):
-        dx, dz = _run("repo_rope_backward", x, positions, g, inv_freq, factor)
-    else:
-        dx, dz = _backward(x, positions, g, inv_freq, factor)
-    return (dx, dz, *_frequency_grads([(x, g)], positions, inv_freq, factor))
-
-
-@mx.custom_function
-def _rope_qk(q, k, positions, inv_freq, factor):
-    if _use_metal(q, k, positions):
-        return tuple(_run("repo_rope_qk_forward", q, k, positions, inv_freq, factor))
-    return _rotate_qk(q, k, positions, inv_freq, factor)
+def _rope_qk(q, k, positions, *, inv_freq, factor):
+    if _use_kernels(q, k, positions):
+        if out := _run("repo_rope_forward", q, k, positions, inv_freq, factor):
+            return tuple(out)
+    return _forward(q, k, positions, inv_freq, factor)
 
 
 @_rope_qk.vjp
-def _rope_qk_vjp(primals, cotangents, outputs):
-    q, k, positions, inv_freq, factor = primals
-    gq, gk = cotangents
-    args = (q, k, positions, gq, gk, inv_freq, factor)
-    if _use_metal(q, k, positions, gq, gk):
-        dq, dk, dz = _run("repo_rope_qk_backward", *args)
-    else:
-        dq, dk, dz = _backward_qk(*args)
-    pairs = [(q, gq), (k, gk)]
-    return (dq, dk, dz, *_frequency_grads(pairs, positions, inv_freq, factor))
+def _rope_qk_vjp(primals, cotangents, outputs, *, inv_freq, factor):
+    args = (*primals, *cotangents, inv_freq, factor)
+    if _use_kernels(*args[:5]):
+        if out := _run("repo_rope_backward", *args):
+            return tuple(out)
+    return _backward(*args)
 
 
-def _arguments(x, positions, base, inv_freq, attention_factor):
-    if (base is None) == (inv_freq is None):
-        raise ValueError("continuous_rope needs exactly one of base and inv_freq.")
-    if x.shape[-1] % 2:
-        raise ValueError(f"head_dim must be even, got {x.shape[-1]}.")
-    if inv_freq is None:
-        inv_freq = inv_frequencies(x.shape[-1], base)
-    if inv_freq.shape != (x.shape[-1] // 2,):
-        raise ValueError(
-            f"inv_freq must have shape ({x.shape[-1] // 2},) for head_dim "
-            f"{x.shape[-1]}, got {tuple(inv_freq.shape)}."
-        )
-    if not mx.issubdtype(positions.dtype, mx.floating):
-        positions = positions.astype(mx.float32)
-    positions = mx.broadcast_to(positions, x.shape[:-1])
-    factor = mx.array(attention_factor, mx.float32)
-    return positions, inv_freq.astype(mx.float32), factor
-
-
-def continuous_rope(
-    x: mx.array,
-    positions: mx.array,
-    *,
-    base: Optional[float] = None,
-    inv_freq: Optional[mx.array] = None,
-    attention_factor: float = 1.0,
-) -> mx.array:
-    """Rotate ``x`` [B, heads, N, head_dim] by real ``positions`` [B, heads, N].
-
-    "Rotate half" layout (dims i and i + head_dim/2 pair up), angles in float32,
-    result in ``x.dtype``. Give ``base`` (plain RoPE frequencies) or ``inv_freq``
-    (e.g. YaRN's blend); ``attention_factor`` multiplies cos and sin.
-    Differentiable in ``x`` and ``positions`` (the gradient comes back in the
-    positions' dtype).
-    """
-    positions, inv_freq, factor = _arguments(
-        x, positions, base, inv_freq, attention_factor
-    )
-    return _rope(x, positions, inv_freq, factor)
+@functools.lru_cache(maxsize=None)
+def _constant(value: float, head_dim: int = 0) -> mx.array:
+    # Built once per value: the decode path makes no new arrays per call.
+    a = inv_frequencies(head_dim, value) if head_dim else mx.array(value, mx.float32)
+    mx.eval(a)
+    return a
 
 
 def continuous_rope_qk(
@@ -317,19 +320,46 @@ def continuous_rope_qk(
     *,
     base: Optional[float] = None,
     inv_freq: Optional[mx.array] = None,
-    attention_factor: float = 1.0,
+    attention_factor: Union[float, mx.array] = 1.0,
 ) -> Tuple[mx.array, mx.array]:
-    """``continuous_rope`` of queries and keys with the same positions, in one pass.
+    """Rotate ``queries`` and ``keys`` [B, heads, N, head_dim] by real ``positions``
+    [B, heads, N] (or anything that broadcasts to it); query head h and key head h
+    share ``positions[:, h]`` (RePo has no GQA), so cos and sin are computed once.
 
-    Query head h and key head h share ``positions[:, h]`` (RePo has no GQA), so
-    cos and sin are computed once; on Metal it is a single kernel launch.
+    "Rotate half" layout (dims i and i + head_dim/2 pair up), angles in float32,
+    results in the inputs' dtype. Give ``base`` (plain RoPE frequencies) or
+    ``inv_freq`` (e.g. YaRN's blend); ``attention_factor`` multiplies cos and sin.
+    Differentiable in queries, keys and positions (whose gradient has the
+    positions' dtype); ``inv_freq`` and ``attention_factor`` are constants.
     """
+    D = queries.shape[-1]
     if queries.shape != keys.shape or queries.dtype != keys.dtype:
-        kw = dict(base=base, inv_freq=inv_freq, attention_factor=attention_factor)
-        return continuous_rope(queries, positions, **kw), continuous_rope(
-            keys, positions, **kw
+        raise ValueError(
+            "queries and keys must have the same shape and dtype (RePo layers have "
+            f"no GQA); got {queries.shape} {queries.dtype} and {keys.shape} {keys.dtype}."
         )
-    positions, inv_freq, factor = _arguments(
-        queries, positions, base, inv_freq, attention_factor
-    )
-    return _rope_qk(queries, keys, positions, inv_freq, factor)
+    if (base is None) == (inv_freq is None):
+        raise ValueError("continuous_rope needs exactly one of base and inv_freq.")
+    if D % 2:
+        raise ValueError(f"head_dim must be even, got {D}.")
+    inv_freq = _constant(float(base), D) if inv_freq is None else inv_freq
+    if inv_freq.shape != (D // 2,):
+        raise ValueError(
+            f"inv_freq must have shape ({D // 2},) for head_dim {D}, got {inv_freq.shape}."
+        )
+    # Each conversion only where needed: no new arrays on the model's path.
+    if inv_freq.dtype != mx.float32:
+        inv_freq = inv_freq.astype(mx.float32)
+    if not isinstance(attention_factor, mx.array):
+        attention_factor = _constant(float(attention_factor))
+    if not mx.issubdtype(positions.dtype, mx.floating):
+        positions = positions.astype(mx.float32)
+    if positions.shape != queries.shape[:-1]:
+        positions = mx.broadcast_to(positions, queries.shape[:-1])
+    return _rope_qk(queries, keys, positions, inv_freq=inv_freq, factor=attention_factor)
+
+
+def continuous_rope(x: mx.array, positions: mx.array, **kwargs) -> mx.array:
+    """``continuous_rope_qk`` of one tensor, for tests and experiments (the model
+    rotates queries and keys together)."""
+    return continuous_rope_qk(x, x, positions, **kwargs)[0]

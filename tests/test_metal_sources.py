@@ -3,8 +3,8 @@
 metal/rope.metal is compiled as C++ with tests/metal_harness (g++), its kernels
 are launched exactly as repo_mlx.rope launches them on a GPU (same body, grid,
 threadgroup, template, input order and strides), every thread of the grid runs
-on the CPU, and the outputs are compared with the pure-MLX path. What this can
-and cannot prove: docs/kernels.md.
+on the CPU, and the outputs are compared with the pure-MLX path and float64.
+What this can and cannot prove: docs/kernels.md.
 """
 
 import ast
@@ -17,37 +17,47 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from metal_harness.harness import Harness, to_numpy
+from metal_harness.harness import Harness, Unmodelled, refuse_unmodelled, to_numpy
 
+from repo_mlx import kernel_checks as kc
 from repo_mlx import rope
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None, reason="needs g++ to build the Metal sources as C++"
 )
 
-F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
-EPS = {F32: 2.0**-23, F16: 2.0**-10, BF16: 2.0**-7}  # spacing of the dtype at 1.0
+F32, F16, BF16 = kc.F32, kc.F16, kc.BF16
 
-# (x dtype, positions dtype, head_dim, N, B, H)
-CASES = [(t, F32, d, n, 2, 3) for t in (F32, F16, BF16) for d in (64, 128) for n in (1, 513)]
+# (values dtype, positions dtype, head_dim, N, B, H, layout). Together they take
+# every branch launch() has: both kernels, each dtype of values and positions,
+# forward threadgroups narrower than, equal to and split along head_dim/2 (D =
+# 1024: two threadgroups per row), backward rows of fewer pairs than lanes, one
+# per lane and several per lane, inputs in the constant (< 8 elements) and device
+# address spaces, and contiguous and strided inputs.
+CASES = [(t, F32, d, n, 2, 3, "model") for t in kc.DTYPES for d in (64, 128) for n in (1, 513)]
 CASES += [
-    (F16, F16, 64, 513, 2, 3),  # half positions
-    (BF16, BF16, 128, 1, 2, 3),  # bfloat positions
-    (F32, BF16, 128, 33, 1, 2),
-    (F32, F32, 16, 24, 2, 4),  # the tiny fixture's head_dim: fewer pairs than lanes
-    (BF16, F32, 4, 1, 1, 1),  # under 8 elements: mlx passes these in constant space
+    (F16, F16, 64, 513, 2, 3, "model"),  # half positions
+    (BF16, BF16, 128, 1, 2, 3, "model"),  # bfloat positions
+    (F32, BF16, 128, 33, 1, 2, "contiguous"),
+    (F32, F32, 16, 24, 2, 4, "model"),  # the tiny fixture's head_dim: fewer pairs than lanes
+    (F16, F32, 1024, 3, 1, 2, "model"),  # head_dim/2 > 256: forward rows span threadgroups
+    (BF16, F32, 4, 1, 1, 1, "model"),  # under 8 elements: mlx passes these in constant space
+    (F32, F16, 32, 7, 2, 3, "shared positions"),  # z broadcast over heads (stride 0)
 ]
 KERNELS = list(rope.KERNELS)
 
 
 def _case(case, seed=None):
     """Inputs of one case: tensors as (mx array, numpy view with the same strides)."""
-    T, P, D, N, B, H = case
+    T, P, D, N, B, H, layout = case
     rng = np.random.default_rng(CASES.index(case) if seed is None else seed)
 
     def make(base, dtype, view):
         base = mx.array(base.astype(np.float32)).astype(dtype)
         return view(base), view(to_numpy(base))
+
+    def keep(a):
+        return a
 
     if D >= 64:  # YaRN frequencies and cos/sin factor (spec section 7)
         inv_freq, factor = rope.yarn_parameters(D, 500000.0, 4.0)
@@ -56,28 +66,32 @@ def _case(case, seed=None):
     # Positions non-monotone, negative, up to +-5000 (both ends hit exactly).
     z = rng.uniform(-5000.0, 5000.0, (B, N, H))
     z.reshape(-1)[:2] = (-5000.0, 5000.0)[: z.size]
-    # q as the model makes it (a head-split view of the projection); k strided in
-    # the head dim; gk running backwards along N; z transposed like the model's.
-    return (
-        make(rng.standard_normal((B, N, H, D)), T, lambda a: a.transpose(0, 2, 1, 3)),
-        make(rng.standard_normal((B, H, N, 2 * D)), T, lambda a: a[..., ::2]),
-        make(z, P, lambda a: a.transpose(0, 2, 1)),
-        make(rng.standard_normal((B, H, N, D)), T, lambda a: a),
-        make(rng.standard_normal((B, H, N, D)), T, lambda a: a[:, :, ::-1]),
-        inv_freq,
-        factor,
-    )
+    if layout == "contiguous":
+        views = [keep] * 5
+        z = z.transpose(0, 2, 1)
+    elif layout == "shared positions":
+        views = [keep] * 5
+        z = z[:, :, :1].transpose(0, 2, 1)
+        views[2] = lambda a: np.broadcast_to(a, (B, H, N)) if isinstance(a, np.ndarray) else mx.broadcast_to(a, (B, H, N))  # noqa: E731
+    else:  # as the model makes them: q a head-split view of the projection, k
+        # strided in the head dim, gk running backwards along N, z transposed.
+        views = [
+            lambda a: a.transpose(0, 2, 1, 3), lambda a: a[..., ::2],
+            lambda a: a.transpose(0, 2, 1), keep, lambda a: a[:, :, ::-1],
+        ]  # fmt: skip
+    shapes = {
+        "model": [(B, N, H, D), (B, H, N, 2 * D), None, (B, H, N, D), (B, H, N, D)],
+    }.get(layout, [(B, H, N, D)] * 2 + [None] + [(B, H, N, D)] * 2)
+    tensors = [
+        make(z if s is None else rng.standard_normal(s), P if s is None else T, v)
+        for s, v in zip(shapes, views)
+    ]
+    return (*tensors, inv_freq, mx.array(factor, mx.float32))
 
 
 def _launch(name, q, k, z, gq, gk, inv_freq, factor):
     """The kernel's launch as rope.py makes it, and the numpy stand-ins of its tensors."""
-    positions, inv_freq, factor = rope._arguments(q[0], z[0], None, inv_freq, factor)
-    tensors = {
-        "repo_rope_forward": [q, z],
-        "repo_rope_qk_forward": [q, k, z],
-        "repo_rope_backward": [q, z, gq],
-        "repo_rope_qk_backward": [q, k, z, gq, gk],
-    }[name]
+    tensors = [q, k, z] if rope.KERNELS[name].kind == "forward" else [q, k, z, gq, gk]
     launch = rope.launch(name, *[t[0] for t in tensors], inv_freq, factor)
     return launch, [t[1] for t in tensors]
 
@@ -94,52 +108,36 @@ def harness(tmp_path_factory):
 
 def _pure(name, q, k, z, gq, gk, inv_freq, factor):
     """The same computation on the pure-MLX path (this machine has no Metal)."""
-    assert not rope._use_metal(q)
-    kw = dict(inv_freq=inv_freq, attention_factor=factor)
-    if name == "repo_rope_forward":
-        return [rope.continuous_rope(q, z, **kw)]
-    if name == "repo_rope_qk_forward":
-        return list(rope.continuous_rope_qk(q, k, z, **kw))
-    if name == "repo_rope_backward":
-        _, grads = mx.vjp(lambda x, p: rope.continuous_rope(x, p, **kw), [q, z], [gq])
-        return grads
-    _, grads = mx.vjp(
-        lambda a, b, p: rope.continuous_rope_qk(a, b, p, **kw), [q, k, z], [gq, gk]
-    )
-    return grads
-
-
-def _ulps(got, want):
-    """Largest |got - want| in units of the dtype's spacing at max(1, |want|)."""
-    assert got.shape == want.shape and got.dtype == want.dtype
-    g, w = np.array(got.astype(F32)), np.array(want.astype(F32))
-    assert np.isfinite(g).all(), "the kernel left elements unwritten (NaN fill)"
-    return float((np.abs(g - w) / (EPS[want.dtype] * np.maximum(1.0, np.abs(w)))).max())
-
-
-# The kernels round once from float32; the pure path rounds after each multiply
-# and add in the value dtype (as the official code does), so in half and bfloat
-# they differ by a few units; float32 differs only by cos/sin implementations
-# and summation order (which matter more for dz, a sum over D/2 pairs).
-LIMITS = {"value": {F32: 16, F16: 4, BF16: 4}, "dz": {F32: 64, F16: 2, BF16: 2}}
+    assert not rope._use_kernels(q)
+    if rope.KERNELS[name].kind == "forward":
+        return list(rope._forward(q, k, z, inv_freq, factor))
+    return list(rope._backward(q, k, z, gq, gk, inv_freq, factor))
 
 
 def _id(case):
-    return "-".join(map(str, case)).replace("mlx.core.", "")
+    return "-".join(map(str, case)).replace("mlx.core.", "").replace(" ", "_")
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_kernels_match_pure_mlx(harness, case):
-    q, k, z, gq, gk, inv_freq, factor = _case(case)
+def test_kernels_match_pure_mlx_and_float64(harness, case):
+    q, k, z, gq, gk, inv_freq, factor = inputs = _case(case)
+    got = []
     for name in KERNELS:
-        launch, tensors = _launch(name, q, k, z, gq, gk, inv_freq, factor)
-        got = harness.run(name, launch, tensors)
+        launch, tensors = _launch(name, *inputs)
+        out = harness.run(name, launch, tensors)
         want = _pure(name, q[0], k[0], z[0], gq[0], gk[0], inv_freq, factor)
-        assert len(got) == len(want)
-        for i, (g, w) in enumerate(zip(got, want)):
-            kind = "dz" if name.endswith("backward") and i == len(got) - 1 else "value"
-            err = _ulps(g, w)
-            assert err <= LIMITS[kind][w.dtype], f"{name} output {i}: {err:.1f} units"
+        assert len(out) == len(want)
+        for i, (g, w) in enumerate(zip(out, want)):
+            kind = "dz" if rope.KERNELS[name].kind == "backward" and i == 2 else "value"
+            err = kc.units(g, w)
+            assert err <= kc.KERNEL_LIMITS[kind][w.dtype], f"{name} output {i}: {err:.1f} units"
+        got += out
+    # ... and no further from float64 than the pure path is allowed to be.
+    ref = kc.reference_outputs(dict(
+        q=q[0], k=k[0], z=z[0], gq=gq[0], gk=gk[0], inv_freq=inv_freq, factor=factor.item()
+    ))  # fmt: skip
+    errs = kc.reference_errors(got, ref)
+    assert kc.within_reference(errs, case[0], case[1]), errs
 
 
 def test_harness_catches_broken_kernels(tmp_path):
@@ -152,16 +150,51 @@ def test_harness_catches_broken_kernels(tmp_path):
     assert broken.count("x2 * c - x1 * s") == 1
     (tmp_path / "rope.metal").write_text(broken)
     h = Harness(tmp_path / "build", source=tmp_path / "rope.metal")
-    inputs = _case((F32, F32, 128, 5, 2, 3), seed=0)
-    launches = {n: _launch(n, *inputs) for n in ("repo_rope_forward", "repo_rope_backward")}
+    inputs = _case((F32, F32, 128, 5, 2, 3, "model"), seed=0)
+    launches = {n: _launch(n, *inputs) for n in KERNELS}
     for name, (launch, _) in launches.items():
         h.add(name, launch)
     h.build()
     for name, (launch, tensors) in launches.items():
         got = h.run(name, launch, tensors)
         want = _pure(name, *[t[0] for t in inputs[:5]], *inputs[5:])
-        worst = max(_ulps(g, w) for g, w in zip(got, want))
-        assert worst > 1e3, f"{name}: broken kernel not caught ({worst:.1f} units)"
+        worst = [kc.units(g, w) for g, w in zip(got, want)]
+        broken_outputs = worst[:2] if name == "repo_rope_forward" else worst[2:]
+        assert min(broken_outputs) > 1e3, f"{name}: broken kernel not caught ({worst})"
+
+
+@pytest.mark.parametrize(
+    "snippet, what",
+    [
+        ("threadgroup float shared[32];", "threadgroup memory"),
+        ("threadgroup_barrier(mem_flags::mem_threadgroup);", "barriers"),
+        ("float v = simd_shuffle(1.0f, 0);", "simdgroup operations"),
+        ("float v = fast::cos(1.0f);", "math other than"),
+        ("void f(uint3 p [[thread_position_in_grid]]);", "attributes"),
+        ("atomic_fetch_add_explicit(x, 1, memory_order_relaxed);", "atomics"),
+    ],
+)
+def test_harness_refuses_what_it_cannot_model(tmp_path, snippet, what):
+    """g++ would build these (or ignore them) and the serial harness would run
+    them wrongly; it refuses, naming the line."""
+    source = rope.metal_source() + "\n" + snippet + "\n"
+    with pytest.raises(Unmodelled, match=what):
+        refuse_unmodelled(source)
+    (tmp_path / "rope.metal").write_text(source)
+    h = Harness(tmp_path / "build", source=tmp_path / "rope.metal")
+    h.add("repo_rope_forward", _launch("repo_rope_forward", *_case(CASES[0]))[0])
+    with pytest.raises(Unmodelled, match=f"line {source.count(chr(10))}"):
+        h.build()
+    refuse_unmodelled(rope.metal_source())  # the shipped file passes
+    # Comments do not count.
+    refuse_unmodelled("// threadgroup_barrier would need real threads\n")
+
+
+def test_harness_refuses_template_arguments_mlx_cannot_pass():
+    launch = _launch("repo_rope_forward", *_case(CASES[0]))[0]
+    launch["template"] = launch["template"] + [("S", 0.5)]
+    with pytest.raises(Unmodelled, match="template argument S=0.5"):
+        Harness("unused").add("repo_rope_forward", launch)
 
 
 def test_wheel_ships_and_finds_metal_sources(tmp_path):
@@ -194,22 +227,40 @@ def test_wheel_ships_and_finds_metal_sources(tmp_path):
     assert Path(out[1]).read_text() == (root / "metal" / "rope.metal").read_text()
 
 
-def test_standalone_copy_runs_without_metal_sources(tmp_path):
-    """A converted folder carries rope.py as repo_rope.py alone: it imports with
-    only mlx, finds no Metal sources and runs the pure path."""
+def test_installed_package_finds_metal_sources():
+    """The package under test (editable here) imports repo_mlx.metal as a regular
+    package and reads rope.metal through it."""
+    import repo_mlx.metal
+
+    assert rope.metal_source_path() == Path(repo_mlx.metal.__file__).parent / "rope.metal"
+    assert "repo_rope_forward" in rope.metal_source()
+
+
+def test_standalone_copy_finds_metal_sources_beside_it(tmp_path):
+    """A converted folder carries rope.py as repo_rope.py and rope.metal in metal/
+    beside it: the copy imports with only mlx and finds the source there; without
+    it, it finds none and runs the pure path."""
     shutil.copy(rope.__file__, tmp_path / "repo_rope.py")
     probe = (
         "import sys, mlx.core as mx, repo_rope as r\n"
-        "assert r.metal_source() is None\n"
+        "print(r.metal_source_path())\n"
         "x = mx.ones((1, 2, 3, 8)); y = r.continuous_rope(x, mx.zeros((1, 2, 3)), base=10000.0)\n"
         "assert mx.allclose(x, y).item()\n"
         "print(sorted(m for m in sys.modules if m.startswith('repo')))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True
-    ).stdout
-    assert out.strip() == "['repo_rope']"
+
+    def run():
+        return subprocess.run(
+            [sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True,
+            text=True,
+        ).stdout.split("\n")  # fmt: skip
+
+    assert run()[:2] == ["None", "['repo_rope']"]
+    (tmp_path / "metal").mkdir()
+    shutil.copy(rope.metal_source_path(), tmp_path / "metal" / "rope.metal")
+    assert run()[:2] == [str(tmp_path / "metal" / "rope.metal"), "['repo_rope']"]
     tree = ast.parse((tmp_path / "repo_rope.py").read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert {m.split(".")[0] for m in imported} <= {"functools", "math", "pathlib", "typing", "mlx"}
+    stdlib = {"functools", "importlib", "math", "os", "pathlib", "typing", "warnings"}
+    assert {m.split(".")[0] for m in imported} <= stdlib | {"mlx"}

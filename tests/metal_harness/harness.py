@@ -10,6 +10,7 @@ the outputs as mx arrays. What this can and cannot prove: docs/kernels.md.
 """
 
 import ctypes
+import re
 import subprocess
 from pathlib import Path
 
@@ -56,6 +57,33 @@ TYPES = {
 }
 
 
+class Unmodelled(ValueError):
+    """The source or launch uses something the harness cannot run faithfully."""
+
+
+# Constructs that g++ would accept but the harness would run wrongly: threads run
+# one after another and lanes meet only at simd_sum, address spaces are erased.
+UNMODELLED = [
+    (r"\bthreadgroup\b", "threadgroup memory (threads here run one after another)"),
+    (r"\b\w*_barrier\b", "barriers (threads here run one after another)"),
+    (r"\batomic\w*", "atomics"),
+    (r"\bsimd_(?!sum\b)\w+|\bquad_\w+", "simdgroup operations other than simd_sum"),
+    (r"\bfast::|\bprecise::(?!sincos\b|cos\b|sin\b)\w+", "math other than precise::sincos/cos/sin"),
+    (r"\[\[", "attributes in the header (g++ ignores unknown ones)"),
+    (r"\bstatic\b(?!\s+constant\s+constexpr)", "static variables"),
+    (r"\bvolatile\b", "volatile"),
+]
+
+
+def refuse_unmodelled(source: str) -> None:
+    """Raise Unmodelled if ``source`` uses a construct from UNMODELLED."""
+    code = re.sub(r"//[^\n]*|/\*.*?\*/", "", source, flags=re.S)
+    for pattern, what in UNMODELLED:
+        if m := re.search(pattern, code):
+            line = code[: m.start()].count("\n") + 1
+            raise Unmodelled(f"line {line}: {m.group(0)!r}: the harness cannot model {what}")
+
+
 def to_numpy(a: mx.array) -> np.ndarray:
     """Row-contiguous numpy copy of ``a``; bfloat16 comes back as its uint16 bits."""
     return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
@@ -75,7 +103,11 @@ def _template_arg(value):
 
 def kernel_source(func: str, name: str, launch: dict):
     """(C++ source of the kernel function as mlx writes it, C++ call for one thread)."""
-    input_names, output_names, body = rope.KERNELS[name]
+    kernel = rope.KERNELS[name]
+    input_names, output_names, body = kernel.inputs, kernel.outputs, kernel.body
+    for n, v in launch["template"]:
+        if not isinstance(v, (mx.Dtype, bool, int)):
+            raise Unmodelled(f"template argument {n}={v!r}: mlx takes dtypes, ints and bools")
     params, call = [], []
     for i, (n, a) in enumerate(zip(input_names, launch["inputs"])):
         t = TYPES[a.dtype][0]
@@ -133,6 +165,9 @@ class Harness:
         path = self.source or rope.metal_source_path()
         if self.source is None:
             assert path is not None and path.read_text() == rope.metal_source()
+        refuse_unmodelled(Path(path).read_text())
+        for (source, _), _ in self.functions.items():
+            refuse_unmodelled(source.split("{", 1)[1])  # the body mlx wraps
         parts = [
             "#include <metal_stdlib>  // harness stand-in for mlx's kernel prelude",
             f'#include "{path}"  // the header rope.py hands to mx.fast.metal_kernel',

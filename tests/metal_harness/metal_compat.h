@@ -5,7 +5,7 @@
 //
 // Semantics mirrored: float16_t/half is IEEE binary16 (_Float16) and
 // bfloat16_t/bfloat keeps the top 16 bits of a float, both rounded to nearest
-// even from float; metal::precise::cos/sin are the C library's float cos/sin;
+// even from float; metal::precise::cos/sin/sincos are the C library's float cos/sin;
 // simd_sum adds the values of the active lanes of a 32-lane simdgroup, whose
 // lanes run as coroutines that meet at each simd_sum.
 #pragma once
@@ -65,6 +65,11 @@ inline float cos(float x) {
   return std::cos(x);
 }
 inline float sin(float x) {
+  return std::sin(x);
+}
+// Metal: T sincos(T x, thread T& cosval), returns the sine.
+inline float sincos(float x, float& cosval) {
+  cosval = std::cos(x);
   return std::sin(x);
 }
 }  // namespace precise
