@@ -1,16 +1,14 @@
 """The model against the official implementation's outputs, and its invariances."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.generate import batch_generate, generate_step, stream_generate
-from mlx_lm.models import olmo2
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 import repo_mlx
+from repo_mlx import kernel_checks as kc
 from repo_mlx import synthetic
-from repo_mlx.repo_olmo2 import POSITION_WEIGHTS
 
 
 def rel_err(a, b):
@@ -78,29 +76,22 @@ def test_batch_equals_rows_alone(tiny, reference):
         assert rel_err(both[row], model(ids[row : row + 1])[0]) < 1e-5
 
 
-def plain_olmo2(model):
-    """mlx-lm's own OLMo-2 with the same weights minus the position module."""
-    a = model.args
-    args = olmo2.ModelArgs(
-        model_type="olmo2",
-        hidden_size=a.hidden_size,
-        num_hidden_layers=a.num_hidden_layers,
-        intermediate_size=a.intermediate_size,
-        num_attention_heads=a.num_attention_heads,
-        num_key_value_heads=a.num_key_value_heads,
-        rms_norm_eps=a.rms_norm_eps,
-        vocab_size=a.vocab_size,
-        rope_theta=a.rope_theta,
-        tie_word_embeddings=False,
-    )
-    plain = olmo2.Model(args)
-    weights = [
-        (k, v)
-        for k, v in nn.utils.tree_flatten(model.parameters())
-        if k.split(".")[-2] not in POSITION_WEIGHTS
-    ]
-    plain.load_weights(weights)
-    return plain
+plain_olmo2 = kc.plain_olmo2
+
+# Operations (views not counted) of one decode step of a layer of the fixture,
+# built on the CPU (the pure rotation path). Before the leaner rotation and the
+# compiled swiglu: RePo layer 58, plain layer 78.
+DECODE_OPS = {"repo": 53, "plain": 78}
+
+
+def test_decode_step_operation_count_does_not_grow(tiny):
+    with mx.stream(mx.cpu):
+        ops = kc.decode_ops(tiny[0])
+    for kind, most in DECODE_OPS.items():
+        assert ops[kind] <= most, (
+            f"one decode step of a {kind} layer now takes {ops[kind]} operations, "
+            f"up from {most}: find the new ones with mx.export_to_dot"
+        )
 
 
 def test_position_blend_one_is_plain_rope(fixture_path, reference):
