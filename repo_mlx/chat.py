@@ -1,0 +1,184 @@
+"""Chat in the terminal with a RePo model: ``python -m repo_mlx.chat --model M``.
+
+As ``mlx_lm.chat``, the conversation's KV cache is kept between turns, so a
+turn processes only its new tokens. A base model (no chat template) reads the
+plain transcript the server uses, mlx-lm's ``USER: ...`` / ``ASSISTANT:``, and
+its reply ends where it starts the next ``USER:`` turn. Each turn the whole
+transcript is tokenized and only what the cache lacks is fed, so every reply
+is what ``repo_mlx.generate`` gives on the whole transcript.
+"""
+
+import sys
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.server import convert_chat
+
+from . import _cli
+from .errors import LoadError
+from .generate import MIN_KV_SIZE, add_sampling_flags, sampler
+from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long
+
+NEXT_USER_TURN = "\nUSER:"  # as in repo_mlx.server
+HELP = "Type a message; /reset starts a new conversation, /exit (or Ctrl-D) quits."
+
+
+def common_prefix(a: List[int], b: List[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Chat:
+    """A conversation whose KV cache outlives each turn."""
+
+    def __init__(self, model, tokenizer, system_prompt: Optional[str] = None, max_kv_size=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.system_prompt, self.max_kv_size = system_prompt, max_kv_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.cache = make_prompt_cache(self.model, self.max_kv_size)
+        self.cached: List[int] = []  # the tokens whose keys and values the cache holds
+        self.last_tokens: List[int] = []
+
+    def transcript(self) -> List[int]:
+        tok = self.tokenizer
+        if tok.has_chat_template:
+            return tok.apply_chat_template(self.messages, add_generation_prompt=True)
+        return tok.encode(convert_chat(self.messages))
+
+    def _reuse(self, tokens: List[int]) -> List[int]:
+        """Keep the cached prefix the transcript shares; the tokens still to feed."""
+        keep = common_prefix(self.cached, tokens)
+        keep = min(keep, len(tokens) - 1)  # the last token is fed to get the first logits
+        drop = len(self.cached) - keep
+        if drop and can_trim_prompt_cache(self.cache):
+            trim_prompt_cache(self.cache, drop)
+        elif drop:  # a rotating cache cannot go back: start it again
+            self.cache, keep = make_prompt_cache(self.model, self.max_kv_size), 0
+        self.cached = tokens[:keep]
+        return tokens[keep:]
+
+    def turn(self, text: str, max_tokens: int, sampler, on_text=None) -> str:
+        """The reply to ``text``; ``on_text`` gets it piece by piece as it is generated."""
+        self.messages.append({"role": "user", "content": text})
+        tokens = self.transcript()
+        warn_if_too_long(self.model, len(tokens) + max_tokens)
+        todo = self._reuse(tokens)
+        generated, reply, shown = [], "", 0
+        try:
+            for r in stream_generate(
+                self.model, self.tokenizer, mx.array(todo), max_tokens=max_tokens,
+                sampler=sampler, prompt_cache=self.cache,
+            ):
+                generated.append(r.token)
+                self.prompt_tokens = r.prompt_tokens  # fed this turn
+                reply += r.text
+                end = reply.find(NEXT_USER_TURN) if not self.tokenizer.has_chat_template else -1
+                if end >= 0:
+                    reply = reply[:end]
+                # Hold back what may be the start of the next turn's marker.
+                hold = next((k for k in range(len(NEXT_USER_TURN) - 1, 0, -1) if reply.endswith(NEXT_USER_TURN[:k])), 0)
+                if on_text is not None and len(reply) - hold > shown:
+                    on_text(reply[shown : len(reply) - hold])
+                    shown = len(reply) - hold
+                if end >= 0:
+                    break
+        except KeyboardInterrupt:  # the reply is dropped; the cache no longer matches
+            self.messages.pop()
+            self.cache, self.cached = make_prompt_cache(self.model, self.max_kv_size), []
+            raise
+        if on_text is not None and len(reply) > shown:
+            on_text(reply[shown:])
+        # The cache holds every token fed: the prompt and the generated ones.
+        fed = tokens + generated
+        offset = self.cache[0].offset
+        if offset > len(fed) and can_trim_prompt_cache(self.cache):
+            trim_prompt_cache(self.cache, offset - len(fed))
+        self.cached = fed[:offset]
+        self.last_tokens = generated
+        self.messages.append({"role": "assistant", "content": reply.strip()})
+        return reply
+
+
+def build_parser():
+    p = _cli.ArgumentParser(
+        prog="python -m repo_mlx.chat",
+        description="Chat with a RePo-OLMo2 model in the terminal, keeping the "
+        "conversation's KV cache between turns. " + HELP,
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Model folder (official Hugging Face or converted) or Hub id, "
+        f"downloaded on first use (default: {DEFAULT_MODEL}).",
+    )
+    p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    p.add_argument("--max-tokens", "-m", type=_cli.positive_int, default=256, help="Most tokens per reply (default: 256).")
+    add_sampling_flags(p)
+    p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        help="A system message first in the conversation (a base model reads it as \"ASSISTANT's RULE: ...\").",
+    )
+    _cli.add_trust_remote_code(p)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
+    if args.seed is not None:  # after loading: building the model draws random numbers
+        mx.random.seed(args.seed)
+    chat = Chat(model, tokenizer, args.system_prompt, args.max_kv_size)
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"[INFO] {args.model}. {HELP}", file=sys.stderr)
+
+    def show(text):
+        print(text, end="", flush=True)
+
+    while True:
+        try:
+            line = input(">> " if tty else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            chat.reset()
+            if tty:
+                print("[INFO] New conversation.", file=sys.stderr)
+            continue
+        if line.startswith("/") and line.split()[0] in ("/help", "/?"):
+            print(HELP, file=sys.stderr)
+            continue
+        started = False
+
+        def on_text(text):  # the reply without the space after "ASSISTANT:"
+            nonlocal started
+            text = text if started else text.lstrip()
+            started = started or bool(text)
+            show(text)
+
+        try:
+            chat.turn(line, args.max_tokens, sampler(args), on_text)
+        except KeyboardInterrupt:
+            print("\n[interrupted: reply dropped]", end="", file=sys.stderr)
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    _cli.run(main)
