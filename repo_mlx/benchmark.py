@@ -1,0 +1,199 @@
+"""Speed and memory to paste into a bug report: ``python -m repo_mlx.benchmark``.
+
+Like ``mlx_lm.benchmark`` (random prompt tokens, no early stop, a warm-up, then
+timed trials), for the RePo model and for mlx-lm's plain OLMo-2 built on the
+very same weights (the position module left out), alternating ABBA. Prints
+medians, the ratio RePo / OLMo-2 (median of the per-trial ratios, 1.0 = no
+cost) and the machine, as Markdown. Without ``--model`` the model is random
+with the released 1B's shapes: no download.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from importlib.metadata import version
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.generate import batch_generate, generate_step
+from mlx_lm.models import olmo2
+
+from . import _cli, rope, synthetic
+from .errors import LoadError
+from .generate import KV_BITS, KV_GROUP_SIZES, check_kv_bits
+from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs
+from .utils import DTYPES, load
+
+SHAPES = {"1b": synthetic.config_1b(), "tiny": synthetic.config()}
+SHAPE_NAMES = {"1b": "the released 1B's shape (16 layers of 2048, RePo from layer 5)", "tiny": "the tiny test shape"}
+clock = time.perf_counter  # the tests swap in a fake clock
+# batch_generate decodes its output; random token ids have no text worth decoding.
+NO_TEXT = SimpleNamespace(eos_token_ids=[], decode=lambda ids: "")
+
+
+def random_model(shape: str, dtype: str):
+    config = {**SHAPES[shape], "tie_word_embeddings": False}
+    model = Model(ModelArgs.from_dict(config))
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return model, config
+
+
+def plain_olmo2(model, config):
+    """mlx-lm's OLMo-2 holding the same arrays as ``model``, without the position module."""
+    plain = olmo2.Model(olmo2.ModelArgs.from_dict({k: v for k, v in config.items() if k != "pe_config"}))
+    base = [(k, v) for k, v in tree_flatten(model.parameters()) if k.split(".")[-2] not in POSITION_WEIGHTS]
+    names = dict(base)
+    if any(k.endswith(".scales") for k in names):  # quantize the layers the RePo model has quantized
+        q = config["quantization"]
+        nn.quantize(plain, q["group_size"], q["bits"], class_predicate=lambda p, m: f"{p}.scales" in names)
+    plain.load_weights(base)  # no copy
+    return plain
+
+
+def run_single(model, prompt, args):
+    """Prompt tok/s (to the first token), generation tok/s (after it) and peak GB."""
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    kv = {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size, "quantized_kv_start": 0}
+    tic = clock()
+    steps = generate_step(prompt[0], model, max_tokens=args.generation_tokens, prefill_step_size=args.prefill_step_size, **kv)
+    for n, _ in enumerate(steps):  # each step hands back a Python int: timed work is done
+        if n == 0:
+            prompt_time = clock() - tic
+            tic = clock()
+    generation_time = clock() - tic
+    return (
+        prompt[0].size / prompt_time,
+        (args.generation_tokens - 1) / generation_time,
+        mx.get_peak_memory() / 1e9,
+    )
+
+
+def run_batch(model, prompt, args):
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    stats = batch_generate(
+        model, NO_TEXT, prompt.tolist(), max_tokens=args.generation_tokens,
+        prefill_step_size=args.prefill_step_size,
+        prefill_batch_size=args.batch_size, completion_batch_size=args.batch_size,
+    ).stats
+    return stats.prompt_tps, stats.generation_tps, stats.peak_memory
+
+
+def alternate(models: dict, run, trials: int):
+    """A warm-up each, then ABBA trials: medians per model, median per-trial ratios."""
+    for name, model in models.items():
+        print(f"warm-up: {name}", file=sys.stderr, flush=True)
+        run(model)
+    results = {name: [] for name in models}
+    for i in range(trials):
+        for name in list(models)[:: 1 if i % 2 == 0 else -1]:
+            results[name].append(run(models[name]))
+        print(f"trial {i + 1}/{trials} done", file=sys.stderr, flush=True)
+    medians = {k: [statistics.median(col) for col in zip(*v)] for k, v in results.items()}
+    ratios = [[a / b for a, b in zip(r, p)] for r, p in zip(*results.values())]
+    return medians, [statistics.median(col) for col in zip(*ratios)]
+
+
+def kernel_report() -> str:
+    """Whether the Metal rotary kernels ran in this process (rope.py records each one it checked)."""
+    if not (mx.metal.is_available() and mx.default_device() == mx.gpu):
+        return "not used (no Metal GPU: the pure-MLX path ran)"
+    state = rope._state
+    if state["mode"] == "off":
+        return "off (REPO_MLX_KERNELS=0): the pure-MLX path ran"
+    if state["failure"]:
+        return f"failed, the pure-MLX path ran instead ({state['failure']})"
+    return "ran" if state["checked"] else "not used (no call fit the kernels)"
+
+
+def machine() -> dict:
+    info = mx.device_info()
+    memory = info.get("memory_size")
+    if memory is None:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    system = platform.mac_ver()[0] and f"macOS {platform.mac_ver()[0]}" or platform.platform()
+    return {
+        "chip": info.get("device_name") or platform.processor() or platform.machine(),
+        "memory": f"{memory / 2**30:.0f} GiB",
+        "os": f"{system} ({platform.machine()})",
+    }
+
+
+def report(args, where: str, n_params: int, n_position: int, dtype: str, medians, ratio) -> str:
+    rows = [("RePo (repo_mlx)", medians["RePo"]), ("OLMo-2 (mlx-lm, same weights)", medians["OLMo-2"])]
+    lines = [
+        "### repo_mlx benchmark",
+        "",
+        "| model | prompt tok/s | generation tok/s | peak memory (GB) |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {p:.1f} | {g:.1f} | {m:.3f} |" for name, (p, g, m) in rows),
+        f"| **ratio RePo / OLMo-2** | {ratio[0]:.3f} | {ratio[1]:.3f} | {ratio[2]:.3f} |",
+        "",
+    ]
+    kv = f"{args.kv_bits}-bit (group {args.kv_group_size})" if args.kv_bits else "not quantized"
+    m = machine()
+    lines += [
+        f"- model: {where}, {dtype}, {n_params / 1e6:.1f}M parameters ({100 * n_position / n_params:.2f}% position module)",
+        f"- run: prompt {args.prompt_tokens} tokens, {args.generation_tokens} generated, batch {args.batch_size}, "
+        f"KV cache {kv}, prefill step {args.prefill_step_size}; {args.num_trials} trial{'s' * (args.num_trials > 1)} after a warm-up, "
+        "ABBA order, medians; ratio = median of per-trial ratios",
+        f"- machine: {m['chip']}, {m['memory']}, {m['os']}",
+        f"- software: Python {platform.python_version()}, mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, "
+        f"repo_mlx {_cli.version()}",
+        f"- device: {'gpu' if mx.default_device() == mx.gpu else 'cpu'}; Metal rotary kernels: {kernel_report()}",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _cli.ArgumentParser(
+        prog="python -m repo_mlx.benchmark",
+        description="Prompt and generation tokens/s and peak memory of a RePo model and of plain "
+        "OLMo-2 (mlx-lm) on the same weights, with the machine, as Markdown to paste into a bug report.",
+    )
+    p.add_argument("--model", default=None, help="Model folder or Hub id (default: a random model, see --shape; no download).")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="Shape of the random model without --model (default: 1b, the released model's).")
+    p.add_argument("--prompt-tokens", "-p", type=_cli.positive_int, default=512, help="Prompt length in tokens (default: 512).")
+    p.add_argument("--generation-tokens", "-g", type=_cli.int_range(2), default=128, help="Tokens to generate, at least 2 (default: 128).")
+    p.add_argument("--batch-size", "-b", type=_cli.positive_int, default=1, help="Prompts generated together (mlx-lm's batch_generate) (default: 1).")
+    p.add_argument("--num-trials", "-n", type=_cli.positive_int, default=5, help="Timed trials per model after a warm-up (default: 5).")
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache from the first token, batch size 1 only (default: off).")
+    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64, help="Group size for --kv-bits; must divide head_dim (default: 64).")
+    p.add_argument("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step (default: 2048).")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's; bfloat16 for the random model).")
+    _cli.add_trust_remote_code(p)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.kv_bits is not None and args.batch_size > 1:
+        raise LoadError("--kv-bits works with --batch-size 1 only: mlx-lm's batch generation has no quantized KV cache.")
+    if args.model is None:
+        model, config = random_model(args.shape, args.dtype or "bfloat16")
+        where = f"random weights in {SHAPE_NAMES[args.shape]}"
+    else:
+        model, _, config = load(args.model, dtype=args.dtype, return_config=True)
+        where = f"`{args.model}`"
+    check_kv_bits(model, args.kv_bits, args.kv_group_size)
+    plain = plain_olmo2(model, config)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_position = n_params - sum(v.size for _, v in tree_flatten(plain.parameters()))
+    dtype = str(model.model.norm.weight.dtype).replace("mlx.core.", "")
+
+    mx.random.seed(0)
+    prompt = mx.random.randint(0, model.args.vocab_size, (args.batch_size, args.prompt_tokens))
+    run = run_single if args.batch_size == 1 else run_batch
+    medians, ratio = alternate({"RePo": model, "OLMo-2": plain}, lambda m: run(m, prompt, args), args.num_trials)
+    print(report(args, where, n_params, n_position, dtype, medians, ratio))
+
+
+if __name__ == "__main__":
+    _cli.run(main)
