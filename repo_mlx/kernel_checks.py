@@ -38,6 +38,11 @@ class Check(NamedTuple):
     detail: str
 
 
+def one_line_error(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def dtype_name(dtype) -> str:
     return str(dtype).replace("mlx.core.", "")
 
@@ -182,7 +187,7 @@ def check_kernels(dtypes=DTYPES, shapes=SHAPES) -> List[Check]:
                 with kernels("off"), mx.stream(mx.cpu):
                     pure = rotation_outputs(inputs)
             except Exception as e:  # a compile error or crash is a result here
-                rows.append(Check(name, "fail", f"{type(e).__name__}: {e}".splitlines()[0]))
+                rows.append(Check(name, "fail", one_line_error(e)))
                 continue
             errs = reference_errors(got, reference_outputs(inputs))
             diff = [units(g, p) for g, p in zip(got, pure)]
@@ -241,7 +246,7 @@ def check_model(device=None, fixture: Path = FIXTURE) -> List[Check]:
             model, _ = load(str(fixture))
             e = model_errors(model, reference)
     except Exception as ex:
-        return [Check(name, "fail", f"{type(ex).__name__}: {ex}".splitlines()[0])]
+        return [Check(name, "fail", one_line_error(ex))]
     ok = e["logits"] <= MODEL_LIMITS["logits"] and e["positions"] <= MODEL_LIMITS["positions"]
     ok = ok and e["greedy"]
     detail = (
@@ -313,7 +318,8 @@ def decode_speed(models: dict, prompt_tokens=64, tokens=64, rounds=3) -> dict:
     alternating, median of ``rounds``. Only meaningful on the machine's GPU."""
     from mlx_lm.generate import generate_step
 
-    prompt = mx.array(np.random.default_rng(0).integers(0, 300, prompt_tokens))
+    vocab = min(m.args.vocab_size for m, _ in models.values())
+    prompt = mx.array(np.random.default_rng(0).integers(0, vocab, prompt_tokens))
     times = {name: [] for name in models}
     for _ in range(rounds + 1):  # the first round warms up
         for name, (model, mode) in models.items():

@@ -1,0 +1,183 @@
+"""Check repo_mlx on this machine: ``python -m repo_mlx.doctor [--model M]``.
+
+Prints versions, the device and whether the Metal kernels are in use, then
+checks: the pure rotation path against float64, each Metal kernel against the
+pure path and float64 (float32/float16/bfloat16, decode and prefill shapes,
+forward and backward), the official tiny checkpoint against the official
+implementation's outputs, the operations of one decode step, and on a Metal GPU
+a short speed comparison. It ends with a Markdown report to paste into an
+issue, and exits with status 1 if a check fails. What cannot run here is
+skipped, saying why.
+"""
+
+import argparse
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import _cli, kernel_checks as kc, rope
+from .kernel_checks import Check
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> list:
+    """(name, value) rows: versions, machine, device, kernels."""
+    rows = [
+        ("repo_mlx", _cli.version()),
+        ("mlx", mx.__version__),
+        ("mlx-lm", _version("mlx-lm")),
+        ("numpy", _version("numpy")),
+        ("python", platform.python_version()),
+        ("machine", f"{platform.system()} {platform.release()} {platform.machine()}"),
+    ]
+    if platform.system() == "Darwin":
+        rows.append(("macOS", platform.mac_ver()[0]))
+    rows.append(("default device", str(mx.default_device())))
+    rows.append(("Metal available", str(mx.metal.is_available())))
+    if mx.metal.is_available():
+        info = mx.metal.device_info()
+        rows.append(("GPU", f"{info.get('architecture', '?')}, "
+                            f"{info.get('memory_size', 0) / 2**30:.0f} GiB"))  # fmt: skip
+    rows.append(("kernel mode", rope._state["mode"]))
+    rows.append(("kernels", kernel_status()))
+    rows.append(("kernel source", str(rope.metal_source_path())))
+    return rows
+
+
+def kernel_status() -> str:
+    """Whether the rotation runs the Metal kernels in this process, and if not, why."""
+    if rope._state["mode"] == "off":
+        return "off (REPO_MLX_KERNELS=0 or rope.set_kernels(False))"
+    if rope._state["failure"]:
+        return f"off after a failure: {rope._state['failure']}"
+    if why := kc.kernels_unavailable():
+        return f"not used: {why}; the pure MLX path runs"
+    return "in use on the GPU" if mx.default_device() == mx.gpu else "not used: default device is the CPU"
+
+
+def speed(model, tokens: int) -> list:
+    """Decode tokens/s: RePo with kernels on and off, and mlx-lm's OLMo-2 on the
+    same weights (the position module and rotation are RePo's whole cost)."""
+    if why := kc.kernels_unavailable():
+        return [Check("speed", "skip", f"{why}: speed is measured on a Metal GPU only")]
+    t = kc.decode_speed(
+        {"RePo, kernels on": (model, "on"), "RePo, kernels off": (model, "off"),
+         "OLMo-2 (mlx-lm)": (kc.plain_olmo2(model), "off")},
+        tokens=tokens,
+    )  # fmt: skip
+    on = t["RePo, kernels on"]
+    return [
+        Check(f"speed: {name}", "info", f"{tps:.1f} decode tokens/s ({tps / on:.2f} x kernels on)")
+        for name, tps in t.items()
+    ]
+
+
+def operations(model, what: str) -> list:
+    with mx.stream(mx.default_device()):
+        ops = kc.decode_ops(model)
+    detail = f"RePo layer {ops['repo']}, plain layer {ops['plain']} (views not counted)"
+    return [Check(f"operations per decode token ({what})", "info", detail)]
+
+
+def report(env: list, checks: list) -> str:
+    counts = {s: sum(c.status == s for c in checks) for s in ("pass", "fail", "skip")}
+    lines = ["## repo_mlx doctor report", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in env]
+    lines += ["", "| check | result | detail |", "|---|---|---|"]
+    mark = {"pass": "pass", "fail": "**FAIL**", "skip": "skipped", "info": "measured"}
+    lines += [f"| {c.name} | {mark[c.status]} | {c.detail} |" for c in checks]
+    lines += [
+        "",
+        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _cli.ArgumentParser(
+        prog="python -m repo_mlx.doctor",
+        description="Check the kernels and the model on this machine and print a "
+        "Markdown report to paste into an issue (exit status 1 if a check fails).",
+    )
+    p.add_argument(
+        "--model", default=None,
+        help="A RePo model (folder or Hugging Face id) to count operations and time "
+        "decoding on, e.g. the 1B; default: the official tiny checkpoint, whose "
+        "timings are dominated by launch overhead.",
+    )  # fmt: skip
+    p.add_argument(
+        "--fixture", type=_cli.existing_dir, default=kc.FIXTURE,
+        help="The official tiny checkpoint with its reference.npz (default: "
+        "tests/fixtures/repo-olmo2-tiny of a source checkout).",
+    )  # fmt: skip
+    p.add_argument(
+        "--tokens", type=_cli.positive_int, default=64,
+        help="Decode tokens per timed run (default: 64).",
+    )  # fmt: skip
+    p.add_argument(
+        "--output", type=_cli.output_file, default=None,
+        help="Also write the report to this file.",
+    )  # fmt: skip
+    return p
+
+
+def main(argv=None) -> None:
+    from .utils import load
+
+    args = build_parser().parse_args(argv)
+    model = None
+    if args.model is not None:  # bad input fails now, not after the checks
+        model, _ = load(args.model)
+    env = environment()
+    for name, value in env:
+        print(f"{name}: {value}", file=sys.stderr)
+    steps = [
+        ("pure rotation path vs float64 (CPU)", kc.check_pure_path),
+        ("Metal kernels vs pure path and float64", kc.check_kernels),
+        ("model vs official fixture", lambda: kc.check_model(fixture=args.fixture)),
+    ]
+    if mx.default_device() == mx.gpu:
+        steps.append(("model vs official fixture on the CPU",
+                      lambda: kc.check_model(mx.cpu, fixture=args.fixture)))  # fmt: skip
+    if model is None and (args.fixture / "config.json").is_file():
+        model, _ = load(str(args.fixture))
+        what = "official tiny checkpoint"
+    else:
+        what = args.model
+    if model is not None:
+        steps.append(("operations per decode token", lambda: operations(model, what)))
+        steps.append(("speed", lambda: speed(model, args.tokens)))
+    else:
+        why = "no model: the fixture was not found; pass --model"
+        steps.append(("operations and speed", lambda: [Check("operations and speed", "skip", why)]))
+    checks = []
+    for i, (title, run) in enumerate(steps, 1):
+        print(f"[{i}/{len(steps)}] {title} ...", file=sys.stderr, flush=True)
+        try:
+            rows = run()
+        except Exception as e:  # a crash of one check is its result; go on
+            rows = [Check(title, "fail", kc.one_line_error(e))]
+        for c in rows:
+            print(f"    {c.status:5s} {c.name}: {c.detail}", file=sys.stderr)
+        checks += rows
+    text = report(env, checks)
+    print("\nPaste this report into an issue:\n", file=sys.stderr)
+    print(text, end="")
+    if args.output is not None:
+        with _cli.atomic_file(args.output) as tmp:
+            Path(tmp).write_text(text)
+    if any(c.status == "fail" for c in checks):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    _cli.run(main)
