@@ -1,0 +1,347 @@
+"""Explore RePo positions in the browser: ``python -m repo_mlx.viewer --model ...``.
+
+The official release's viewer (a Flask page with Plotly) in one local command,
+offline: the page's JavaScript is the plotly.js that the ``plotly`` Python
+package ships, written into the page, so nothing is fetched from a network.
+
+- Served: a text box (or a dropped .txt file) sent to this process, which
+  holds one model, computes the positions of one text at a time and keeps
+  serving after a bad request. Loopback by default, with repo_mlx.server's
+  origin check and body limit.
+- ``--html OUT.html --prompt-file F``: the same page as one static file with
+  the positions of that text written into it.
+
+The positions are ``repo_mlx.positions.positions``; the focused range, the
+summary and the outlier count are computed here, in Python, by
+repo_mlx/positions.py's functions, and the page only draws them.
+"""
+
+import base64
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from . import _cli, http_checks
+from .errors import LoadError, one_line
+from .generate import read_prompt
+from .http_checks import RequestError
+from .positions import inlier_range, outliers, positions, select, summary, token_texts
+from .server import bind, is_loopback
+from .utils import DEFAULT_MODEL, DTYPES, context_length, load, warn_if_too_long
+
+PAGE = Path(__file__).with_name("viewer.html")
+
+
+def plotly_js() -> str:
+    """The plotly.js bundle of the installed ``plotly`` package."""
+    try:
+        from plotly.offline import get_plotlyjs
+    except ImportError:
+        raise LoadError("The viewer needs plotly (it ships plotly.js): pip install 'repo-mlx[viewer]'.") from None
+    return get_plotlyjs()
+
+
+def page(data=None, js=None) -> str:
+    """The viewer page; with ``data`` (from ``page_data``) it shows those positions without a server."""
+    html = PAGE.read_text(encoding="utf-8")
+    # Escaping every "<" keeps the JSON from closing its <script> element.
+    payload = "" if data is None else json.dumps(data, ensure_ascii=False, allow_nan=False).replace("<", "\\u003c")
+    html = html.replace("/*DATA*/", payload, 1)
+    js = (js or plotly_js()).replace("</script", "<\\/script")
+    return html.replace("/*PLOTLY_JS*/", js, 1)
+
+
+def _finite(v: float):
+    return v if math.isfinite(v) else None  # JSON has no NaN (a 1-token text has no "increasing")
+
+
+def page_data(z, tokens, layer="all", head="all", total=None, limit=None, model=None) -> dict:
+    """What the page draws: the chosen heads' positions and, per head, ranges and summaries.
+
+    ``z`` is ``{layer: array [1, heads, N]}`` as from ``positions``; the positions
+    travel as base64 little-endian float32, exactly their values.
+    """
+    chosen = select(z, str(layer), str(head))
+    heads = list(next(iter(chosen.values())))
+    data = {
+        "model": model,
+        "tokens": tokens,
+        "n": len(tokens),
+        "total": total or len(tokens),
+        "limit": limit,
+        "layers": list(chosen),
+        "heads": heads,
+        "positions": {},
+        "focused": {},
+        "global": {},
+        "summary": {},
+        "outliers": {},
+    }
+    for l, per_head in chosen.items():
+        rows = np.stack([per_head[h] for h in heads]).astype("<f4")
+        key = str(l)
+        data["positions"][key] = base64.b64encode(rows.tobytes()).decode("ascii")
+        data["focused"][key] = [inlier_range(r) for r in rows]
+        data["global"][key] = [inlier_range(r, full=True) for r in rows]
+        data["summary"][key] = [{k: _finite(v) for k, v in summary(r).items()} for r in rows]
+        data["outliers"][key] = [int(outliers(r).size) for r in rows]
+    return data
+
+
+def compute(model, tokenizer, text: str, limit: int, layer="all", head="all", name=None) -> dict:
+    """``page_data`` for a text: its first ``limit`` tokens, positioned by ``model``."""
+    ids = tokenizer.encode(text) if text.strip() else []
+    if not ids:
+        raise LoadError("The text is empty: type some text or drop a .txt file.")
+    total, ids = len(ids), ids[:limit]
+    z = {l: np.array(v) for l, v in positions(model, ids).items()}
+    return page_data(z, token_texts(tokenizer, ids), layer, head, total, limit, name)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a failure leaves nothing half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Viewer:
+    """One model, one text at a time, and the page it is served with.
+
+    MLX arrays belong to the thread that made them, so the thread that loaded
+    the model computes every text (``work_forever``) and the HTTP threads queue
+    their texts for it: requests are served in turn.
+    """
+
+    def __init__(self, model, tokenizer, name, limit, max_request_bytes, origins, js):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.limit, self.max_request_bytes, self.origins = limit, max_request_bytes, origins
+        self.page = page(None, js).encode("utf-8")
+        self.jobs = queue.Queue()
+
+    def work_forever(self) -> None:
+        while True:
+            try:
+                future, args = self.jobs.get(timeout=0.5)  # a timeout keeps Ctrl-C working
+            except queue.Empty:
+                continue
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(compute(self.model, self.tokenizer, *args))
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def positions(self, body: dict) -> dict:
+        if not isinstance(body, dict):
+            raise RequestError('The request body must be a JSON object like {"text": "..."}.')
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise RequestError("text must be a string.")
+        layer, head = body.get("layer", "all"), body.get("head", "all")
+        for key, v in (("layer", layer), ("head", head)):
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise RequestError(f"{key} must be an integer or 'all'.")
+        start = time.perf_counter()
+        future = Future()
+        self.jobs.put((future, (text, self.limit, layer, head, self.name)))
+        try:
+            data = future.result()
+        except LoadError as e:  # empty text, unknown layer or head
+            raise RequestError(str(e)) from None
+        print(f"positions of {data['n']} tokens in {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
+        return data
+
+
+class Handler(BaseHTTPRequestHandler):
+    timeout = 60  # seconds a client may stall while sending; frees its thread
+
+    def __init__(self, viewer: Viewer, *args, **kwargs):
+        self.viewer = viewer
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, format, *args):
+        pass  # each computed text prints one line; errors reach the page
+
+    def send(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_error_json(self, status: int, message: str) -> None:
+        # The shape of repo_mlx.server's errors; the page shows error.message.
+        self.send(status, json.dumps({"error": {"message": message}}).encode(), "application/json")
+
+    def origin_ok(self) -> bool:
+        return http_checks.origin_allowed(self.headers.get("Origin"), self.viewer.origins)
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        if not self.origin_ok():
+            self.send_error_json(403, "This web origin may not use the viewer (see --allowed-origins).")
+        elif path in ("/", "/index.html"):
+            self.send(200, self.viewer.page, "text/html; charset=utf-8")
+        else:
+            self.send_error_json(404, f"No such page: GET {path}.")
+
+    def do_POST(self):
+        path = urlsplit(self.path).path
+        try:
+            raw = http_checks.read_body(self, self.viewer.max_request_bytes)
+            if path != "/positions":
+                raise RequestError(f"No such endpoint: POST {path}.", 404)
+            if not self.origin_ok():
+                raise RequestError("This web origin may not use the viewer (see --allowed-origins).", 403)
+            try:
+                body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+            except (UnicodeDecodeError, ValueError) as e:
+                raise RequestError(f"The body is not valid JSON: {e}.") from None
+            data = self.viewer.positions(body)
+        except RequestError as e:
+            message = str(e)
+            if e.status == 413:
+                message += " Use a shorter text, or start the viewer with a larger --max-request-bytes."
+            self.send_error_json(e.status, message)
+            return
+        except Exception as e:  # the server keeps serving whatever one text does
+            self.send_error_json(500, f"Cannot compute the positions: {one_line(e)}")
+            return
+        self.send(200, json.dumps(data, allow_nan=False).encode(), "application/json")
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def own_origins(host: str, bound: str, port: int) -> list:
+    """The origins of the viewer's own page, which may call it whatever --allowed-origins says."""
+    names = {host, bound}
+    if is_loopback(host):
+        names |= {"localhost", "127.0.0.1", "::1"}
+    return [f"http://[{n}]:{port}" if ":" in n else f"http://{n}:{port}" for n in sorted(names)]
+
+
+def build_parser():
+    p = _cli.ArgumentParser(
+        prog="python -m repo_mlx.viewer",
+        description="Explore the positions a RePo model gives each token in a browser page, "
+        "offline: token index against position for any layer and head, focused or global "
+        "range, all heads of a layer, one head across layers, the plain-RoPE diagonal, and "
+        "the text coloured by position. Serves the page locally, or writes it as one "
+        "static file with --html. Needs plotly: pip install 'repo-mlx[viewer]'.",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Model folder (official Hugging Face or converted) or Hub id, "
+        f"downloaded on first use (default: {DEFAULT_MODEL}).",
+    )
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    p.add_argument(
+        "--max-tokens",
+        type=_cli.positive_int,
+        default=None,
+        help="Show at most this many tokens of a text; longer ones are cut, with a warning "
+        "on the page (default: the model's context, 4096 for the released models).",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on (default: 127.0.0.1, this machine only). "
+        "Anything else lets other machines use the model; the viewer warns.",
+    )
+    p.add_argument("--port", type=_cli.int_range(0, 65535), default=8000, help="Port to listen on; 0 picks a free one (default: 8000).")
+    p.add_argument(
+        "--allowed-origins",
+        type=lambda s: [o for o in s.split(",") if o],
+        default=[],
+        help="Comma-separated web origins (e.g. http://myhost:8000, or '*') whose pages may "
+        "use the viewer, besides its own page (default: none).",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=_cli.positive_int,
+        default=1 << 20,
+        help="Refuse texts whose request is larger than this many bytes (default: 1048576).",
+    )
+    p.add_argument(
+        "--html",
+        type=_cli.output_file,
+        default=None,
+        help="Write the page with the positions of --prompt-file (or --prompt) to this file, "
+        "self-contained (no server, no network), instead of serving.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt-file", type=_cli.existing_file, help="With --html: the text to show.")
+    src.add_argument("--prompt", "-p", default=None, help="With --html: the text to show; '-' reads stdin.")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    has_text = args.prompt is not None or args.prompt_file is not None
+    if args.html is not None and not has_text:
+        raise LoadError("--html needs the text to show: --prompt-file F (or --prompt TEXT).")
+    if args.html is None and has_text:
+        raise LoadError("--prompt/--prompt-file go with --html; the served page has its own text box.")
+    js = plotly_js()  # before loading: a missing extra fails fast
+    text = read_prompt(args) if has_text else None
+    httpd = bind(args.host, args.port) if args.html is None else None  # a busy port fails fast too
+    try:
+        print(f"loading {args.model}", file=sys.stderr, flush=True)
+        model, tokenizer = load(args.model, dtype=args.dtype)
+        if not model.args.repo_layers:
+            raise LoadError(f"{args.model} has no RePo layers (plain OLMo-2): there are no positions to show.")
+        limit = args.max_tokens or context_length(model) or 4096
+        warn_if_too_long(model, limit)
+
+        if args.html is not None:
+            data = compute(model, tokenizer, text, limit, name=args.model)
+            cut = f" (the first of {data['total']})" if data["total"] > data["n"] else ""
+            html = page(data, js)
+            try:
+                write_atomic(args.html, html)
+            except OSError as e:
+                raise LoadError(f"Cannot write {args.html}: {e.strerror}.") from None
+            print(f"{data['n']} tokens{cut}; wrote {args.html} ({len(html.encode()) / 1e6:.1f} MB)")
+            return
+
+        host, port = httpd.server_address[:2]
+        origins = list(args.allowed_origins) + own_origins(args.host, host, port)
+        viewer = Viewer(model, tokenizer, args.model, limit, args.max_request_bytes, origins, js)
+        httpd.RequestHandlerClass = lambda *a, **kw: Handler(viewer, *a, **kw)
+        if not is_loopback(args.host):
+            warnings.warn(
+                f"Listening on {args.host}, not only this machine: anyone who can reach "
+                f"port {port} can use the model, without authentication."
+            )
+        url_host = f"[{host}]" if ":" in host else host
+        print(f"Serving {args.model} at http://{url_host}:{port}/ (Ctrl-C stops)", flush=True)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        viewer.work_forever()
+    finally:
+        if httpd is not None:
+            httpd.server_close()
+
+
+if __name__ == "__main__":
+    _cli.run(main)
