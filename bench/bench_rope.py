@@ -5,10 +5,11 @@ layer does, and times, forward and forward + backward:
 
     unfused     the rotation as separate MLX ops, q and k one after the other
                 (what the model did before it had its own kernels)
-    compiled    the pure-MLX path, mx.compile'd, q and k together
+    compiled    the pure-MLX path alone (mx.compile'd, q and k together)
     custom      repo_mlx.continuous_rope_qk: the Metal kernels on an Apple GPU,
                 the compiled pure path everywhere else
-    custom x2   continuous_rope for q, then for k (two launches)
+    kernels off continuous_rope_qk with rope.set_kernels(False): the pure path
+                behind the custom function (what REPO_MLX_KERNELS=0 runs)
 
 Variants alternate within each round; each time is the median over rounds,
 reported as a ratio to "unfused" measured in the same run.
@@ -41,14 +42,22 @@ def unfused_rotate(x, z, inv_freq):
 
 def variants(inv_freq):
     one = mx.array(1.0, mx.float32)
+
+    def custom(q, k, z):
+        return rope.continuous_rope_qk(q, k, z, inv_freq=inv_freq)
+
+    def kernels_off(q, k, z):
+        rope.set_kernels(False)
+        try:
+            return custom(q, k, z)
+        finally:
+            rope.set_kernels(True)
+
     return {
         "unfused": lambda q, k, z: (unfused_rotate(q, z, inv_freq), unfused_rotate(k, z, inv_freq)),
-        "compiled": lambda q, k, z: rope._rotate_qk(q, k, z, inv_freq, one),
-        "custom": lambda q, k, z: rope.continuous_rope_qk(q, k, z, inv_freq=inv_freq),
-        "custom x2": lambda q, k, z: (
-            rope.continuous_rope(q, z, inv_freq=inv_freq),
-            rope.continuous_rope(k, z, inv_freq=inv_freq),
-        ),
+        "compiled": lambda q, k, z: rope._forward(q, k, z, inv_freq, one),
+        "custom": custom,
+        "kernels off": kernels_off,
     }
 
 
@@ -100,7 +109,7 @@ def main():
     dtype = getattr(mx, args.dtype)
 
     probe = mx.zeros((1, 1, 1, args.head_dim), dtype)
-    metal = rope._use_metal(probe, probe, mx.zeros((1, 1, 1)))
+    metal = rope._use_kernels(probe, probe, mx.zeros((1, 1, 1)))
     print(
         f"device {mx.default_device()}, {platform.machine()} {platform.system()}; "
         f"rotation path: {'Metal kernels' if metal else 'compiled pure MLX (no Metal)'}"
@@ -118,7 +127,9 @@ def main():
             what = "forward + backward" if backward else "forward"
             print(f"\nN = {tokens}, {what}")
             for name, s in t.items():
-                print(f"  {name:10s} {s * 1e3:9.3f} ms   ratio {s / t['unfused']:.2f}")
+                print(f"  {name:11s} {s * 1e3:9.3f} ms   ratio {s / t['unfused']:.2f}")
+    if metal and rope._state["failure"]:
+        print(f"\nNOTE: the kernels failed ({rope._state['failure']}); 'custom' ran the pure path.")
 
 
 if __name__ == "__main__":

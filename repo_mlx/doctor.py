@@ -61,7 +61,9 @@ def kernel_status() -> str:
         return f"off after a failure: {rope._state['failure']}"
     if why := kc.kernels_unavailable():
         return f"not used: {why}; the pure MLX path runs"
-    return "in use on the GPU" if mx.default_device() == mx.gpu else "not used: default device is the CPU"
+    if mx.default_device() != mx.gpu:
+        return "not used: the default device is the CPU"
+    return "in use on the GPU"
 
 
 def speed(model, tokens: int) -> list:

@@ -24,7 +24,7 @@ OUTPUTS = ("q", "k", "dq", "dk", "dz")
 # Error against float64, relative to max(1, |reference|) per element (dz: to
 # max(1, max |dz|), a sum over head_dim/2 pairs). float32 angles of positions up
 # to 5000 carry ~3e-4 of error; half precision rounds cos, sin and the result.
-REFERENCE_LIMITS = {F32: (2e-3, 2e-3), F16: (8 * EPS[F16], 4 * EPS[F16]), BF16: (8 * EPS[BF16], 4 * EPS[BF16])}
+REFERENCE_LIMITS = {F32: (2e-3, 2e-3), **{t: (8 * EPS[t], 4 * EPS[t]) for t in (F16, BF16)}}
 # Kernels against the pure path, in units of the dtype at max(1, |pure|): the
 # kernels round once from float32, the pure path after each operation (as the
 # official code does); float32 differs by cos/sin and summation order only.
@@ -221,7 +221,8 @@ def model_errors(model, reference) -> dict:
     return dict(
         logits=rel_err(model(mx.array(ids)), reference["logits"]),
         positions=max(
-            float(np.abs(np.array(v) - reference[f"positions_layer{i}"]).max()) for i, v in z.items()
+            float(np.abs(np.array(v) - reference[f"positions_layer{i}"]).max())
+            for i, v in z.items()
         ),
         greedy=[int(t) for t, _ in steps] == reference["greedy"].tolist(),
     )
@@ -236,8 +237,8 @@ def check_model(device=None, fixture: Path = FIXTURE) -> List[Check]:
     from .utils import load
 
     if not (fixture / "reference.npz").is_file():
-        return [Check("model vs official fixture", "skip",
-                      f"fixture not found at {fixture} (it comes with a source checkout)")]  # fmt: skip
+        why = f"fixture not found at {fixture} (it comes with a source checkout)"
+        return [Check("model vs official fixture", "skip", why)]
     device = device or mx.default_device()
     name = f"model vs official fixture ({device})"
     reference = dict(np.load(fixture / "reference.npz"))
@@ -271,9 +272,8 @@ def plain_olmo2(model):
         max_position_embeddings=a.max_position_embeddings,
         tie_word_embeddings=a.tie_word_embeddings,
     ))  # fmt: skip
-    weights = [
-        (k, v) for k, v in tree_flatten(model.parameters()) if k.split(".")[-2] not in POSITION_WEIGHTS
-    ]
+    weights = tree_flatten(model.parameters())
+    weights = [(k, v) for k, v in weights if k.split(".")[-2] not in POSITION_WEIGHTS]
     plain.load_weights(weights)  # the same arrays: no copy
     return plain
 

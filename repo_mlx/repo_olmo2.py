@@ -7,7 +7,7 @@
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -90,7 +90,7 @@ class Attention(nn.Module):
             self.final_map = nn.Linear(d_p, n_heads, bias=False)
             self.position_blend = args.position_blend
             # Built once; private, so not a parameter.
-            self._inv_freq, self._attention_factor = rope.rope_parameters(
+            self._inv_freq, self._attention_factor = rope_parameters(
                 head_dim, args.rope_theta, args.rope_scaling
             )
         else:
@@ -240,7 +240,25 @@ class Model(nn.Module):
         return self.model.layers
 
 
-# ------------------------------------------------------- pe_config parsing
+# ------------------------------------------------------------ config parsing
+def rope_parameters(
+    head_dim: int, base: float, rope_scaling: Optional[dict]
+) -> Tuple[mx.array, float]:
+    """Inverse frequencies and cos/sin factor for a config's ``rope_scaling``."""
+    kind = (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type")
+    if kind in (None, "default"):
+        return rope.inv_frequencies(head_dim, base), 1.0
+    if kind == "yarn":
+        keys = ("original_max_position_embeddings", "beta_fast", "beta_slow")
+        extra = {k: rope_scaling[k] for k in keys if rope_scaling.get(k) is not None}
+        return rope.yarn_parameters(head_dim, base, rope_scaling["factor"], **extra)
+    raise ValueError(
+        f"rope_scaling type {kind!r} is not supported for RePo layers; "
+        "use 'yarn' (as the paper did) or none."
+    )
+
+
+
 def _pe_setting(pe_config: dict, name: str):
     # The official code reads only the misspelled key; its converter writes both.
     wrong, right = pe_config.get("dynmaic_" + name), pe_config.get("dynamic_" + name)

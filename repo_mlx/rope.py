@@ -54,23 +54,6 @@ def yarn_parameters(
     return inv_freq, attention_factor
 
 
-def rope_parameters(
-    head_dim: int, base: float, rope_scaling: Optional[dict]
-) -> Tuple[mx.array, float]:
-    """Inverse frequencies and cos/sin factor for a config's ``rope_scaling``."""
-    kind = (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type")
-    if kind in (None, "default"):
-        return inv_frequencies(head_dim, base), 1.0
-    if kind == "yarn":
-        keys = ("original_max_position_embeddings", "beta_fast", "beta_slow")
-        extra = {k: rope_scaling[k] for k in keys if rope_scaling.get(k) is not None}
-        return yarn_parameters(head_dim, base, rope_scaling["factor"], **extra)
-    raise ValueError(
-        f"rope_scaling type {kind!r} is not supported for RePo layers; "
-        "use 'yarn' (as the paper did) or none."
-    )
-
-
 # ------------------------------------------------------------------ pure path
 # Pairs (i, i + D/2) as [..., 2, D/2]: reshapes and a reversed slice are views,
 # so each rotation compiles to one elementwise kernel.
@@ -103,8 +86,9 @@ def _backward(q, k, positions, gq, gk, inv_freq, factor):
     # dx = rotate(g, -z); dz = sum_k w_k (out1 g2 - out2 g1) over q and k, with
     # out recomputed in float32.
     cos, sin = _cos_sin(positions, inv_freq, factor)
+    f32 = mx.float32
     t = sum(
-        _halves(_rotate_by(x.astype(mx.float32), cos, sin)) * _halves(g.astype(mx.float32))[..., ::-1, :]
+        _halves(_rotate_by(x.astype(f32), cos, sin)) * _halves(g.astype(f32))[..., ::-1, :]
         for x, g in ((q, gq), (k, gk))
     )
     dz = (t * (mx.array([[1.0], [-1.0]]) * inv_freq)).sum((-2, -1)).astype(positions.dtype)
@@ -121,16 +105,12 @@ class Kernel(NamedTuple):
 
 KERNELS = {
     "repo_rope_forward": Kernel(
-        "forward",
-        ("q", "k", "z", "inv_freq", "factor"),
-        ("q_out", "k_out"),
+        "forward", ("q", "k", "z", "inv_freq", "factor"), ("q_out", "k_out"),
         "repo_rope_forward<T, H, D>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
         "inv_freq, inv_freq_strides, factor, q_out, k_out, thread_position_in_grid);",
     ),
     "repo_rope_backward": Kernel(
-        "backward",
-        ("q", "k", "z", "gq", "gk", "inv_freq", "factor"),
-        ("dq", "dk", "dz"),
+        "backward", ("q", "k", "z", "gq", "gk", "inv_freq", "factor"), ("dq", "dk", "dz"),
         "repo_rope_backward<T, P, H, D>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
         "gq, gq_strides, gk, gk_strides, inv_freq, inv_freq_strides, factor, dq, dk, dz, "
         "thread_position_in_grid);",
@@ -142,6 +122,8 @@ MAX_KERNEL_ELEMENTS = 2**28  # 32-bit offsets, with 8x room for views of larger 
 # A first use's largest difference from the pure path, relative to max(1, |pure|):
 # a few units of the dtype pass (the pure path rounds after each op), a wrong index does not.
 CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 6e-2}
+MODES = {"1": "on", "on": "on", True: "on", "0": "off", "off": "off", False: "off"}
+MODES["strict"] = "strict"
 
 
 class KernelError(RuntimeError):
@@ -152,18 +134,15 @@ def set_kernels(mode: Union[bool, str]) -> None:
     """Use the Metal kernels (True, "on", "1"), never (False, "off", "0"), or make a
     kernel failure an error ("strict"); forgets an earlier failure. The default is
     the environment variable REPO_MLX_KERNELS."""
-    modes = {True: "on", "1": "on", "on": "on", False: "off", "0": "off", "off": "off"}
-    if (mode := modes.get(mode, mode)) not in ("on", "off", "strict"):
+    if mode not in MODES:
         raise ValueError(f"kernel mode must be 1/on, 0/off or strict, got {mode!r}.")
-    _state.update(mode=mode, failure=None, checked=set())
+    _state.update(mode=MODES[mode], failure=None, checked=set())
 
 
 _state = {}
-try:
-    set_kernels(os.environ.get("REPO_MLX_KERNELS", "1").strip().lower())
-except ValueError as e:
-    warnings.warn(f"REPO_MLX_KERNELS: {e} Using 1.")
-    set_kernels("on")
+set_kernels(MODES.get(_env := os.environ.get("REPO_MLX_KERNELS", "1").strip().lower(), "on"))
+if _env not in MODES:
+    warnings.warn(f"REPO_MLX_KERNELS={_env!r} is not 1, 0 or strict: using 1.")
 
 
 def metal_source_path() -> Optional[Path]:
@@ -206,39 +185,28 @@ def _use_kernels(*arrays) -> bool:
 def _kernel(name):
     if metal_source() is None:
         raise FileNotFoundError("metal/rope.metal is missing")
-    kernel = KERNELS[name]
+    k = KERNELS[name]
     return mx.fast.metal_kernel(
-        name=name,
-        input_names=kernel.inputs,
-        output_names=kernel.outputs,
-        source=kernel.body,
+        name=name, input_names=k.inputs, output_names=k.outputs, source=k.body,
         header=metal_source(),
         ensure_row_contiguous=False,  # the kernels read strides: no copies of q/k views
-    )
+    )  # fmt: skip
 
 
 def launch(name, *inputs) -> dict:
     """Keyword arguments of kernel ``name``'s call (tests/metal_harness runs the same)."""
-    q, z = inputs[0], inputs[2]
-    B, H, N, D = q.shape
-    if KERNELS[name].kind == "forward":
+    (q, _, z, *_), (B, H, N, D) = inputs, inputs[0].shape
+    if KERNELS[name].kind == "forward":  # one thread per pair
         tx = min(D // 2, 256)
-        return dict(
-            inputs=inputs,
-            template=[("T", q.dtype), ("H", H), ("D", D)],
-            grid=(D // 2, N, B * H),  # one thread per pair
-            threadgroup=(tx, max(1, 256 // tx), 1),
-            output_shapes=[q.shape] * 2,
-            output_dtypes=[q.dtype] * 2,
-        )
+        grid, group, dtypes = (D // 2, N, B * H), (tx, max(1, 256 // tx), 1), [q.dtype] * 2
+        template, shapes = [("T", q.dtype)], [q.shape] * 2
+    else:  # one simdgroup per row: its lanes' sums meet in simd_sum
+        grid, group, dtypes = (SIMD_WIDTH, N, B * H), (SIMD_WIDTH, 8, 1), [q.dtype] * 2 + [z.dtype]
+        template, shapes = [("T", q.dtype), ("P", z.dtype)], [q.shape] * 2 + [z.shape]
     return dict(
-        inputs=inputs,
-        template=[("T", q.dtype), ("P", z.dtype), ("H", H), ("D", D)],
-        grid=(SIMD_WIDTH, N, B * H),  # one simdgroup per row: sums meet in simd_sum
-        threadgroup=(SIMD_WIDTH, 8, 1),
-        output_shapes=[q.shape, q.shape, z.shape],
-        output_dtypes=[q.dtype, q.dtype, z.dtype],
-    )
+        inputs=inputs, template=template + [("H", H), ("D", D)], grid=grid,
+        threadgroup=group, output_shapes=shapes, output_dtypes=dtypes,
+    )  # fmt: skip
 
 
 def _check(name, q, z) -> None:
@@ -275,10 +243,10 @@ def _run(name, *inputs):
         lines = str(e).strip().splitlines() or [""]
         cause = _state["failure"] = f"{type(e).__name__}: {lines[0]}"
     message = (
-        f"repo_mlx: a Metal rotary kernel failed ({cause}). Continuing on the pure-MLX "
-        "path (same results, slower); please report it to the repo_mlx project with "
-        "the output of `python -m repo_mlx.doctor`. REPO_MLX_KERNELS=0 turns the "
-        "kernels off, REPO_MLX_KERNELS=strict makes this an error."
+        f"repo_mlx: a Metal rotary kernel failed ({cause}). Continuing on the pure-MLX path "
+        "(same results, slower); please report it to the repo_mlx project with the output "
+        "of `python -m repo_mlx.doctor`. REPO_MLX_KERNELS=0 turns the kernels off, "
+        "REPO_MLX_KERNELS=strict makes this an error."
     )
     if _state["mode"] == "strict":
         raise KernelError(message)
@@ -335,8 +303,8 @@ def continuous_rope_qk(
     D = queries.shape[-1]
     if queries.shape != keys.shape or queries.dtype != keys.dtype:
         raise ValueError(
-            "queries and keys must have the same shape and dtype (RePo layers have "
-            f"no GQA); got {queries.shape} {queries.dtype} and {keys.shape} {keys.dtype}."
+            f"queries and keys must have the same shape and dtype (RePo has no GQA); got "
+            f"{queries.shape} {queries.dtype} and {keys.shape} {keys.dtype}."
         )
     if (base is None) == (inv_freq is None):
         raise ValueError("continuous_rope needs exactly one of base and inv_freq.")

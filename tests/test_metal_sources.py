@@ -59,6 +59,9 @@ def _case(case, seed=None):
     def keep(a):
         return a
 
+    def over_heads(a):  # positions of one head, broadcast to all (stride 0)
+        return (np.broadcast_to if isinstance(a, np.ndarray) else mx.broadcast_to)(a, (B, H, N))
+
     if D >= 64:  # YaRN frequencies and cos/sin factor (spec section 7)
         inv_freq, factor = rope.yarn_parameters(D, 500000.0, 4.0)
     else:
@@ -72,7 +75,7 @@ def _case(case, seed=None):
     elif layout == "shared positions":
         views = [keep] * 5
         z = z[:, :, :1].transpose(0, 2, 1)
-        views[2] = lambda a: np.broadcast_to(a, (B, H, N)) if isinstance(a, np.ndarray) else mx.broadcast_to(a, (B, H, N))  # noqa: E731
+        views[2] = over_heads
     else:  # as the model makes them: q a head-split view of the projection, k
         # strided in the head dim, gk running backwards along N, z transposed.
         views = [

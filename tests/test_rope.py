@@ -112,7 +112,8 @@ def test_positions_broadcast_over_heads():
     out = rope.continuous_rope(x, shared, base=1e4)
     assert mx.allclose(out, rope.continuous_rope(x, mx.broadcast_to(shared, p.shape), base=1e4))
     dz = mx.grad(lambda z: (rope.continuous_rope(x, z, base=1e4) * g).sum())(shared)
-    _, want = ref_grads(f64(x), f64(mx.broadcast_to(shared, p.shape)), f64(g), f64_inv_freq(16, 1e4))
+    full = f64(mx.broadcast_to(shared, p.shape))
+    _, want = ref_grads(f64(x), full, f64(g), f64_inv_freq(16, 1e4))
     assert dz.shape == shared.shape
     assert np.abs(f64(dz) - want.sum(1, keepdims=True)).max() <= 1e-3
 
@@ -323,6 +324,10 @@ def _pure_kernel(name, launch):  # a correct "kernel": the pure path
     return list(fn(*launch["inputs"]))
 
 
+def _zeros_kernel(name, launch):  # compiles, runs, computes nonsense
+    return [mx.zeros(s, d) for s, d in zip(launch["output_shapes"], launch["output_dtypes"])]
+
+
 def _raise(error):
     def behaviour(name, launch):
         raise error
@@ -340,7 +345,7 @@ FAILURES = {
         "RuntimeError: [metal::Device] Unable to build metal library from source",
     ),
     "signature change": (
-        lambda **spec: (_ for _ in ()).throw(TypeError("metal_kernel(): incompatible function arguments")),
+        lambda **spec: _raise(TypeError("metal_kernel(): incompatible function arguments"))(0, 0),
         "TypeError: metal_kernel(): incompatible function arguments",
     ),
     "call signature change": (
@@ -348,10 +353,9 @@ FAILURES = {
         "TypeError: __call__(): unexpected keyword argument 'template'",
     ),
     "wrong result": (
-        _fake_metal_kernel(lambda name, launch: [mx.zeros(s, d) for s, d in
-                                                 zip(launch["output_shapes"], launch["output_dtypes"])]),
+        _fake_metal_kernel(_zeros_kernel),
         "ArithmeticError: repo_rope_forward output 0 is 1 (relative) from the pure path",
-    ),  # fmt: skip
+    ),
     "source missing": ("missing", "FileNotFoundError: metal/rope.metal is missing"),
 }
 
