@@ -1,0 +1,184 @@
+"""Every command's flags refuse bad values while parsing, before any work.
+
+The walker reads each command's parser (the commands listed in
+``repo_mlx.__main__.COMMANDS``) and feeds every numeric, path and choice flag
+values it must refuse: negative, zero, out of range, the wrong type, empty, a
+file where a folder is expected and the reverse. Each must end the command
+with exit status 2 and one line on stderr naming the flag, no traceback, and
+nothing written. Which flags may be zero or negative is stated here, by hand,
+not read from the code, so a check weakened in the code fails here.
+"""
+
+import argparse
+import importlib
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from repo_mlx import _cli
+from repo_mlx.__main__ import COMMANDS
+
+ROOT = Path(__file__).parents[1]
+
+# Flags for which 0 is a meaningful value (off, greedy, any port, first layer, ...).
+ZERO_OK = {
+    "--temp", "--top-p", "--top-k", "--min-p", "--seed", "--position-blend", "--port",
+    "--num-shots", "--warmup", "--position-warmup", "--weight-decay", "--z-loss",
+    "--repo-start-layer", "--grad-clip", "--val-share", "--keep-checkpoints",
+}
+# Flags for which -1 means "all" (as in mlx-lm); other negatives are still refused.
+MINUS_ONE_OK = {"--num-layers", "--val-batches", "--test-batches"}
+# Fractions: above 1 is out of range.
+FRACTIONS = {"--top-p", "--min-p", "--position-blend", "--val-share"}
+
+
+def parsers():
+    for name in COMMANDS:
+        yield name, importlib.import_module(f"repo_mlx.{name}").build_parser()
+
+
+def flag_name(action) -> str:
+    return max(action.option_strings, key=len)
+
+
+def value_flags(parser):
+    """The flags that take a value (not --help, --version or on/off switches)."""
+    for a in parser._actions:
+        if a.option_strings and a.nargs != 0 and not isinstance(a, (argparse._HelpAction, argparse._VersionAction)):
+            yield a
+
+
+def kind(action):
+    if action.choices is not None:
+        return "choice"
+    if getattr(action.type, "kind", None):
+        return action.type.kind
+    if action.type in (int, float, Path):
+        return "unchecked"
+    return None
+
+
+def bad_values(action):
+    """(what, value) pairs the flag must refuse; ``{file}``/``{dir}`` are filled in."""
+    flag, k = flag_name(action), kind(action)
+    if k == "choice":
+        return [("not a choice", "not-a-choice"), ("empty", "")]
+    if k == "unchecked" and action.type is not Path:  # bare int/float: fed all the same
+        k = action.type.__name__
+    if k in ("int", "float"):
+        out = [("wrong type", "abc"), ("empty", "")]
+        out.append(("negative", "-2" if flag in MINUS_ONE_OK else "-1"))
+        if flag not in ZERO_OK:
+            out.append(("zero", "0"))
+        if k == "int":
+            out.append(("fraction", "1.5"))
+        else:
+            out += [("not a number", "nan"), ("infinite", "inf")]
+        hi = getattr(action.type, "hi", None)
+        if flag in FRACTIONS:
+            out.append(("above 1", "1.5"))
+        elif hi is not None:
+            out.append(("above the range", str(hi + 1)))
+        return out
+    if k == "file":
+        return [("a folder", "{dir}"), ("missing", "{dir}/missing"), ("empty", "")]
+    if k == "dir":
+        return [("a file", "{file}"), ("missing", "{dir}/missing"), ("empty", "")]
+    if k == "output_dir":
+        return [("an existing file", "{file}"), ("under a file", "{file}/out"), ("empty", "")]
+    if k == "output_file":
+        return [("an existing folder", "{dir}"), ("under a file", "{file}/out"), ("empty", "")]
+    return []
+
+
+CASES = [
+    pytest.param(name, flag_name(a), what, value, id=f"{name} {flag_name(a)} {what}")
+    for name, parser in parsers()
+    for a in value_flags(parser)
+    for what, value in bad_values(a)
+]
+
+
+def test_case_count():
+    # The walker covers every command; this number is in the report of issue 11.
+    assert {c.values[0] for c in CASES} == set(COMMANDS)
+    assert len(CASES) > 400
+
+
+@pytest.mark.parametrize("name, flag, what, value", CASES)
+def test_bad_value_is_one_line_exit_2(name, flag, what, value, tmp_path, monkeypatch, capsys):
+    inputs = tmp_path / "inputs"
+    (inputs / "dir").mkdir(parents=True)
+    (inputs / "file").write_text("x")
+    value = value.format(file=inputs / "file", dir=inputs / "dir")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    parser = importlib.import_module(f"repo_mlx.{name}").build_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([f"{flag}={value}"])  # "=" so that "-1" and "" are values
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
+    assert "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_no_unchecked_numbers_or_paths(name):
+    parser = importlib.import_module(f"repo_mlx.{name}").build_parser()
+    bare = [flag_name(a) for a in value_flags(parser) if kind(a) == "unchecked"]
+    assert not bare, f"{name}: flags typed int/float/Path without a range check: {bare}"
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_explains_every_flag_and_version(name, capsys):
+    parser = importlib.import_module(f"repo_mlx.{name}").build_parser()
+    silent = [flag_name(a) for a in parser._actions if a.option_strings and not (a.help or "").strip()]
+    assert not silent, f"{name}: flags without help: {silent}"
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"repo_mlx {_cli.version()}"
+
+
+def test_commands_are_modules_and_console_scripts():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"repo_mlx": "repo_mlx.__main__:main", **{f"repo_mlx.{n}": "repo_mlx.__main__:main" for n in COMMANDS}}
+    names = {p.stem for p in (ROOT / "repo_mlx").glob("*.py")} | {"convert"}
+    assert set(COMMANDS) <= names
+    for name in COMMANDS:
+        module = importlib.import_module(f"repo_mlx.{name}")
+        assert callable(module.build_parser) and callable(module.main)
+
+
+def umbrella(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "repo_mlx", *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_umbrella_runs_each_command(tmp_path):
+    """python -m repo_mlx <command>: a bad value through the real process of every command."""
+    (tmp_path / "file").write_text("x")
+    for name in COMMANDS:
+        flag, value = next((c.values[1], c.values[3]) for c in CASES if c.values[0] == name and c.values[3])
+        value = value.format(file=tmp_path / "file", dir=tmp_path)
+        r = umbrella(name, f"{flag}={value}", cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout == "", (name, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: argument {flag}"), (name, r.stderr)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+    r = umbrella("--help")
+    assert r.returncode == 0 and all(f"  {n} " in r.stdout for n in COMMANDS)
+    r = umbrella("nonsense")
+    assert r.returncode == 2 and r.stderr.startswith("error: no command 'nonsense'") and r.stderr.count("\n") == 1
+    assert umbrella("--version").stdout.strip() == f"repo_mlx {_cli.version()}"
+
+
+def test_console_script_names_the_command(fixture_path, tmp_path):
+    """A console script repo_mlx.<command> runs that command (its name picks it)."""
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys; from repo_mlx.__main__ import main; sys.argv[0] = 'repo_mlx.generate'; main()",
+         "--model", str(fixture_path), "-p", "hi", "-m", "3", "--verbose", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
