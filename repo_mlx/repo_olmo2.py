@@ -258,7 +258,6 @@ def rope_parameters(
     )
 
 
-
 def _pe_setting(pe_config: dict, name: str):
     # The official code reads only the misspelled key; its converter writes both.
     wrong, right = pe_config.get("dynmaic_" + name), pe_config.get("dynamic_" + name)
