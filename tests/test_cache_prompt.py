@@ -127,6 +127,7 @@ def test_server_puts_the_document_before_every_request(fixture_path, tiny, docum
             tokens = tokenizer.encode(DOCUMENT) + tokenizer.encode(question)
             assert reply["choices"][0]["text"] == repo_mlx.generate(model, tokenizer, tokens, max_tokens=8)
             assert reply["usage"]["prompt_tokens"] == len(tokens)
+            assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(tokenizer.encode(DOCUMENT))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
