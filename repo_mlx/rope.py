@@ -1,12 +1,8 @@
-# Rotary embedding by continuous, per-head positions (RePo, spec section 4).
-#
-# This file imports nothing but mlx and the standard library: a converted folder
-# carries a copy of it (repo_rope.py) and of metal/rope.metal beside it, so that
-# stock mlx-lm runs the model, with the kernels on a Mac, without repo_mlx.
-#
-# One differentiable op, rotating queries and keys together: on a Metal GPU it
-# launches the two kernels of metal/rope.metal, elsewhere (or if a kernel fails)
-# it runs the same math as compiled MLX ops.
+# Rotary embedding by continuous, per-head positions (RePo, spec section 4): one
+# differentiable op for queries and keys, the kernels of metal/rope.metal on a
+# Metal GPU, the same math as compiled MLX ops elsewhere or if a kernel fails.
+# Only mlx and the standard library: a converted folder carries this file as
+# repo_rope.py, with metal/rope.metal beside it, for stock mlx-lm.
 
 import functools
 import importlib.resources
@@ -26,21 +22,14 @@ def inv_frequencies(head_dim: int, base: float) -> mx.array:
 
 
 def yarn_parameters(
-    head_dim: int,
-    base: float,
-    factor: float,
-    original_max_position_embeddings: int = 4096,
-    beta_fast: float = 32.0,
-    beta_slow: float = 1.0,
-) -> Tuple[mx.array, float]:
+    head_dim: int, base: float, factor: float, original_max_position_embeddings: int = 4096,
+    beta_fast: float = 32.0, beta_slow: float = 1.0,
+) -> Tuple[mx.array, float]:  # fmt: skip
     """YaRN's blended inverse frequencies and its cos/sin factor (HF's formula)."""
+    original = original_max_position_embeddings
 
     def correction_dim(rotations):
-        return (
-            head_dim
-            * math.log(original_max_position_embeddings / (rotations * 2 * math.pi))
-            / (2 * math.log(base))
-        )
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
     high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
@@ -131,9 +120,8 @@ class KernelError(RuntimeError):
 
 
 def set_kernels(mode: Union[bool, str]) -> None:
-    """Use the Metal kernels (True, "on", "1"), never (False, "off", "0"), or make a
-    kernel failure an error ("strict"); forgets an earlier failure. The default is
-    the environment variable REPO_MLX_KERNELS."""
+    """Use the Metal kernels (True, "on", "1"), never (False, "off", "0"), or make a kernel
+    failure an error ("strict"); forgets an earlier failure. Default: $REPO_MLX_KERNELS."""
     if mode not in MODES:
         raise ValueError(f"kernel mode must be 1/on, 0/off or strict, got {mode!r}.")
     _state.update(mode=MODES[mode], failure=None, checked=set())
@@ -219,9 +207,8 @@ def _check(name, q, z) -> None:
     keys = mx.random.split(mx.random.key(0), 5)
     x = [mx.random.normal((1, H, 2, D), key=keys[i]).astype(q.dtype) for i in range(4)]
     zs = mx.random.uniform(-1000, 1000, (1, H, 2), key=keys[4]).astype(z.dtype)
-    w, factor = inv_frequencies(D, 10000.0), mx.array(1.25)
     forward = KERNELS[name].kind == "forward"
-    args = (x[0], x[1], zs, *([] if forward else x[2:]), w, factor)
+    args = (x[0], x[1], zs, *([] if forward else x[2:]), inv_frequencies(D, 1e4), mx.array(1.25))
     got, want = _kernel(name)(**launch(name, *args)), (_forward if forward else _backward)(*args)
     for i, (g, w) in enumerate(zip(got, want)):
         g, w, dtype = g.astype(mx.float32), w.astype(mx.float32), (q.dtype, z.dtype)[i > 1]
