@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -549,6 +550,30 @@ def test_origin_check_over_http(server):
         assert post(server, {"text": TEXT}, headers={"Origin": origin})[0] == 200
     status, kind, page = get(server, "/")
     assert status == 200 and kind.startswith("text/html") and b"RePo positions" in page
+
+
+def test_concurrent_texts_are_served_in_turn(server, tiny):
+    model, tokenizer = tiny
+    texts = [f"Text number {i} is here." for i in range(4)]
+    replies = [None] * len(texts)
+
+    def send(i):
+        replies[i] = post(server, {"text": texts[i], "layer": 3, "head": 0})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    for text, (status, data) in zip(texts, replies):
+        assert status == 200
+        exact(np.frombuffer(base64.b64decode(data["positions"]["3"]), dtype="<f4"), z_of(model, tokenizer, text)[3][0])
+
+
+def test_ctrl_c_stops_the_viewer():
+    proc, url = start_viewer()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(TIMEOUT) == 130
 
 
 def test_allowed_origins_flag():
