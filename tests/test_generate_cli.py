@@ -1,9 +1,15 @@
 """``python -m repo_mlx.generate`` as a user runs it."""
 
+import json
+import shutil
 import subprocess
 import sys
+import types
+
+import pytest
 
 import repo_mlx
+from repo_mlx import LoadError, synthetic
 from mlx_lm.sample_utils import make_sampler
 
 
@@ -63,21 +69,32 @@ def test_position_blend_flag(fixture_path):
 
 
 def test_kv_bits_needs_a_fitting_group_size(fixture_path):
-    # The fixture's head_dim is 16, which mx.quantize cannot group.
-    r = generate("--model", str(fixture_path), "--kv-bits", "8")
+    # Found: the fixture's head_dim is 16, which no group size mx.quantize has divides;
+    # the error suggested 32, 64 or 128 all the same.
+    r = generate("--model", str(fixture_path), "--kv-bits", "4")
     assert r.returncode == 2
     assert r.stderr.strip() == (
         "error: --kv-group-size 64 does not divide this model's head_dim 16; "
-        "pick one that does (32, 64 or 128)."
+        "no group size (32, 64, 128) divides it, so drop --kv-bits."
     )
+
+
+def test_kv_bits_suggests_the_group_sizes_that_fit():
+    from repo_mlx.generate import check_kv_bits
+
+    model = types.SimpleNamespace(layers=[types.SimpleNamespace(self_attn=types.SimpleNamespace(head_dim=96))])
+    with pytest.raises(LoadError, match=r"head_dim 96; pick --kv-group-size 32\.$"):
+        check_kv_bits(model, 4, 64)
+    check_kv_bits(model, 4, 32)
+    check_kv_bits(model, None, 64)
 
 
 def test_bad_inputs_are_one_line_errors(fixture_path, tmp_path):
     cases = [
         (["--model", str(tmp_path / "none")], "does not exist"),
-        (["--model", str(fixture_path), "--prompt-file", str(tmp_path / "missing.txt")], "Cannot read --prompt-file"),
-        (["--model", str(fixture_path), "--position-blend", "3"], "position_blend must be in [0, 1]"),
-        (["--model", str(fixture_path), "-m", "0"], "--max-tokens must be at least 1"),
+        (["--model", str(fixture_path), "--prompt-file", str(tmp_path / "missing.txt")], "argument --prompt-file: "),
+        (["--model", str(fixture_path), "--position-blend", "3"], "argument --position-blend: must be a number from 0 to 1, got 3"),
+        (["--model", str(fixture_path), "-m", "0"], "argument --max-tokens/-m: must be a positive integer, got 0"),
     ]
     for args, message in cases:
         r = generate(*args)
@@ -90,7 +107,71 @@ def test_help_explains_every_flag():
     r = generate("--help")
     for flag in ["--model", "--prompt", "--prompt-file", "--max-tokens", "--temp", "--top-p",
                  "--min-p", "--seed", "--kv-bits", "--kv-group-size", "--max-kv-size",
-                 "--position-blend", "--dtype", "--adapter-path", "--verbose"]:
+                 "--position-blend", "--dtype", "--adapter-path", "--verbose", "--top-k",
+                 "--yarn", "--trust-remote-code", "--version"]:
         assert flag in r.stdout
     assert "SakanaAI/RePo-OLMo2-1B-stage2-L5" in r.stdout
 
+
+
+# --- found in issue 11, each by name ------------------------------------------
+
+
+def one_line_error(r, starts):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(starts), r.stderr
+
+
+def test_empty_prompt_and_empty_stdin(fixture_path):
+    # Found: mlx-lm's ValueError (a traceback) after the ========== line.
+    for r in (generate("--model", str(fixture_path), "--prompt", ""),
+              generate("--model", str(fixture_path), "--prompt", "-", stdin="")):
+        one_line_error(r, "error: The prompt is empty;")
+        assert r.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--seed", "-5", "must be an integer from 0 to 4294967295, got -5"),  # was a TypeError
+        ("--max-kv-size", "-3", "must be an integer >= 8, got -3"),  # was "Negative dimensions"
+        ("--max-kv-size", "0", "must be an integer >= 8, got 0"),  # was accepted
+        ("--temp", "-1", "must be a number >= 0, got -1"),  # sampled at random
+        ("--top-p", "2", "must be a number from 0 to 1, got 2"),
+        ("--min-p", "1.5", "must be a number from 0 to 1, got 1.5"),
+        ("--yarn", "0.5", "must be a number >= 1, got 0.5"),
+    ],
+)
+def test_found_flag_values_are_refused(fixture_path, flag, value, message):
+    r = generate("--model", str(fixture_path), flag, value)
+    one_line_error(r, f"error: argument {flag}: {message} (see python -m repo_mlx.generate --help)")
+
+
+def test_top_k_yarn_and_trust_remote_code(fixture_path, tiny):
+    from mlx_lm.sample_utils import make_sampler
+    import mlx.core as mx
+
+    r = generate("--model", str(fixture_path), "-p", "hi", "-m", "8", "--temp", "1", "--top-k", "3",
+                 "--seed", "4", "--trust-remote-code", "--verbose", "0")
+    mx.random.seed(4)
+    assert r.stdout == repo_mlx.generate(*tiny, "hi", max_tokens=8, sampler=make_sampler(1.0, top_k=3)) + "\n"
+    r = generate("--model", str(fixture_path), "-p", "hi", "-m", "8", "--yarn", "2", "--verbose", "0")
+    scaled, tokenizer = repo_mlx.load(str(fixture_path), model_config=repo_mlx.utils.yarn_scaling(2))
+    assert r.stdout == repo_mlx.generate(scaled, tokenizer, "hi", max_tokens=8) + "\n"
+
+
+def test_missing_tokenizer_json_is_named(fixture_path, tmp_path):
+    # Found: transformers' "You need to have sentencepiece or tiktoken installed".
+    shutil.copytree(fixture_path, tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    r = generate("--model", str(tmp_path / "m"), "-m", "2")
+    one_line_error(r, f"error: {tmp_path / 'm'} has no tokenizer.json (OLMo-2's tokenizer file)")
+
+
+def test_plain_olmo2_gets_one_notice(tmp_path):
+    path = synthetic.write_checkpoint(tmp_path / "plain", synthetic.config(repo=False))
+    r = generate("--model", str(path), "-p", "hi", "-m", "2", "--verbose", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("is plain OLMo-2, not RePo") == 1 and r.stderr.count("\n") == 1
+    r = generate("--model", str(synthetic.write_checkpoint(tmp_path / "repo", synthetic.config())), "-p", "hi", "-m", "2")
+    assert "plain OLMo-2" not in r.stderr
