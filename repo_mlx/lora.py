@@ -108,7 +108,8 @@ def build_parser():
 
 
 def parse_args(argv=None) -> types.SimpleNamespace:
-    args = vars(build_parser().parse_args(argv))
+    # Paths as strings: adapter_config.json records them.
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(build_parser().parse_args(argv)).items()}
     if args["config"]:
         try:
             with open(args["config"]) as f:
@@ -124,6 +125,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
                 if k in TYPES and v is not None:
                     try:
                         v = TYPES[k](str(v))
+                        v = str(v) if isinstance(v, Path) else v
                     except argparse.ArgumentTypeError as e:
                         raise LoadError(f"{args['config']}: {k} {e}.") from None
                 args[k] = v

@@ -1,7 +1,9 @@
 """repo_mlx.lora: training works for every mode, the position module obeys
 --position-module, checkpoints resume exactly, bad data is reported clearly."""
 
+import contextlib
 import importlib
+import io
 import json
 import re
 import subprocess
@@ -295,3 +297,69 @@ def test_cli_bad_data_is_one_line(base, tmp_path):
     assert err == [f"error: {tmp_path / 'train.jsonl'}, line 2: not valid JSON "
                    "(Expecting property name enclosed in double quotes at column 2)."], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- found in issue 11, each by name ------------------------------------------
+
+
+def lora_main(*argv):
+    from repo_mlx import lora
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        lora.main([str(a) for a in argv])
+    return out.getvalue()
+
+
+def short_run(base, data, adapters, *flags):
+    return lora_main("--model", base, "--train", "--data", data, "--adapter-path", adapters,
+                     "--iters", 2, "--batch-size", 2, "--steps-per-eval", 100, "--val-batches", 1,
+                     "--save-every", 1, *flags)
+
+
+def test_negative_learning_rate_is_refused(capsys, tmp_path):
+    from repo_mlx import _cli, lora
+
+    with pytest.raises(SystemExit) as e:
+        _cli.run(lora.main, ["--train", "--learning-rate", "-1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: argument --learning-rate: must be a number > 0, got -1")
+    (tmp_path / "c.yaml").write_text("learning_rate: -1\n")
+    with pytest.raises(LoadError, match=r"c\.yaml: learning_rate must be a number > 0, got -1"):
+        lora.parse_args(["-c", str(tmp_path / "c.yaml")])
+
+
+def test_existing_adapter_path_needs_force(base, data, tmp_path):
+    adapters = tmp_path / "adapters"
+    short_run(base, data, adapters)
+    old = sorted(p.name for p in adapters.iterdir())
+    assert "0000002_adapters.safetensors" in old
+    before = {p.name: p.read_bytes() for p in adapters.iterdir()}
+    with pytest.raises(LoadError, match=r"holds an earlier run .*pass --force"):
+        short_run(base, data, adapters, "--iters", 1)
+    assert {p.name: p.read_bytes() for p in adapters.iterdir()} == before
+    # --force replaces the earlier run: none of its numbered checkpoints stay behind.
+    short_run(base, data, adapters, "--iters", 1, "--force")
+    assert "0000002_adapters.safetensors" not in {p.name for p in adapters.iterdir()}
+    assert json.loads((adapters / "adapter_config.json").read_text())["iters"] == 1
+    # Resuming from a checkpoint in the same folder continues it, no --force needed.
+    short_run(base, data, adapters, "--resume-adapter-file", adapters / "0000001_adapters.safetensors")
+
+
+def test_default_num_layers_fits_a_small_model(base, data, tmp_path):
+    n = len(repo_mlx.load(str(base))[0].layers)
+    assert n < 16  # mlx-lm's default
+    lora_main("--model", base, "--train", "--data", data, "--adapter-path", tmp_path / "a",
+              "--iters", 1, "--batch-size", 2, "--val-batches", 1)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["num_layers"] == n
+    with pytest.raises(LoadError, match=rf"--num-layers 16 is more than the model's {n} layers; pass {n} or -1 for all"):
+        lora_main("--model", base, "--train", "--data", data, "--adapter-path", tmp_path / "b",
+                  "--iters", 1, "--num-layers", 16)
+
+
+def test_help_names_muon_and_minus_one():
+    from repo_mlx import lora
+
+    text = lora.build_parser().format_help()
+    assert "muon" in text.split("--optimizer")[-1].split("--mask-prompt")[0]
+    assert "-1 for all" in text.split("--num-layers NUM_LAYERS")[-1]
