@@ -127,8 +127,6 @@ def load_for(path, model) -> Tuple[list, List[int]]:
             f"{metadata['fingerprint']}): the weights, adapters or config differ; make it again "
             "for this model with python -m repo_mlx.cache_prompt."
         )
-    if len(cache) != len(model.layers):
-        raise LoadError(f"{path} holds {len(cache)} layers of cache, the model has {len(model.layers)}.")
     mx.eval([c.state for c in cache])
     return cache, json.loads(metadata["tokens"])
 
