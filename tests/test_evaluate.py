@@ -217,5 +217,5 @@ def test_bad_options_are_one_line_errors(fixture_path, tmp_path):
         text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: Cannot read --data")
+    assert proc.stderr.strip().startswith("error: argument --data: ") and "no such file" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
