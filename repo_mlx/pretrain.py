@@ -129,8 +129,6 @@ def prepare_model(args, log=rprint):
         )
     if quantized and args.export_hf:
         raise LoadError("--export-hf needs a float base; this one is quantized.")
-    if quantized and args.dtype != "float32":
-        pass  # the quantized weights keep their format; LoRA and positions train in float32
     try:
         existing = repo_layer_ids(config.get("pe_config"), n)
     except ValueError as e:
@@ -189,13 +187,6 @@ def prepare_model(args, log=rprint):
     config.pop("model_file")
     config.pop("position_blend", None)
     stored = config.get("torch_dtype") or "float32"
-    master = None
-    if not quantized:
-        if args.dtype != "float32":
-            # float32 masters from the stored values, before they are rounded.
-            master = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
-        model.set_dtype(getattr(mx, args.dtype))
-    mx.eval(model.parameters(), master)
     tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))
     if tokenizer.eos_token_id is None:
         raise LoadError(f"The tokenizer in {src} has no EOS token to separate documents.")
@@ -204,10 +195,26 @@ def prepare_model(args, log=rprint):
     else:
         log(f"RePo base: continuing its position module in layers {existing}")
     return types.SimpleNamespace(
-        model=model, tokenizer=tokenizer, config=config, src=src, master=master,
+        model=model, tokenizer=tokenizer, config=config, src=src,
         repo_layers=new_layers or existing, inserted=bool(new_layers),
         quantized=quantized, stored_dtype=stored if stored in DTYPES else "float32",
     )
+
+
+def to_compute_dtype(prep, dtype: str) -> Optional[dict]:
+    """Cast to the compute dtype; returns float32 masters of the trainable weights.
+
+    The masters come from the stored values, before they are rounded. A
+    quantized base keeps its format (its trainable weights get masters in
+    the Trainer if they are not float32).
+    """
+    model, master = prep.model, None
+    if not prep.quantized:
+        if dtype != "float32":
+            master = {k: v.astype(mx.float32) for k, v in tree_flatten(model.trainable_parameters())}
+        model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters(), master)
+    return master
 
 
 def setup_trainable(model, train_only: str, lora_parameters: Optional[dict]) -> Optional[dict]:
@@ -647,7 +654,7 @@ def train(prep, trainer, train_set, val_set, args, out: Path, fingerprint: str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m repo_mlx.pretrain",
         description="Continual pre-training into RePo: add the position module to a plain "
         "OLMo-2 (or continue a RePo model) and train on packed text with the paper's recipe. "
@@ -818,9 +825,9 @@ def run(args, on_step=None):
     train_set, val_set, fingerprint = load_split(args, prep.tokenizer, cache)
     mx.random.seed(args.seed)  # LoRA initialisation
     setup_trainable(prep.model, args.train_only, args.lora_parameters)
-    optimizer = build_optimizer(args)
-    trainer = Trainer(prep.model, optimizer, args, prep.master)
-    prep.master = None  # the trainer holds what it needs
+    master = to_compute_dtype(prep, args.dtype)
+    trainer = Trainer(prep.model, build_optimizer(args), args, master)
+    del master  # the trainer holds what it needs
     _barrier()  # every process has checked its input before OUT changes
     if args.resume:
         folder = checkpoints(out)[-1]
@@ -853,6 +860,8 @@ def run(args, on_step=None):
 
 def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # A kill still runs the cleanup that keeps partial files away (training saves first).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run(parse_args(argv))
 
 
