@@ -27,7 +27,7 @@ ROOT = Path(__file__).parents[1]
 ZERO_OK = {
     "--temp", "--top-p", "--top-k", "--min-p", "--seed", "--position-blend", "--port",
     "--num-shots", "--warmup", "--position-warmup", "--weight-decay", "--z-loss",
-    "--repo-start-layer", "--grad-clip", "--val-share", "--keep-checkpoints",
+    "--repo-start-layer", "--val-share",
 }
 # Flags for which -1 means "all" (as in mlx-lm); other negatives are still refused.
 MINUS_ONE_OK = {"--num-layers", "--val-batches", "--test-batches"}
@@ -116,9 +116,18 @@ def test_bad_value_is_one_line_exit_2(name, flag, what, value, tmp_path, monkeyp
     value = value.format(file=inputs / "file", dir=inputs / "dir")
     monkeypatch.chdir(tmp_path)
     before = sorted(tmp_path.rglob("*"))
-    parser = importlib.import_module(f"repo_mlx.{name}").build_parser()
+    module = importlib.import_module(f"repo_mlx.{name}")
+    argv = [f"{flag}={value}"]  # "=" so that "-1" and "" are values
     with pytest.raises(SystemExit) as e:
-        parser.parse_args([f"{flag}={value}"])  # "=" so that "-1" and "" are values
+        module.build_parser().parse_args(argv)
+        # Not refused while parsing: main may still refuse it before any work. A
+        # missing model (and data) makes sure no work starts, and its error does
+        # not name the flag.
+        parser = module.build_parser()
+        for other in ("--model", "--data"):
+            if other in parser._option_string_actions and other != flag:
+                argv += [other, str(tmp_path / "missing")]
+        _cli.run(module.main, argv)
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
