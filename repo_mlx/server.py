@@ -12,6 +12,10 @@ app need on top of it:
   thread, where an exception would stop the server for everyone;
 - ``stop`` strings end a reply where their text appears (mlx-lm alone stops
   only when the generated tokens equal the stop string's own tokenization);
+- OpenAI's completions forms mlx-lm lacks: ``logprobs`` as the number of top
+  tokens (reply with ``tokens``, ``token_logprobs``, ``top_logprobs``,
+  ``text_offset``) and ``prompt`` as a list (one choice per prompt); chat
+  logprobs name the chosen token, with its top alternatives;
 - safe defaults: 127.0.0.1, no cross-origin browser access, a body size limit.
 
 Chat with a base model (no chat template) uses mlx-lm's plain transcript,
