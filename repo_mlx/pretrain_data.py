@@ -8,6 +8,7 @@ dropped, as OLMo does) and visited in an order that depends only on
 (seed, epoch): the data cursor is just the number of sequences consumed.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -113,10 +114,11 @@ class Source:
         self.files = data_files(path)
         self.hub = None
         if not self.files:
-            if not _hub_id(path):
+            if not _hub_id(path) or Path(path).suffix in TEXT_SUFFIXES:
                 raise LoadError(f"Data {path} does not exist (a file, a folder or a Hub dataset id).")
             self.hub = _hub_dataset(path, split, text_key)
 
+    @functools.lru_cache(maxsize=1)
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{CACHE_VERSION}|{self.key}|".encode())
         if self.hub is not None:
@@ -238,6 +240,7 @@ def split(tokens: np.ndarray, seq_len: int, val_share: float) -> Tuple[Packed, P
     return Packed(tokens, seq_len, 0, n - n_val), Packed(tokens, seq_len, n - n_val, n)
 
 
+@functools.lru_cache(maxsize=2)
 def order(n: int, seed: int, epoch: int) -> np.ndarray:
     """Epoch ``epoch``'s permutation of n sequences: a function of (seed, epoch) only."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2, epoch]))
@@ -246,10 +249,8 @@ def order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def batch_indices(n: int, seed: int, cursor: int, size: int) -> np.ndarray:
     """The ``size`` sequences after the first ``cursor`` of the shuffled stream."""
-    out, perms = [], {}
+    out = []
     for pos in range(cursor, cursor + size):
         epoch, i = divmod(pos, n)
-        if epoch not in perms:
-            perms[epoch] = order(n, seed, epoch)
-        out.append(perms[epoch][i])
+        out.append(order(n, seed, epoch)[i])
     return np.asarray(out)

@@ -336,6 +336,24 @@ def test_position_and_lora_settings_train_what_they_say(plain, tmp_path):
         assert mx.array_equal(w[q], base_w[q]).item() == (train_only == "position")
 
 
+def test_quantized_base_trains_position_and_lora(plain, tmp_path):
+    """The 16 GB route: a 4-bit plain base, QLoRA plus the full position module."""
+    from repo_mlx.convert import convert
+
+    base, data, _ = plain
+    with pytest.warns(UserWarning, match="plain OLMo-2"), contextlib.redirect_stdout(io.StringIO()):
+        q4 = convert(str(base), str(tmp_path / "q4"), quantize=True, q_group_size=32)
+    out = tmp_path / "out"
+    code, log, err = run_cli("--model", q4, "--data", data, "--save-path", out, *SMALL,
+                             "--iters", "2", "--train-only", "position+lora", "--dtype", "bfloat16")
+    assert code == 0, err
+    model, _ = repo_mlx.load(str(out))
+    assert model.args.repo_layers == [1, 2, 3]
+    assert isinstance(model.layers[2].self_attn.q_proj, nn.QuantizedLinear)
+    assert isinstance(model.layers[2].self_attn.gate_map, nn.Linear)  # positions stay float
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+
+
 # --- data parallel ------------------------------------------------------------------------
 
 
