@@ -689,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=_cli.positive_float, help="Clip the global gradient norm to this (default: 1.0).")
     a("--z-loss", type=_cli.non_negative_float, help="Weight of the z-loss, mean logsumexp(logits)^2 (default: 1e-5).")
     a("--dtype", choices=DTYPES, help="Compute dtype; half precision keeps float32 master weights and optimizer state (default: bfloat16).")
-    a("--grad-checkpoint", action="store_true", default=None, help="Recompute each layer's activations in the backward pass: less memory, about a third more compute.")
+    a("--grad-checkpoint", action="store_true", default=None, help="Recompute each layer's activations in the backward pass: less memory, one more forward pass per layer.")
     a("--seed", type=_cli.seed, help="Seed of the new position module, data order and dropout (default: 0).")
     a("--steps-per-report", type=_cli.positive_int, help="Print and log training metrics every N steps (default: 10).")
     a("--steps-per-eval", type=_cli.positive_int, help="Validation loss and per-layer position summary every N steps (default: 200).")
