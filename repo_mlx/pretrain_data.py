@@ -94,6 +94,11 @@ def _hub_dataset(name: str, split: str, key: str):
             f"--data {name} looks like a Hub dataset id, which needs the datasets "
             "package (pip install 'repo-mlx[data]'), or pass a local file or folder."
         ) from None
+    from huggingface_hub.utils import logging as hub_logging
+
+    # Their retry warnings would bury the one-line error below.
+    hub_logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:

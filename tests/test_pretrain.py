@@ -4,6 +4,7 @@ gradients, precision, resume, data parallel, token cache, output and bad input."
 import contextlib
 import io
 import json
+import os
 import random
 import shutil
 import signal
@@ -491,9 +492,25 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(plain, odd_bases, tmp_pa
     assert not (tmp_path / "out.tokens").exists() or case == "too-little-data"
 
 
+def test_hub_dataset_offline_is_one_line(plain, tmp_path):
+    pytest.importorskip("datasets", reason="the optional data extra")
+    base, _, _ = plain
+    r = subprocess.run(
+        [sys.executable, "-m", "repo_mlx.pretrain", "--model", str(base), "--data", "someone/no-such-set",
+         "--save-path", str(tmp_path / "o"), *SMALL],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert r.returncode == 2 and r.stderr.startswith("error: Cannot load Hub dataset someone/no-such-set"), r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
 def test_dry_run_prints_the_estimate_and_trains_nothing(plain, tmp_path):
     base, data, _ = plain
     code, stdout, err = run_cli("--model", base, "--data", data, "--save-path", tmp_path / "o", *SMALL, "--dry-run")
+    assert code == 0, err
+    # Longer than the base's context is fine with YaRN.
+    code, _, err = run_cli("--model", base, "--data", data, "--save-path", tmp_path / "o", *SMALL,
+                           "--dry-run", "--seq-len", "8192", "--yarn-factor", "2")
     assert code == 0, err
     for part in ("weights", "master weights", "gradients", "optimizer", "activations", "total"):
         assert part in stdout
