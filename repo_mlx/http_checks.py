@@ -1,4 +1,6 @@
-"""Request checks shared by the local HTTP servers (repo_mlx.server, repo_mlx.viewer)."""
+"""Flags and request checks shared by the local HTTP servers (repo_mlx.server, repo_mlx.viewer)."""
+
+from . import _cli
 
 DRAIN_BYTES = 64 << 20  # an oversized body up to this size is read and dropped
 
@@ -37,3 +39,28 @@ def read_body(handler, limit: int) -> bytes:
         handler.close_connection = True
         raise RequestError(f"The request body is larger than {limit} bytes.", 413)
     return handler.rfile.read(length)
+
+
+def add_flags(p, port: int, what: str, origins_example: str) -> None:
+    """--host, --port, --allowed-origins and --max-request-bytes, the same for every server."""
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on (default: 127.0.0.1, this machine only). "
+        f"Anything else lets other machines use the model; the {what} warns.",
+    )
+    p.add_argument("--port", type=_cli.int_range(0, 65535), default=port, help=f"Port to listen on; 0 picks a free one (default: {port}).")
+    p.add_argument(
+        "--max-request-bytes",
+        type=_cli.positive_int,
+        default=1 << 20,
+        help="Refuse request bodies larger than this many bytes (default: 1048576).",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        type=lambda s: [o for o in s.split(",") if o],
+        default=[],
+        help=f"Comma-separated web origins (e.g. {origins_example}, or '*') whose pages may "
+        f"use the {what} from a browser (default: none; native apps and curl send no Origin "
+        "and are always served).",
+    )

@@ -79,13 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Model folder (official Hugging Face or converted) or Hub id.")
     p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="Address to listen on (default: 127.0.0.1, this machine only). "
-        "Anything else lets other machines use the model; the server warns.",
-    )
-    p.add_argument("--port", type=_cli.int_range(0, 65535), default=8080, help="Port to listen on; 0 picks a free one (default: 8080).")
+    http_checks.add_flags(p, 8080, "server", "http://localhost:3000")
     p.add_argument("--max-tokens", type=_cli.positive_int, default=512, help="max_tokens of requests that give none (default: 512).")
     p.add_argument(
         "--max-tokens-limit",
@@ -93,20 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Refuse requests asking for more tokens than this "
         "(default: the model's context length, 4096 for the released models).",
-    )
-    p.add_argument(
-        "--max-request-bytes",
-        type=_cli.positive_int,
-        default=1 << 20,
-        help="Refuse request bodies larger than this many bytes (default: 1048576).",
-    )
-    p.add_argument(
-        "--allowed-origins",
-        type=lambda s: [o for o in s.split(",") if o],
-        default=[],
-        help="Comma-separated web origins (e.g. http://localhost:3000, or '*') whose "
-        "pages may call the server from a browser (default: none; native apps and "
-        "curl send no Origin and are always served).",
     )
     p.add_argument("--prompt-cache-size", type=_cli.positive_int, default=10, help="KV caches of recent prompts kept for reuse (default: 10).")
     p.add_argument(

@@ -263,26 +263,7 @@ def build_parser():
         help="Show at most this many tokens of a text; longer ones are cut, with a warning "
         "on the page (default: the model's context, 4096 for the released models).",
     )
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="Address to listen on (default: 127.0.0.1, this machine only). "
-        "Anything else lets other machines use the model; the viewer warns.",
-    )
-    p.add_argument("--port", type=_cli.int_range(0, 65535), default=8000, help="Port to listen on; 0 picks a free one (default: 8000).")
-    p.add_argument(
-        "--allowed-origins",
-        type=lambda s: [o for o in s.split(",") if o],
-        default=[],
-        help="Comma-separated web origins (e.g. http://myhost:8000, or '*') whose pages may "
-        "use the viewer, besides its own page (default: none).",
-    )
-    p.add_argument(
-        "--max-request-bytes",
-        type=_cli.positive_int,
-        default=1 << 20,
-        help="Refuse texts whose request is larger than this many bytes (default: 1048576).",
-    )
+    http_checks.add_flags(p, 8000, "viewer", "http://myhost:8000")
     p.add_argument(
         "--html",
         type=_cli.output_file,
