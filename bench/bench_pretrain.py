@@ -145,6 +145,8 @@ def throughput(a) -> None:
         print(f"{who:<8} tokens/s {tps:10.1f}  peak {peak:.4f} GB")
     print(f"tokens/s ratio repo/mlx-lm: median {statistics.median(ratios):.3f} "
           f"(runs: {', '.join(f'{x:.3f}' for x in ratios)})")
+    if a.no_memory:
+        return
     print("\nmemory of repo_mlx.pretrain settings (measured peak vs --dry-run estimate):")
     for train_only in ("all", "position+lora", "position"):
         for ckpt in (False, True):
@@ -196,24 +198,32 @@ def spike(a) -> None:
     # 2. Continue into RePo on fresh data from the same source: cold start vs warm-up.
     fresh = root / "fresh.jsonl"
     fresh.write_text("".join(json.dumps({"text": t}) + "\n" for t in spike_text(2000, seed=1)))
-    curves = {}
+    # Control: the plain model itself, continued on the same data with the same optimizer,
+    # shows the part of any early rise that comes from AdamW's first steps, not positions.
+    model, _ = repo_mlx.load(str(trained))
+    model.unfreeze()
+    args = trainer_args(a, dtype="float32", iters=a.spike_steps, learning_rate=a.spike_lr, seq_len=128,
+                        batch_size=16, grad_checkpoint=False)
+    fresh_tokens = pretrain_data.token_cache(pretrain_data.Source(str(fresh)), tok, root / "cache", "fresh", lambda *x: None)
+    fresh_train, _ = pretrain_data.split(fresh_tokens, 128, 0.02)
+    trainer = pretrain.Trainer(model, pretrain.build_optimizer(args), args)
+    curves = {"plain": [trainer.train_step(fresh_train)[0].item() for _ in range(a.spike_steps)]}
     for k in (0, *a.warmups):
         out = root / f"repo-w{k}"
         argv = ["--model", str(trained), "--data", str(fresh), "--save-path", str(out), "--force",
                 "--repo-start-layer", "1", "--dtype", "float32", "--seq-len", "128", "--batch-size", "16",
-                "--iters", str(a.spike_steps), "--learning-rate", "1e-3", "--steps-per-report", "1",
+                "--iters", str(a.spike_steps), "--learning-rate", str(a.spike_lr), "--steps-per-report", "1",
                 "--steps-per-eval", str(a.spike_steps), "--save-every", str(a.spike_steps),
                 "--position-warmup", str(k), "--val-share", "0.02"]
         pretrain.run(pretrain.parse_args(argv))
         recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        curves[k] = [r["loss"] for r in recs if "loss" in r]
-    ref = curves[0]
-    print(f"\nloss of the first {a.spike_steps} RePo steps (batch 16 x 128 tokens, lr 1e-3):")
-    print("step " + " ".join(f"{'warmup ' + str(k):>11}" for k in curves))
+        curves[f"warmup {k}"] = [r["loss"] for r in recs if "loss" in r]
+    print(f"\nloss of the first {a.spike_steps} steps (batch 16 x 128 tokens, lr {a.spike_lr:g}):")
+    print("step " + " ".join(f"{k:>11}" for k in curves))
     for s in list(range(0, min(10, a.spike_steps))) + list(range(10, a.spike_steps, 10)):
         print(f"{s + 1:4} " + " ".join(f"{curves[k][s]:11.3f}" for k in curves))
     for k, c in curves.items():
-        print(f"warmup {k:3}: first-step loss {c[0]:.3f}, peak loss {max(c):.3f} (step {int(np.argmax(c)) + 1}), "
+        print(f"{k:>10}: first-step loss {c[0]:.3f}, peak loss {max(c):.3f} (step {int(np.argmax(c)) + 1}), "
               f"mean of steps 1-20 {np.mean(c[:20]):.3f}, last {c[-1]:.3f}")
 
 
@@ -226,6 +236,7 @@ def main():
     p.add_argument("--iters", type=int, default=12, help="Steps per run (default: 12).")
     p.add_argument("--report", type=int, default=4, help="Steps per window; the first window is dropped (default: 4).")
     p.add_argument("--runs", type=int, default=3, help="Alternating runs per trainer (default: 3).")
+    p.add_argument("--no-memory", action="store_true", help="Skip the memory table of the --train-only settings.")
     p.add_argument("--grad-checkpoint", action="store_true", help="With --one: checkpoint layers.")
     p.add_argument("--train-only", default="all", help="With --one: repo_mlx.pretrain's --train-only.")
     p.add_argument("--one", choices=["repo", "mlx-lm"], help="Internal: run one measurement and print JSON.")
@@ -233,6 +244,7 @@ def main():
     p.add_argument("--spike", action="store_true", help="Measure the early loss spike, cold start vs --position-warmup.")
     p.add_argument("--base-steps", type=int, default=400, help="With --spike: plain pre-training steps (default: 400).")
     p.add_argument("--spike-steps", type=int, default=60, help="With --spike: RePo steps per run (default: 60).")
+    p.add_argument("--spike-lr", type=float, default=1e-4, help="With --spike: learning rate of the continued runs (default: 1e-4).")
     p.add_argument("--warmups", type=int, nargs="+", default=[20], help="With --spike: --position-warmup values against 0 (default: 20).")
     a = p.parse_args()
     if a.one:

@@ -815,7 +815,9 @@ def run(args, on_step=None):
     rank = (args.lora_parameters or {}).get("rank", 8)
     counts = count_parameters(prep.config, args.train_only, rank)
     settings = types.SimpleNamespace(**{**vars(args), "batch_size": rank_batch, "lora_rank": rank,
-                                        "dtype": "float32" if prep.quantized else args.dtype})
+                                        "dtype": prep.stored_dtype if prep.quantized else args.dtype})
+    if prep.quantized and args.dtype != prep.stored_dtype:
+        rprint(f"A quantized base computes in its own dtype ({prep.stored_dtype}); --dtype {args.dtype} is not applied")
     print_memory(estimate_memory(prep.config, settings), counts,
                  f"{args.train_only}, {args.dtype}, batch {rank_batch} x {args.seq_len} tokens"
                  + (", grad checkpoint" if args.grad_checkpoint else ""))

@@ -121,7 +121,7 @@ def test_position_warmup_step_zero_is_the_base_model(plain):
     ids = mx.array(np.random.default_rng(0).integers(0, 318, (2, 40)))
     ours, theirs = prep.model(ids), plain_model(ids)
     # Integer positions through the continuous rotation: the base's logits.
-    assert mx.abs(ours - theirs).max().item() < 2e-5
+    assert mx.abs(ours - theirs).max().item() < 1e-5  # float32 rounding: 1.9e-6 seen
     # Without the blend the new module's near-zero positions change them.
     repo_mlx.set_position_blend(prep.model, 0.0)
     assert mx.abs(prep.model(ids) - theirs).max().item() > 1e-2
