@@ -675,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("-c", "--config", help="YAML file of options (names with underscores, e.g. seq_len: 2048).")
     a("--repo-start-layer", type=_cli.non_negative_int, help="Plain BASE: layers with index >= N get the position module (default: 5, as the release).")
     a("--repo-layer-ids", help="Plain BASE: comma-separated layers that may get the module (with the start-layer rule; default: all).")
-    a("--position-warmup", type=_cli.non_negative_int, help="Blend positions from integers (the base model exactly) to learned over K steps (default: 0, the paper's cold start).")
+    a("--position-warmup", type=_cli.non_negative_int, help="Blend positions from integers (so step 0 is the base model) to learned over K steps (default: 0, the paper's cold start; docs/pretrain.md measures both).")
     a("--train-only", choices=TRAIN_ONLY, help="What trains: all parameters (default, the paper), the position module only, or it plus LoRA on every other linear (lora_parameters from -c) - the last two fit a 16 GB Mac.")
     a("--iters", type=_cli.positive_int, help="Optimizer steps; the learning rate reaches 0 at the last one (default: 1000).")
     a("--batch-size", type=_cli.positive_int, help="Sequences per batch over all processes (default: 4; the official run used 512).")
