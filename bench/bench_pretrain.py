@@ -27,7 +27,6 @@ import types
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
@@ -171,7 +170,7 @@ def spike_text(n: int, seed: int = 0) -> list:
 
 
 def spike(a) -> None:
-    from repo_mlx import pretrain, pretrain_data, synthetic, utils
+    from repo_mlx import pretrain, pretrain_data, synthetic
     import repo_mlx
 
     root = Path(a.tmp)

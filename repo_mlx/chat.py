@@ -17,7 +17,6 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.server import convert_chat
 
 from . import _cli
-from .errors import LoadError
 from .generate import MIN_KV_SIZE, add_sampling_flags, sampler
 from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long
 

@@ -6,7 +6,6 @@ prompt is longer than the model's context.
 
 import argparse
 import sys
-from pathlib import Path
 from typing import List, Union
 
 import mlx.core as mx

@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm import cli_ui
 from mlx_lm import lora as _mlx_lm_lora
 from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
@@ -68,9 +69,7 @@ RUN_DEFINING = ("model", "data", "val_data", "val_share", "text_feature", "data_
 ARGS_FILE, METRICS_FILE = "pretrain_args.json", "metrics.jsonl"
 
 
-def rprint(*a, **kw):
-    if mx.distributed.init().rank() == 0:
-        print(*a, **kw, flush=True)
+rprint = partial(cli_ui.rprint, flush=True)  # rank 0 only; progress shows at once when piped
 
 
 # --- the position module ----------------------------------------------------
@@ -225,7 +224,7 @@ def setup_trainable(model, train_only: str, lora_parameters: Optional[dict]) -> 
     if train_only == "position+lora":
         return tuner.setup_trainable(model, "lora", -1, lora_parameters, "full")
     model.freeze()
-    for m in tuner._position_maps(model.layers):
+    for m in tuner.position_maps(model.layers):
         m.unfreeze()
     return None
 
@@ -349,7 +348,7 @@ class Trainer:
         self.step, self.cursor, self.tokens = 0, 0, 0
         optimizer.init(self._params())
         if args.grad_checkpoint:
-            tuner._checkpoint_layers(model)
+            tuner.checkpoint_layers(model)
         self.loss_and_grad = nn.value_and_grad(model, partial(loss_fn, z_loss=args.z_loss))
         self._capture()
 

@@ -58,7 +58,7 @@ def _tuned_layers(model, num_layers: int):
     return model.layers[-max(num_layers, 0) :]
 
 
-def _position_maps(layers):
+def position_maps(layers):
     return [
         getattr(layer.self_attn, name)
         for layer in layers
@@ -97,7 +97,7 @@ def setup_trainable(
             )
         for layer in layers:
             layer.unfreeze()
-        for m in _position_maps(layers):
+        for m in position_maps(layers):
             if position_module != "full":
                 m.freeze()
         if position_module != "lora":
@@ -127,7 +127,7 @@ def setup_trainable(
     except (KeyError, ValueError) as e:
         raise LoadError(f"Bad lora_parameters: {one_line(e)}") from None
     if position_module == "full":
-        for m in _position_maps(layers):
+        for m in position_maps(layers):
             m.unfreeze()
     return lora_parameters
 
@@ -451,7 +451,7 @@ def resume(model, optimizer, adapter_file, args) -> Tuple[int, int]:
     return int(smeta["iteration"]), int(smeta.get("trained_tokens", 0))
 
 
-def _checkpoint_layers(model):
+def checkpoint_layers(model):
     cls = type(model.layers[0])
     if not getattr(cls, "_repo_checkpointed", False):  # mlx-lm patches the class
         _grad_checkpoint(model.layers[0])
@@ -481,7 +481,7 @@ def train(
     adapter_file = Path(adapter_file)
     accum = args.grad_accumulation_steps
     if args.grad_checkpoint:
-        _checkpoint_layers(model)
+        checkpoint_layers(model)
     loss_and_grad = nn.value_and_grad(model, partial(token_weighted_loss, world=world))
     optimizer.init(model.trainable_parameters())  # keeps a resumed state
     state = [model.state, optimizer.state, mx.random.state]

@@ -1,6 +1,5 @@
 """``python -m repo_mlx.generate`` as a user runs it."""
 
-import json
 import shutil
 import subprocess
 import sys
