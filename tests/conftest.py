@@ -1,9 +1,21 @@
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "repo-olmo2-tiny"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_checkout(tmp_path_factory):
+    """Run from a scratch folder: ``python -m repo_mlx...`` in a subprocess then
+    imports the installed package, not the checkout's repo_mlx/ folder (which
+    lacks the subpackages that convert/ and metal/ install as)."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(cwd)
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,10 @@ import pytest
 from repo_mlx import doctor, kernel_checks as kc, rope
 
 
-def test_doctor_off_mac_report_and_exit_status(tmp_path):
+def test_doctor_off_mac_report_and_exit_status(tmp_path, fixture_path):
     out = tmp_path / "report.md"
-    done = subprocess.run(
-        [sys.executable, "-m", "repo_mlx.doctor", "--output", str(out)],
+    done = subprocess.run(  # an installed package has no fixture: name the checkout's
+        [sys.executable, "-m", "repo_mlx.doctor", "--output", str(out), "--fixture", str(fixture_path)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -37,11 +37,11 @@ def test_doctor_off_mac_report_and_exit_status(tmp_path):
     assert "[1/5] pure rotation path" in done.stderr  # progress goes to stderr
 
 
-def test_doctor_exits_1_when_a_check_fails(monkeypatch, capsys):
+def test_doctor_exits_1_when_a_check_fails(monkeypatch, capsys, fixture_path):
     # Limits no result can meet: the pure-path checks fail.
     monkeypatch.setattr(kc, "REFERENCE_LIMITS", {d: (0.0, 0.0) for d in kc.DTYPES})
     with pytest.raises(SystemExit) as exit:
-        doctor.main([])
+        doctor.main(["--fixture", str(fixture_path)])
     assert exit.value.code == 1
     report = capsys.readouterr().out
     assert "| pure path float32 decode | **FAIL** |" in report

@@ -96,11 +96,24 @@ def shots(tmp_path_factory):
     return shot
 
 
+def model_shortcut() -> Path:
+    """A scratch folder where tests/fixtures/repo-olmo2-tiny leads to the fixture.
+
+    Not the checkout itself: there ``python -m repo_mlx`` would import the
+    checkout's repo_mlx/ folder instead of the installed package.
+    """
+    link = Path("tests/fixtures/repo-olmo2-tiny")  # the session's scratch folder (conftest)
+    if not link.exists():
+        link.parent.mkdir(parents=True)
+        link.symlink_to(FIXTURE)
+    return Path.cwd()
+
+
 def start_viewer(*flags) -> tuple:
     """A viewer process on a free port of 127.0.0.1; (process, base URL)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "repo_mlx.viewer", "--model", "tests/fixtures/repo-olmo2-tiny", "--port", "0", *flags],
-        cwd=ROOT,  # the page shows the model as given: no path of this machine in the screenshots
+        cwd=model_shortcut(),  # the page shows the model as given: no path of this machine in the screenshots
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
