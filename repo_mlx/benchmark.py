@@ -18,15 +18,13 @@ from importlib.metadata import version
 from types import SimpleNamespace
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.generate import batch_generate, generate_step
-from mlx_lm.models import olmo2
 
-from . import _cli, rope, synthetic
+from . import _cli, kernel_checks, synthetic
 from .errors import LoadError
 from .generate import KV_BITS, KV_GROUP_SIZES, check_kv_bits
-from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs
+from .repo_olmo2 import Model, ModelArgs
 from .utils import DTYPES, load
 
 SHAPES = {"1b": synthetic.config_1b(), "tiny": synthetic.config()}
@@ -42,18 +40,6 @@ def random_model(shape: str, dtype: str):
     model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
     return model, config
-
-
-def plain_olmo2(model, config):
-    """mlx-lm's OLMo-2 holding the same arrays as ``model``, without the position module."""
-    plain = olmo2.Model(olmo2.ModelArgs.from_dict({k: v for k, v in config.items() if k != "pe_config"}))
-    base = [(k, v) for k, v in tree_flatten(model.parameters()) if k.split(".")[-2] not in POSITION_WEIGHTS]
-    names = dict(base)
-    if any(k.endswith(".scales") for k in names):  # quantize the layers the RePo model has quantized
-        q = config["quantization"]
-        nn.quantize(plain, q["group_size"], q["bits"], class_predicate=lambda p, m: f"{p}.scales" in names)
-    plain.load_weights(base)  # no copy
-    return plain
 
 
 def run_single(model, prompt, args):
@@ -101,18 +87,6 @@ def alternate(models: dict, run, trials: int):
     return medians, [statistics.median(col) for col in zip(*ratios)]
 
 
-def kernel_report() -> str:
-    """Whether the Metal rotary kernels ran in this process (rope.py records each one it checked)."""
-    if not (mx.metal.is_available() and mx.default_device() == mx.gpu):
-        return "not used (no Metal GPU: the pure-MLX path ran)"
-    state = rope._state
-    if state["mode"] == "off":
-        return "off (REPO_MLX_KERNELS=0): the pure-MLX path ran"
-    if state["failure"]:
-        return f"failed, the pure-MLX path ran instead ({state['failure']})"
-    return "ran" if state["checked"] else "not used (no call fit the kernels)"
-
-
 def machine() -> dict:
     info = mx.device_info()
     memory = info.get("memory_size")
@@ -147,7 +121,7 @@ def report(args, where: str, n_params: int, n_position: int, dtype: str, medians
         f"- machine: {m['chip']}, {m['memory']}, {m['os']}",
         f"- software: Python {platform.python_version()}, mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, "
         f"repo_mlx {_cli.version()}",
-        f"- device: {'gpu' if mx.default_device() == mx.gpu else 'cpu'}; Metal rotary kernels: {kernel_report()}",
+        f"- device: {'gpu' if mx.default_device() == mx.gpu else 'cpu'}; Metal rotary kernels: {kernel_checks.kernel_status()}",
     ]
     return "\n".join(lines)
 
@@ -183,7 +157,7 @@ def main(argv=None) -> None:
         model, _, config = load(args.model, dtype=args.dtype, return_config=True)
         where = f"`{args.model}`"
     check_kv_bits(model, args.kv_bits, args.kv_group_size)
-    plain = plain_olmo2(model, config)
+    plain = kernel_checks.plain_olmo2(model)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_position = n_params - sum(v.size for _, v in tree_flatten(plain.parameters()))
     dtype = str(model.model.norm.weight.dtype).replace("mlx.core.", "")

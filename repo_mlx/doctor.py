@@ -47,23 +47,10 @@ def environment() -> list:
         info = mx.metal.device_info()
         rows.append(("GPU", f"{info.get('architecture', '?')}, "
                             f"{info.get('memory_size', 0) / 2**30:.0f} GiB"))  # fmt: skip
-    rows.append(("kernel mode", rope._state["mode"]))
-    rows.append(("kernels", kernel_status()))
+    rows.append(("kernel mode", rope.kernel_state()["mode"]))
+    rows.append(("kernels", kc.kernel_status()))
     rows.append(("kernel source", str(rope.metal_source_path())))
     return rows
-
-
-def kernel_status() -> str:
-    """Whether the rotation runs the Metal kernels in this process, and if not, why."""
-    if rope._state["mode"] == "off":
-        return "off (REPO_MLX_KERNELS=0 or rope.set_kernels(False))"
-    if rope._state["failure"]:
-        return f"off after a failure: {rope._state['failure']}"
-    if why := kc.kernels_unavailable():
-        return f"not used: {why}; the pure MLX path runs"
-    if mx.default_device() != mx.gpu:
-        return "not used: the default device is the CPU"
-    return "in use on the GPU"
 
 
 def speed(model, tokens: int) -> list:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, NamedTuple, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -136,7 +137,7 @@ def within_reference(errs, dtype, dz_dtype=F32) -> bool:
 @contextlib.contextmanager
 def kernels(mode: str):
     """Run a block with rope.set_kernels(mode), then restore the previous mode."""
-    before = rope._state["mode"]
+    before = rope.kernel_state()["mode"]
     rope.set_kernels(mode)
     try:
         yield
@@ -168,6 +169,20 @@ def kernels_unavailable() -> Optional[str]:
     if rope.metal_source_path() is None:
         return "metal/rope.metal not found"
     return None
+
+
+def kernel_status() -> str:
+    """Whether the rotation runs the Metal kernels in this process, and if not, why."""
+    state = rope.kernel_state()
+    if state["mode"] == "off":
+        return "off (REPO_MLX_KERNELS=0 or rope.set_kernels(False))"
+    if state["failure"]:
+        return f"off after a failure: {state['failure']}"
+    if why := kernels_unavailable():
+        return f"not used: {why}; the pure MLX path runs"
+    if mx.default_device() != mx.gpu:
+        return "not used: the default device is the CPU"
+    return f"in use on the GPU ({state['checked']} kernel instances checked and run so far)"
 
 
 def check_kernels(dtypes=DTYPES, shapes=SHAPES) -> List[Check]:
@@ -274,6 +289,11 @@ def plain_olmo2(model):
     ))  # fmt: skip
     weights = tree_flatten(model.parameters())
     weights = [(k, v) for k, v in weights if k.split(".")[-2] not in POSITION_WEIGHTS]
+    names = dict(weights)
+    quantized = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    if quantized:  # quantize the layers the RePo model has quantized, as it did
+        q = quantized[0]
+        nn.quantize(plain, q.group_size, q.bits, class_predicate=lambda p, m: f"{p}.scales" in names)
     plain.load_weights(weights)  # the same arrays: no copy
     return plain
 

@@ -127,6 +127,12 @@ def set_kernels(mode: Union[bool, str]) -> None:
     _state.update(mode=MODES[mode], failure=None, checked=set())
 
 
+def kernel_state() -> dict:
+    """The mode ("on", "off", "strict"), the failure that turned the kernels off (or
+    None), and how many kernel instances passed their first-use check so far."""
+    return {"mode": _state["mode"], "failure": _state["failure"], "checked": len(_state["checked"])}
+
+
 _state = {}
 set_kernels(MODES.get(_env := os.environ.get("REPO_MLX_KERNELS", "1").strip().lower(), "on"))
 if _env not in MODES:
