@@ -8,8 +8,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
-import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -244,7 +242,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     del args.trust_remote_code
-    # A kill must still run the cleanup that keeps a half-written folder away.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     convert(**vars(args))
     print(f"[INFO] Done: {args.mlx_path}")

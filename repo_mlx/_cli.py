@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -214,6 +215,8 @@ def atomic_file(path) -> Iterator[Path]:
 def run(main, argv=None) -> None:
     """Run a command's main, turning known bad input into a one-line error."""
     warnings.formatwarning = lambda msg, cat, *args, **kw: f"[WARNING] {msg}\n"
+    # A kill runs the same cleanup as an error: no half-written output is left.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         main(argv)
     except LoadError as e:

@@ -6,8 +6,6 @@ the official Hugging Face format.
 """
 
 import argparse
-import signal
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -91,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     del args.trust_remote_code
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     fuse(**vars(args))
     print(f"[INFO] Done: {args.save_path}")
 

@@ -8,8 +8,6 @@ command under ``mlx.launch`` (see docs/finetune.md).
 import argparse
 import math
 import os
-import signal
-import sys
 import types
 from pathlib import Path
 
@@ -230,8 +228,6 @@ def run(args) -> None:
 
 def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    # A kill still runs cleanup; checkpoints are written by rename, never torn.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run(parse_args(argv))
 
 

@@ -861,8 +861,6 @@ def run(args, on_step=None):
 
 def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    # A kill still runs the cleanup that keeps partial files away (training saves first).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run(parse_args(argv))
 
 

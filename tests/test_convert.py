@@ -175,11 +175,11 @@ def test_killed_conversion_leaves_nothing(fixture_path, tmp_path):
     # SIGTERM while saving: the handler turns it into a clean exit.
     code = (
         "import os, signal, sys\n"
-        "from repo_mlx import convert as c\n"
+        "from repo_mlx import _cli, convert as c\n"
         "real = c.save\n"
         "def save(*a, **k):\n    real(*a, **k)\n    os.kill(os.getpid(), signal.SIGTERM)\n"
         "c.save = save\n"
-        "c.main(sys.argv[1:])\n"
+        "_cli.run(c.main, sys.argv[1:])\n"  # as python -m repo_mlx.convert runs it
     )
     r = run("-c", code, "--hf-path", str(fixture_path), "--mlx-path", str(tmp_path / "out"))
     assert r.returncode == 143
