@@ -5,11 +5,9 @@ carries the model file and names it in config.json's ``model_file``.
 """
 
 import argparse
-import contextlib
-import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.utils import quantize_model, save
@@ -17,6 +15,7 @@ from mlx_lm.utils import quantize_model, save
 from .. import _cli, repo_olmo2, rope
 from ..repo_olmo2 import POSITION_WEIGHTS
 from ..errors import LoadError
+from ..files import atomic_folder
 from ..utils import DTYPES, get_model_path, load_model, load_tokenizer
 
 MODEL_FILE = "repo_olmo2.py"
@@ -42,29 +41,6 @@ def save_standalone(folder: Path, src: Path, model, tokenizer, config: dict, don
 def keep_unquantized(path: str, module) -> bool:
     """The position module stays in float: 4-bit positions drift (see README)."""
     return path.split(".")[-1] not in POSITION_WEIGHTS
-
-
-@contextlib.contextmanager
-def atomic_folder(dst: Path, force: bool) -> Iterator[Path]:
-    """Yield a scratch folder that becomes ``dst`` only if the block succeeds."""
-    if dst.exists() and not force:
-        raise LoadError(f"{dst} already exists; pass --force to replace it.")
-    if dst.exists() and not dst.is_dir():
-        raise LoadError(f"{dst} exists and is not a folder.")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = None) -> str:

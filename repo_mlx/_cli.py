@@ -8,14 +8,11 @@ derive the values they must refuse.
 """
 
 import argparse
-import contextlib
 import math
-import os
 import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 from .errors import LoadError
 
@@ -195,21 +192,6 @@ def check_output_dir(path, flag: str, force: bool = False) -> Path:
     if p.exists() and not force and any(p.iterdir()):
         raise LoadError(f"{flag} {p} already exists and is not empty; pass --force to replace it.")
     return p
-
-
-@contextlib.contextmanager
-def atomic_file(path) -> Iterator[Path]:
-    """Yield a scratch path that becomes ``path`` only if the block succeeds,
-    so a failed or interrupted write never leaves a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        raise LoadError(f"Cannot write {path}: {e.strerror or e}.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def run(main, argv=None) -> None:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from . import _cli
 from .errors import LoadError, one_line
 from .utils import DEFAULT_MODEL, DTYPES, _safetensors_header, load, yarn_scaling
+from .files import atomic_file
 
 FORMAT = "repo_mlx prompt cache 1"
 # Checked one by one for a clear message; the fingerprint covers everything else.
@@ -88,7 +89,7 @@ def save(path: Path, model, tokens: List[int], cache, model_name: str) -> None:
         "tokens": json.dumps(tokens),
         **{k: json.dumps(v) for k, v in model_settings(model).items()},
     }
-    with _cli.atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         save_prompt_cache(str(tmp), cache, metadata)
 
 

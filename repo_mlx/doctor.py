@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from . import _cli, kernel_checks as kc, rope
 from .kernel_checks import Check
+from .files import atomic_file
 
 
 def _version(package: str) -> str:
@@ -162,7 +163,7 @@ def main(argv=None) -> None:
     print("\nPaste this report into an issue:\n", file=sys.stderr)
     print(text, end="")
     if args.output is not None:
-        with _cli.atomic_file(args.output) as tmp:
+        with atomic_file(args.output) as tmp:
             Path(tmp).write_text(text)
     if any(c.status == "fail" for c in checks):
         sys.exit(1)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import _cli, tasks
 from .errors import LoadError
 from .utils import DEFAULT_MODEL, DTYPES, context_length, load, set_position_blend, yarn_scaling
+from .files import atomic_file
 
 SYNTHETIC = tasks.TASKS
 ALL_TASKS = ("perplexity",) + SYNTHETIC
@@ -279,7 +280,7 @@ def main(argv=None) -> None:
             "position_blends": blends,
             "results": results,
         }
-        with _cli.atomic_file(args.output) as tmp:
+        with atomic_file(args.output) as tmp:
             tmp.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.output}")
 

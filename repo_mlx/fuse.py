@@ -14,7 +14,8 @@ from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model
 
 from . import _cli
-from .convert import atomic_folder, save_standalone
+from .convert import save_standalone
+from .files import atomic_folder
 from .convert.export_hf import export_hf
 from .errors import LoadError
 from .utils import get_model_path, load

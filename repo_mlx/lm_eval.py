@@ -19,6 +19,7 @@ from . import _cli
 from .errors import LoadError, one_line
 from .evaluate import column_name, parse_blends
 from .utils import DEFAULT_MODEL, DTYPES, load, set_position_blend, yarn_scaling
+from .files import atomic_file
 
 try:
     import lm_eval
@@ -177,7 +178,7 @@ def main(argv=None) -> None:
         if args.log_samples:
             report["samples"] = {str(b): samples[b] for b in blends}
         path = args.output_dir / (f"lm_eval_{Path(args.model).name}_{'_'.join(names)}"[:200] + ".json")
-        with _cli.atomic_file(path) as tmp:
+        with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(report, indent=1, default=str))
         print(f"wrote {path}")
 

@@ -21,6 +21,7 @@ from . import _cli
 from .errors import LoadError
 from .generate import read_prompt
 from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long, yarn_scaling
+from .files import atomic_file
 
 
 def positions(model: nn.Module, input_ids) -> Dict[int, mx.array]:
@@ -197,7 +198,7 @@ def plot(path: Path, layer: int, heads: Dict[int, np.ndarray], tokens: List[str]
             ax.set_xticks(x, [t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with _cli.atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return counts
@@ -264,11 +265,11 @@ def main(argv=None) -> None:
                 f"{s['iqr']:>10.2f} {s['increasing']:>10.2f}"
             )
     if args.csv is not None:
-        with _cli.atomic_file(args.csv) as tmp:
+        with atomic_file(args.csv) as tmp:
             write_csv(tmp, chosen, tokens)
         print(f"wrote {args.csv}")
     if args.json is not None:
-        with _cli.atomic_file(args.json) as tmp:
+        with atomic_file(args.json) as tmp:
             write_json(tmp, chosen, tokens, ids)
         print(f"wrote {args.json}")
     if args.plot is not None:

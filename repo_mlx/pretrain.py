@@ -36,7 +36,8 @@ from mlx_lm import lora as _mlx_lm_lora
 from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
 from . import _cli, pretrain_data, synthetic, tuner
-from .convert import atomic_folder, save_standalone
+from .convert import save_standalone
+from .files import atomic_folder
 from .convert.export_hf import export_hf
 from .errors import LoadError, one_line
 from .positions import positions, summary
@@ -49,7 +50,7 @@ DEFAULTS = {
     "model": None, "data": None, "val_data": None, "val_share": 0.01, "val_batches": 8,
     "text_feature": "text", "data_split": "train", "save_path": "repo_model",
     "repo_start_layer": None, "repo_layer_ids": None, "position_warmup": 0,
-    "train_only": "all", "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+    "plain": False, "train_only": "all", "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
     # The official run (configs/official-0425/...-SEXMH-L5.yaml of the RePo release).
     "iters": 1000, "batch_size": 4, "grad_accumulation_steps": 1, "seq_len": 4096,
     "learning_rate": 7.4487e-5, "warmup": 0, "betas": [0.9, 0.95], "weight_decay": 0.1,
@@ -62,7 +63,7 @@ POSITIVE = ("iters", "batch_size", "grad_accumulation_steps", "seq_len", "steps_
             "steps_per_eval", "save_every", "keep_checkpoints")
 # Settings a resumed run must share with the original to continue it exactly.
 RUN_DEFINING = ("model", "data", "val_data", "val_share", "text_feature", "data_split",
-                "repo_start_layer", "repo_layer_ids", "train_only", "lora_parameters",
+                "repo_start_layer", "repo_layer_ids", "plain", "train_only", "lora_parameters",
                 "batch_size", "grad_accumulation_steps", "seq_len", "learning_rate", "warmup",
                 "betas", "weight_decay", "adam_eps", "grad_clip", "z_loss", "dtype", "seed",
                 "position_warmup", "yarn_factor", "iters")
@@ -143,7 +144,13 @@ def prepare_model(args, log=rprint):
             f"{math.ceil(args.seq_len / context)} (YaRN, as the paper did for 8K/16K)."
         )
     ids = _layer_ids(args.repo_layer_ids)
-    if existing:
+    if getattr(args, "plain", False):
+        if existing:
+            raise LoadError(f"--plain continues a plain OLMo-2, but {args.model} is a RePo model (RePo layers {existing}).")
+        if args.repo_start_layer is not None or ids or args.position_warmup or args.train_only != "all":
+            raise LoadError("--plain trains every weight of a plain model; drop --repo-start-layer, --repo-layer-ids, --position-warmup and --train-only.")
+        classes, new_layers = (Model, ModelArgs), []
+    elif existing:
         pe = config["pe_config"]
         if args.repo_start_layer is not None or ids:
             wanted = repo_layer_ids(
@@ -189,7 +196,9 @@ def prepare_model(args, log=rprint):
     tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))
     if tokenizer.eos_token_id is None:
         raise LoadError(f"The tokenizer in {src} has no EOS token to separate documents.")
-    if new_layers:
+    if getattr(args, "plain", False):
+        log("Plain OLMo-2: continuing without a position module (the RoPE control)")
+    elif new_layers:
         log(f"Inserted the position module into layers {new_layers} (truncated normal, std 0.02)")
     else:
         log(f"RePo base: continuing its position module in layers {existing}")
@@ -674,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("-c", "--config", help="YAML file of options (names with underscores, e.g. seq_len: 2048).")
     a("--repo-start-layer", type=_cli.non_negative_int, help="Plain BASE: layers with index >= N get the position module (default: 5, as the release).")
     a("--repo-layer-ids", help="Plain BASE: comma-separated layers that may get the module (with the start-layer rule; default: all).")
+    a("--plain", action="store_true", default=None, help="Continue a plain OLMo-2 as plain RoPE, without the position module: the same-recipe control the paper compares RePo against.")
     a("--position-warmup", type=_cli.non_negative_int, help="Blend positions from integers (so step 0 is the base model) to learned over K steps (default: 0, the paper's cold start; docs/pretrain.md measures both).")
     a("--train-only", choices=TRAIN_ONLY, help="What trains: all parameters (default, the paper), the position module only, or it plus LoRA on every other linear (lora_parameters from -c) - the last two fit a 16 GB Mac.")
     a("--iters", type=_cli.positive_int, help="Optimizer steps; the learning rate reaches 0 at the last one (default: 1000).")

@@ -461,7 +461,7 @@ def odd_bases(plain):
 
 @pytest.mark.parametrize("case", [
     "start-layer", "layer-ids", "gqa", "quantized", "missing-data", "binary-data", "empty-data",
-    "seq-len", "exists", "repo-mismatch", "too-little-data",
+    "seq-len", "exists", "repo-mismatch", "too-little-data", "plain-repo", "plain-module",
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(plain, odd_bases, tmp_path, case):
     base, data, root = plain
@@ -479,6 +479,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(plain, odd_bases, tmp_pa
         "exists": ("already exists; pass --force", []),
         "repo-mismatch": ("already a RePo model with RePo layers [1, 2, 3]", ["--model", FIXTURE, "--repo-start-layer", "2"]),
         "too-little-data": ("fewer than --batch-size 4", ["--data", tmp_path / "short.txt"]),
+        "plain-repo": ("--plain continues a plain OLMo-2, but", ["--model", FIXTURE, "--plain"]),
+        "plain-module": ("--plain trains every weight of a plain model", ["--plain"]),
     }[case]
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
     (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
@@ -490,6 +492,23 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(plain, odd_bases, tmp_pa
     assert expect[0] in err, err
     assert out.exists() == (case == "exists") and not (out.exists() and any(out.iterdir()))
     assert not (tmp_path / "out.tokens").exists() or case == "too-little-data"
+
+
+def test_plain_control_trains_without_a_module(plain, tmp_path):
+    """--plain: the same recipe on the plain model, the paper's RoPE control."""
+    base, data, _ = plain
+    argv = SMALL[: SMALL.index("--repo-start-layer")]
+    code, stdout, err = run_cli("--model", base, "--data", data, "--save-path", tmp_path / "o",
+                                "--plain", *argv, "--iters", "2")
+    assert code == 0, err
+    assert "without a position module" in stdout
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert "pe_config" not in config
+    weights = mx.load(str(tmp_path / "o" / "model.safetensors"))
+    assert not [k for k in weights if "_map" in k]
+    before = mx.load(str(base / "model.safetensors"))
+    assert set(weights) == set(before)
+    assert any(not mx.array_equal(weights[k], before[k]) for k in before)
 
 
 def test_hub_dataset_offline_is_one_line(plain, tmp_path):
