@@ -35,13 +35,13 @@ from mlx_lm import cli_ui
 from mlx_lm import lora as _mlx_lm_lora
 from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
-from . import _cli, pretrain_data, synthetic, tuner
+from . import _cli, pretrain_data, tuner
 from .convert import save_standalone
 from .files import atomic_folder
 from .convert.export_hf import export_hf
 from .errors import LoadError, one_line
 from .positions import positions, summary
-from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, repo_layer_ids
+from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, pe_config, repo_layer_ids
 from .utils import check_weight_files, get_model_path, load_config, set_position_blend, yarn_scaling
 
 TRAIN_ONLY = ("all", "position", "position+lora")
@@ -154,7 +154,7 @@ def prepare_model(args, log=rprint):
         pe = config["pe_config"]
         if args.repo_start_layer is not None or ids:
             wanted = repo_layer_ids(
-                synthetic.pe_config(args.repo_start_layer or 0, ids or ""), n
+                pe_config(args.repo_start_layer or 0, ids or ""), n
             )
             if wanted != existing:
                 raise LoadError(
@@ -175,7 +175,7 @@ def prepare_model(args, log=rprint):
                 f"{heads} query heads); RePo rotates head h's keys by query head h's "
                 "positions, so it needs a base with as many key/value heads as query heads."
             )
-        pe = synthetic.pe_config(start, ids or "")
+        pe = pe_config(start, ids or "")
         try:
             new_layers = repo_layer_ids(pe, n)
         except ValueError as e:

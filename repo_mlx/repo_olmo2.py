@@ -269,6 +269,20 @@ def _pe_setting(pe_config: dict, name: str):
     return wrong if wrong is not None else right
 
 
+def pe_config(start_layer: int = 1, layer_ids: str = "", mode="swigluex_multihead") -> dict:
+    """A ``pe_config`` as the official converter writes it (both spellings of each key)."""
+    return {
+        "dynamic_pe_mode": mode,
+        "dynamic_pe_start_layer": start_layer,
+        "dynmaic_pe_start_layer": start_layer,
+        "dynamic_pe_layer_ids": layer_ids,
+        "dynmaic_pe_layer_ids": layer_ids,
+        "dynamic_pe_init_pdrop": 1.0,
+        "dynamic_pe_dropout_anneal_step": 0,
+        "model_type": "",
+    }
+
+
 def repo_layer_ids(pe_config: Optional[dict], num_layers: int) -> List[int]:
     """The layers that assign their own positions, from a HF ``pe_config``."""
     if not pe_config:

@@ -11,22 +11,10 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from .repo_olmo2 import pe_config
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-
-
-def pe_config(start_layer: int = 1, layer_ids: str = "", mode="swigluex_multihead") -> dict:
-    """A ``pe_config`` as the official converter writes it (both spellings)."""
-    return {
-        "dynamic_pe_mode": mode,
-        "dynamic_pe_start_layer": start_layer,
-        "dynmaic_pe_start_layer": start_layer,
-        "dynamic_pe_layer_ids": layer_ids,
-        "dynmaic_pe_layer_ids": layer_ids,
-        "dynamic_pe_init_pdrop": 1.0,
-        "dynamic_pe_dropout_anneal_step": 0,
-        "model_type": "",
-    }
 
 
 def config(
