@@ -101,13 +101,13 @@ def one(a) -> dict:
         repo.set_dtype(dtype)
         mx.eval(repo.parameters(), master)
         pretrain.setup_trainable(repo, a.train_only, args.lora_parameters)
-        trainer = pretrain.Trainer(repo, pretrain.build_optimizer(args), args, master)
+        trainer = pretrain.make_trainer(repo, args, master)
         del master
-        data = pretrain_data.Packed(tokens, a.seq_len)
+        source = pretrain.batches(pretrain_data.Packed(tokens, a.seq_len), args)
         mx.reset_peak_memory()
         for step in range(a.iters):
             tic = time.perf_counter()
-            trainer.train_step(data)
+            trainer.train_step(lambda: next(source))
             times.append(time.perf_counter() - tic)
         steps_per_s = 1 / statistics.mean(times[a.report :])
         est = pretrain.estimate_memory(cfg, types.SimpleNamespace(
@@ -186,9 +186,10 @@ def spike(a) -> None:
     tokens = pretrain_data.token_cache(pretrain_data.Source(str(data)), tok, root / "cache", "train", lambda *x: None)
     train_set, _ = pretrain_data.split(tokens, 128, 0.0)
     model.unfreeze()
-    trainer = pretrain.Trainer(model, pretrain.build_optimizer(args), args)
+    trainer = pretrain.make_trainer(model, args)
+    source = pretrain.batches(train_set, args)
     for step in range(a.base_steps):
-        ce, _, _ = trainer.train_step(train_set)
+        (ce, _), _ = trainer.train_step(lambda: next(source))
         if (step + 1) % 100 == 0:
             print(f"plain pre-training step {step + 1}: loss {ce.item():.3f}", flush=True)
     trained = root / "trained"
@@ -205,8 +206,9 @@ def spike(a) -> None:
                         batch_size=16, grad_checkpoint=False)
     fresh_tokens = pretrain_data.token_cache(pretrain_data.Source(str(fresh)), tok, root / "cache", "fresh", lambda *x: None)
     fresh_train, _ = pretrain_data.split(fresh_tokens, 128, 0.02)
-    trainer = pretrain.Trainer(model, pretrain.build_optimizer(args), args)
-    curves = {"plain": [trainer.train_step(fresh_train)[0].item() for _ in range(a.spike_steps)]}
+    trainer = pretrain.make_trainer(model, args)
+    source = pretrain.batches(fresh_train, args)
+    curves = {"plain": [trainer.train_step(lambda: next(source))[0][0].item() for _ in range(a.spike_steps)]}
     for k in (0, *a.warmups):
         out = root / f"repo-w{k}"
         argv = ["--model", str(trained), "--data", str(fresh), "--save-path", str(out), "--force",

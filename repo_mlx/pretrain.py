@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 import types
@@ -25,12 +24,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import yaml
-from mlx.nn.utils import average_gradients
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import cli_ui
 from mlx_lm import lora as _mlx_lm_lora
 from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
@@ -41,6 +38,7 @@ from .files import atomic_folder
 from .convert.export_hf import export_hf
 from .errors import LoadError, one_line
 from .positions import positions, summary
+from .trainer import Trainer, train as train_loop
 from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, pe_config, repo_layer_ids
 from .utils import check_weight_files, get_model_path, load_config, set_position_blend, yarn_scaling
 
@@ -344,132 +342,65 @@ def loss_fn(model, batch, z_loss: float):
     return ce + z, (ce, z)
 
 
-class Trainer:
-    """One optimizer step at a time; its whole state is (model, optimizer, master, step, cursor)."""
+def make_trainer(model, args, master: Optional[dict] = None) -> Trainer:
+    """The shared loop's Trainer with the recipe: a step is one update of
+    --grad-accumulation-steps batches, clipped, z-loss, position warm-up."""
+    accum = args.grad_accumulation_steps
+    return Trainer(model, build_optimizer(args), partial(loss_fn, z_loss=args.z_loss),
+                   seed=args.seed, micro_batches=accum, accumulate=accum, grad_clip=args.grad_clip,
+                   grad_checkpoint=args.grad_checkpoint, position_warmup=args.position_warmup,
+                   master=master)
 
-    def __init__(self, model, optimizer, args, master: Optional[dict] = None):
-        self.model, self.optimizer, self.args = model, optimizer, args
-        self.world = mx.distributed.init()
-        trainable = dict(tree_flatten(model.trainable_parameters()))
-        # float32 masters for the trainable weights that compute in half precision.
-        half = [k for k, v in trainable.items() if v.dtype != mx.float32]
-        self.master = {k: (master[k] if master and k in master else trainable[k]).astype(mx.float32) for k in half}
-        self.step, self.cursor, self.tokens = 0, 0, 0
-        optimizer.init(self._params())
-        if args.grad_checkpoint:
-            tuner.checkpoint_layers(model)
-        self.loss_and_grad = nn.value_and_grad(model, partial(loss_fn, z_loss=args.z_loss))
-        self._capture()
 
-    def _capture(self):
-        # What a compiled step reads and writes; rebuilt when the optimizer state is replaced.
-        self.state = [self.model.state, self.optimizer.state, self.master, mx.random.state]
-        self._compiled = None
+def batches(data: pretrain_data.Packed, args, step: int = 0):
+    """This process's share of each global batch, from step ``step`` on.
 
-    def _params(self):
-        trainable = dict(tree_flatten(self.model.trainable_parameters()))
-        return tree_unflatten(list({**trainable, **self.master}.items()))
+    The order depends only on (seed, cursor), the cursor being the number of
+    sequences drawn, so a resumed run draws what an uninterrupted one would.
+    """
+    world = mx.distributed.init()
+    local = args.batch_size // world.size()
+    cursor = step * args.grad_accumulation_steps * args.batch_size
+    while True:
+        idx = pretrain_data.batch_indices(len(data), args.seed, cursor, args.batch_size)
+        yield (mx.array(data.batch(idx[world.rank() * local : (world.rank() + 1) * local])),)
+        cursor += args.batch_size
 
-    def _step(self, batch, prev, update):
-        (_, (ce, z)), grad = self.loss_and_grad(self.model, batch)
-        if prev is not None:
-            grad = tree_map(lambda a, b: a + b, grad, prev)
-        if not update:
-            return ce, z, mx.array(0.0), grad
-        grad = average_gradients(grad)
-        accum = self.args.grad_accumulation_steps
-        grad = tree_map(lambda g: g.astype(mx.float32) / accum, grad)
-        grad, norm = optim.clip_grad_norm(grad, self.args.grad_clip)
-        if self.master:
-            new = self.optimizer.apply_gradients(grad, self._params())
-            flat = dict(tree_flatten(new))
-            self.master.update({k: flat[k] for k in self.master})
-            current = dict(tree_flatten(self.model.trainable_parameters()))
-            self.model.update(tree_unflatten([(k, v.astype(current[k].dtype)) for k, v in flat.items()]))
-        else:
-            self.optimizer.update(self.model, grad)
-        return ce, z, norm, None
 
-    def blend(self, step: int) -> float:
-        k = self.args.position_warmup
-        return max(0.0, 1.0 - step / k) if k else 0.0
+def validation_loss(model, val: pretrain_data.Packed, args) -> float:
+    world = mx.distributed.init()
+    local = args.batch_size // world.size()
+    # A short validation set wraps around to fill its batches.
+    n = max(1, len(val) // args.batch_size)
+    if args.val_batches > 0:
+        n = min(n, args.val_batches)
+    total = mx.array(0.0)
+    for i in range(n):
+        idx = np.arange(i * args.batch_size, (i + 1) * args.batch_size) % len(val)
+        batch = mx.array(val.batch(idx[world.rank() * local : (world.rank() + 1) * local]))
+        total = total + loss_fn(model, batch, 0.0)[1][0]
+        mx.eval(total)
+    total = mx.distributed.all_sum(total, stream=mx.cpu) / world.size()
+    return total.item() / max(n, 1)
 
-    def train_step(self, data: pretrain_data.Packed):
-        """One optimizer step on the next global batch(es); returns (ce, z-loss, grad norm)."""
-        args, rank, size = self.args, self.world.rank(), self.world.size()
-        blend = self.blend(self.step)
-        if args.position_warmup:
-            set_position_blend(self.model, blend)
-        # The blend is a Python constant inside the graph: compile once it is fixed at 0.
-        if blend == 0.0 and self._compiled is None:
-            self._compiled = mx.compile(self._step, inputs=self.state, outputs=self.state)
-        fn = self._compiled if blend == 0.0 else self._step
-        mx.random.seed(tuner.derived_seed(args.seed, 1, self.step))
-        local = args.batch_size // size
-        grad, ces, zs = None, 0.0, 0.0
-        for micro in range(args.grad_accumulation_steps):
-            idx = pretrain_data.batch_indices(len(data), args.seed, self.cursor, args.batch_size)
-            batch = mx.array(data.batch(idx[rank * local : (rank + 1) * local]))
-            last = micro == args.grad_accumulation_steps - 1
-            ce, z, norm, grad = fn(batch, grad, last)
-            mx.eval(self.state, ce, z, norm, grad)
-            self.cursor += args.batch_size
-            ces, zs = ces + ce, zs + z
-        self.step += 1
-        self.tokens += args.batch_size * args.grad_accumulation_steps * args.seq_len
-        accum = args.grad_accumulation_steps
-        return ces / accum, zs / accum, norm
 
-    def evaluate(self, val: pretrain_data.Packed) -> float:
-        args, rank, size = self.args, self.world.rank(), self.world.size()
-        local = args.batch_size // size
-        # A short validation set wraps around to fill its batches.
-        n = max(1, len(val) // args.batch_size)
-        if args.val_batches > 0:
-            n = min(n, args.val_batches)
-        total = mx.array(0.0)
-        for i in range(n):
-            idx = np.arange(i * args.batch_size, (i + 1) * args.batch_size) % len(val)
-            batch = mx.array(val.batch(idx[rank * local : (rank + 1) * local]))
-            total = total + loss_fn(self.model, batch, 0.0)[1][0]
-            mx.eval(total)
-        total = mx.distributed.all_sum(total, stream=mx.cpu) / size
-        return total.item() / max(n, 1)
+def save_checkpoint(trainer: Trainer, folder: Path, args, fingerprint: str) -> None:
+    sequences = trainer.step * args.grad_accumulation_steps * args.batch_size
+    with atomic_folder(folder, force=True) as tmp:
+        tmp.mkdir()
+        mx.save_safetensors(str(tmp / "trainable.safetensors"), trainer.weights())
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(trainer.optimizer.state)))
+        # The random state needs no saving: each step reseeds from (seed, step).
+        state = {"step": trainer.step, "cursor": sequences, "tokens": sequences * args.seq_len,
+                 "seed": args.seed, "data": fingerprint}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
-    # -- checkpoints --
 
-    def trainable_weights(self) -> dict:
-        trainable = dict(tree_flatten(self.model.trainable_parameters()))
-        return {**trainable, **self.master}
-
-    def save(self, folder: Path, fingerprint: str) -> None:
-        with atomic_folder(folder, force=True) as tmp:
-            tmp.mkdir()
-            mx.save_safetensors(str(tmp / "trainable.safetensors"), self.trainable_weights())
-            opt = dict(tree_flatten(self.optimizer.state))
-            mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
-            # The random state needs no saving: each step reseeds from (seed, step).
-            state = {"step": self.step, "cursor": self.cursor, "tokens": self.tokens,
-                     "seed": self.args.seed, "data": fingerprint}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-
-    def load(self, folder: Path) -> dict:
-        weights = mx.load(str(folder / "trainable.safetensors"))
-        current = dict(tree_flatten(self.model.trainable_parameters()))
-        if set(weights) != set(current):
-            raise LoadError(f"{folder} holds other trainable weights than this run's; was it made with the same --train-only?")
-        self.master.update({k: weights[k] for k in self.master})
-        self.model.update(tree_unflatten([(k, v.astype(current[k].dtype)) for k, v in weights.items()]))
-        opt = mx.load(str(folder / "optimizer.safetensors"))
-        expected = dict(tree_flatten(self.optimizer.state))
-        if set(opt) != set(expected):
-            raise LoadError(f"{folder} holds another optimizer's state.")
-        self.optimizer.state = tree_unflatten(list(opt.items()))
-        state = json.loads((folder / "state.json").read_text())
-        self.step, self.cursor, self.tokens = state["step"], state["cursor"], state["tokens"]
-        self._capture()
-        mx.eval(self.state)
-        return state
+def load_checkpoint(trainer: Trainer, folder: Path) -> dict:
+    state = json.loads((folder / "state.json").read_text())
+    trainer.restore(mx.load(str(folder / "trainable.safetensors")),
+                    mx.load(str(folder / "optimizer.safetensors")), state["step"], folder)
+    return state
 
 
 def position_report(model, sequence) -> Dict[str, Dict[str, float]]:
@@ -562,43 +493,46 @@ def save_model(prep, trainer, args, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train(prep, trainer, train_set, val_set, args, out: Path, fingerprint: str, on_step=None):
-    """The loop: report, evaluate, checkpoint; Ctrl-C (or SIGTERM) saves and stops."""
-    world = trainer.world
-    rank0 = world.rank() == 0
-    metrics = out / METRICS_FILE
+def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerprint: str, on_step=None):
+    """The shared loop with pretrain's reports, metrics.jsonl and checkpoints."""
+    rank0 = trainer.world.rank() == 0
     probe = val_set[0] if len(val_set) else train_set[0]
     probe = mx.array(np.asarray(probe, dtype=np.int32))
-    stop = []
-
-    def interrupt(signum, frame):
-        if stop:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        stop.append(signum)
-        rprint("Stopping after this step; saving a checkpoint (Ctrl-C again to quit now)")
-
-    old = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    start, tic = trainer.step, time.perf_counter()
 
     def log(record):
         if rank0:
-            with open(metrics, "a") as f:
+            with open(out / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def save():
-        folder = out / "checkpoints" / f"step-{trainer.step:07d}"
-        if rank0:
-            trainer.save(folder, fingerprint)
-            for old_ckpt in checkpoints(out)[: -args.keep_checkpoints]:
-                shutil.rmtree(old_ckpt)
-        rprint(f"Step {trainer.step}: saved checkpoint {folder}")
+    def report(step, metrics, norm, steps, seconds):
+        n = steps * args.grad_accumulation_steps * trainer.world.size()
+        lr = trainer.optimizer.learning_rate.item()
+        rate = (step - start) / (time.perf_counter() - tic)
+        record = {
+            "step": step, "loss": metrics[0] / n, "z_loss": metrics[1] / n,
+            "learning_rate": lr, "grad_norm": norm,
+            "tokens_per_second": steps * args.batch_size * args.grad_accumulation_steps * args.seq_len / seconds,
+            "trained_tokens": step * args.batch_size * args.grad_accumulation_steps * args.seq_len,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "eta_seconds": (args.iters - step) / rate,
+            "position_blend": trainer.blend(step - 1),
+        }
+        rprint(
+            f"Step {step}/{args.iters}: loss {record['loss']:.4f}, z-loss {record['z_loss']:.2e}, "
+            f"lr {lr:.3e}, grad norm {norm:.3f}, tokens/s "
+            f"{record['tokens_per_second']:.0f}, peak mem {record['peak_memory_gb']:.3f} GB, "
+            f"ETA {record['eta_seconds'] / 60:.1f} min"
+        )
+        log(record)
 
-    def evaluate():
-        record = {"step": trainer.step}
+    def evaluate(step):
+        record = {"step": step}
         if len(val_set):
-            record["val_loss"] = trainer.evaluate(val_set)
+            record["val_loss"] = validation_loss(trainer.model, val_set, args)
         if prep.repo_layers and rank0:
-            record["positions"] = position_report(prep.model, probe)
-        text = f"Step {trainer.step}:"
+            record["positions"] = position_report(trainer.model, probe)
+        text = f"Step {step}:"
         if "val_loss" in record:
             text += f" val loss {record['val_loss']:.4f}"
         for layer, s in record.get("positions", {}).items():
@@ -606,56 +540,18 @@ def train(prep, trainer, train_set, val_set, args, out: Path, fingerprint: str, 
         rprint(text)
         log(record)
 
-    try:
-        if trainer.step == 0:
-            evaluate()
-        tic, window = time.perf_counter(), []
-        start = trainer.step
-        while trainer.step < args.iters:
-            t0 = time.perf_counter()
-            ce, z, norm = trainer.train_step(train_set)
-            lr = trainer.optimizer.learning_rate.item()  # the one this step used
-            window.append((ce.item(), z.item(), time.perf_counter() - t0))
-            if on_step is not None:
-                on_step(trainer)
-            step = trainer.step
-            if step % args.steps_per_report == 0 or step == args.iters:
-                ce_sum = mx.distributed.all_sum(mx.array(sum(w[0] for w in window)), stream=mx.cpu).item()
-                loss = ce_sum / (len(window) * world.size())
-                seconds = sum(w[2] for w in window)
-                toks = len(window) * args.batch_size * args.grad_accumulation_steps * args.seq_len
-                rate = (step - start) / (time.perf_counter() - tic)
-                record = {
-                    "step": step, "loss": loss, "z_loss": float(np.mean([w[1] for w in window])),
-                    "learning_rate": lr, "grad_norm": norm.item(),
-                    "tokens_per_second": toks / seconds, "trained_tokens": trainer.tokens,
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                    "eta_seconds": (args.iters - step) / rate,
-                    "position_blend": trainer.blend(step - 1),
-                }
-                rprint(
-                    f"Step {step}/{args.iters}: loss {loss:.4f}, z-loss {record['z_loss']:.2e}, "
-                    f"lr {lr:.3e}, grad norm {record['grad_norm']:.3f}, tokens/s "
-                    f"{record['tokens_per_second']:.0f}, peak mem {record['peak_memory_gb']:.3f} GB, "
-                    f"ETA {record['eta_seconds'] / 60:.1f} min"
-                )
-                log(record)
-                window = []
-            if step % args.steps_per_eval == 0 or step == args.iters:
-                evaluate()
-            if step % args.save_every == 0 or step == args.iters:
-                save()
-            if world.size() > 1:  # every process stops at the same step
-                flag = mx.distributed.all_sum(mx.array(float(bool(stop))), stream=mx.cpu)
-                if flag.item() and not stop:
-                    stop.append(signal.SIGINT)
-            if stop:
-                if step % args.save_every and step != args.iters:
-                    save()
-                raise KeyboardInterrupt
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    def save(step):
+        folder = out / "checkpoints" / f"step-{step:07d}"
+        if rank0:
+            save_checkpoint(trainer, folder, args, fingerprint)
+            for old in checkpoints(out)[: -args.keep_checkpoints]:
+                shutil.rmtree(old)
+        rprint(f"Step {step}: saved checkpoint {folder}")
+
+    source = batches(train_set, args, trainer.step)
+    train_loop(trainer, lambda: next(source), iters=args.iters, steps_per_report=args.steps_per_report,
+               steps_per_eval=args.steps_per_eval, save_every=args.save_every,
+               report=report, evaluate=evaluate, save=save, on_step=on_step)
 
 
 # --- the command --------------------------------------------------------------------
@@ -837,17 +733,17 @@ def run(args, on_step=None):
     mx.random.seed(args.seed)  # LoRA initialisation
     setup_trainable(prep.model, args.train_only, args.lora_parameters)
     master = to_compute_dtype(prep, args.dtype)
-    trainer = Trainer(prep.model, build_optimizer(args), args, master)
+    trainer = make_trainer(prep.model, args, master)
     del master  # the trainer holds what it needs
     _barrier()  # every process has checked its input before OUT changes
     if args.resume:
         folder = checkpoints(out)[-1]
-        state = trainer.load(folder)
+        state = load_checkpoint(trainer, folder)
         if state["data"] != fingerprint:
             raise LoadError(f"The data changed since {folder} was saved; resuming would not continue the same run.")
         if trainer.step >= args.iters:
             raise LoadError(f"{folder} is at step {trainer.step}; pass an --iters above it to train on.")
-        rprint(f"Resuming from {folder} at step {trainer.step} (sequence {trainer.cursor})")
+        rprint(f"Resuming from {folder} at step {trainer.step} (sequence {state['cursor']})")
         if world.rank() == 0 and (out / METRICS_FILE).exists():
             kept = [l for l in (out / METRICS_FILE).read_text().splitlines()
                     if json.loads(l)["step"] <= trainer.step]

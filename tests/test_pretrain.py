@@ -115,7 +115,7 @@ def test_position_warmup_step_zero_is_the_base_model(plain):
     prep = pretrain.prepare_model(settings(model=str(base), repo_start_layer=1, dtype="float32"), log=lambda *a: None)
     with pytest.warns(UserWarning, match="plain OLMo-2"):
         plain_model, _ = repo_mlx.load(str(base))
-    trainer = pretrain.Trainer(prep.model, pretrain.build_optimizer(settings(iters=10)), settings(position_warmup=4, grad_checkpoint=False, z_loss=0.0))
+    trainer = pretrain.make_trainer(prep.model, settings(iters=10, position_warmup=4, grad_checkpoint=False, z_loss=0.0))
     assert [trainer.blend(s) for s in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
     repo_mlx.set_position_blend(prep.model, trainer.blend(0))
     ids = mx.array(np.random.default_rng(0).integers(0, 318, (2, 40)))
@@ -208,12 +208,13 @@ def test_half_precision_small_lr_still_changes_weights(plain):
     tokens = pretrain_data.token_cache(pretrain_data.Source(str(data)), prep.tokenizer, data.parent / "half.tokens", "train", lambda *a: None)
     train_set = pretrain_data.Packed(tokens, 32)
     pretrain.setup_trainable(prep.model, "all", None)
-    trainer = pretrain.Trainer(prep.model, pretrain.build_optimizer(args), args, pretrain.to_compute_dtype(prep, "bfloat16"))
+    trainer = pretrain.make_trainer(prep.model, args, pretrain.to_compute_dtype(prep, "bfloat16"))
     assert all(v.dtype == mx.bfloat16 for _, v in tree_flatten(prep.model.parameters()))
     before = dict(trainer.master)
     assert set(before) == {k for k, _ in tree_flatten(prep.model.trainable_parameters())}
     bf16_before = dict(tree_flatten(prep.model.parameters()))
-    trainer.train_step(train_set)
+    source = pretrain.batches(train_set, args)
+    trainer.train_step(lambda: next(source))
     after = trainer.master
     changed = np.mean([not mx.array_equal(before[k], after[k]).item() for k in before])
     assert changed == 1.0  # every float32 master moved

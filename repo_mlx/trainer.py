@@ -1,0 +1,215 @@
+"""The training loop of ``lora`` and ``pretrain``.
+
+mlx-lm's compiled step (gradient accumulation, data-parallel averaging) with
+what its loop lacks: exact resume (randomness and data order follow from
+(seed, step)), float32 master weights for half-precision training, gradient
+clipping, the RePo position warm-up, and Ctrl-C or SIGTERM saving a
+checkpoint before stopping. Each command brings its loss, batches and files.
+"""
+
+import signal
+import time
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+from .errors import LoadError
+from .utils import set_position_blend
+
+
+def derived_seed(*ints: int) -> int:
+    """A well-mixed 32-bit seed from (seed, stream, counter)."""
+    return int(np.random.SeedSequence(list(ints)).generate_state(1)[0])
+
+
+def checkpoint_layers(model):
+    cls = type(model.layers[0])
+    if not getattr(cls, "_repo_checkpointed", False):  # mlx-lm patches the class
+        grad_checkpoint(model.layers[0])
+        cls._repo_checkpointed = True
+
+
+class Trainer:
+    """One step at a time; its whole state is (model, optimizer, masters, step).
+
+    ``loss(model, *batch)`` returns ``(value, metrics)``, metrics a tuple of
+    scalars that are summed over micro-batches. A step runs ``micro_batches``
+    batches; the optimizer updates after every ``accumulate`` batches (pretrain:
+    both the same, a step is one update; lora: mlx-lm's iterations, one batch
+    each). Trainable weights that compute in half precision get float32
+    masters: at lr 7e-5 a bfloat16 rounding step swallows most updates.
+    """
+
+    def __init__(self, model, optimizer, loss: Callable, *, seed: int = 0,
+                 micro_batches: int = 1, accumulate: int = 1, grad_clip: Optional[float] = None,
+                 grad_checkpoint: bool = False, position_warmup: int = 0,
+                 master: Optional[dict] = None):
+        self.model, self.optimizer, self.seed = model, optimizer, seed
+        self.micro_batches, self.accumulate = micro_batches, accumulate
+        self.grad_clip, self.position_warmup = grad_clip, position_warmup
+        self.world = mx.distributed.init()
+        trainable = dict(tree_flatten(model.trainable_parameters()))
+        half = [k for k, v in trainable.items() if v.dtype != mx.float32]
+        master = master or {}
+        self.master = {k: master.get(k, trainable[k]).astype(mx.float32) for k in half}
+        self.step, self.seen = 0, 0  # steps done; batches since the last update
+        self.grad = None
+        optimizer.init(self._params())
+        if grad_checkpoint:
+            checkpoint_layers(model)
+        self.loss_and_grad = nn.value_and_grad(model, loss)
+        self._capture()
+
+    def _capture(self):
+        # What a compiled step reads and writes; rebuilt when the state is replaced.
+        self.state = [self.model.state, self.optimizer.state, self.master, mx.random.state]
+        self._compiled = None
+
+    def _params(self):
+        trainable = dict(tree_flatten(self.model.trainable_parameters()))
+        return tree_unflatten(list({**trainable, **self.master}.items()))
+
+    def _micro_step(self, batch, prev, update):
+        (_, metrics), grad = self.loss_and_grad(self.model, *batch)
+        if prev is not None:
+            grad = tree_map(lambda a, b: a + b, grad, prev)
+        if not update:
+            return metrics, mx.array(0.0), grad
+        grad = average_gradients(grad)
+        if self.master or self.grad_clip is not None:
+            grad = tree_map(lambda g: g.astype(mx.float32), grad)
+        if self.accumulate > 1:
+            grad = tree_map(lambda g: g / self.accumulate, grad)
+        norm = mx.array(0.0)
+        if self.grad_clip is not None:
+            grad, norm = optim.clip_grad_norm(grad, self.grad_clip)
+        if self.master:
+            flat = dict(tree_flatten(self.optimizer.apply_gradients(grad, self._params())))
+            self.master.update({k: flat[k] for k in self.master})
+            current = dict(tree_flatten(self.model.trainable_parameters()))
+            self.model.update(tree_unflatten([(k, v.astype(current[k].dtype)) for k, v in flat.items()]))
+        else:
+            self.optimizer.update(self.model, grad)
+        return metrics, norm, None
+
+    def blend(self, step: int) -> float:
+        """Position blend during the warm-up: 1 (integer positions) at step 0, then 0."""
+        k = self.position_warmup
+        return max(0.0, 1.0 - step / k) if k else 0.0
+
+    def train_step(self, next_batch: Callable[[], tuple]):
+        """One step on the next batches; returns (summed metrics, grad norm or 0)."""
+        blend = self.blend(self.step)
+        if self.position_warmup:
+            set_position_blend(self.model, blend)
+        # The blend is a Python constant inside the graph: compile once it is fixed at 0.
+        if blend == 0.0 and self._compiled is None:
+            self._compiled = mx.compile(self._micro_step, inputs=self.state, outputs=self.state)
+        fn = self._compiled if blend == 0.0 else self._micro_step
+        mx.random.seed(derived_seed(self.seed, 1, self.step))  # dropout, resumable anywhere
+        total, norm = None, mx.array(0.0)
+        for _ in range(self.micro_batches):
+            self.seen += 1
+            update = self.seen == self.accumulate
+            metrics, n, self.grad = fn(next_batch(), self.grad, update)
+            if update:
+                self.seen, norm = 0, n
+            mx.eval(self.state, metrics, norm, self.grad)
+            total = metrics if total is None else tuple(a + b for a, b in zip(total, metrics))
+        self.step += 1
+        return total, norm
+
+    # -- checkpoints: each command writes these arrays in its own files --
+
+    def weights(self) -> dict:
+        """The trainable weights, float32 masters where they exist."""
+        return {**dict(tree_flatten(self.model.trainable_parameters())), **self.master}
+
+    def restore(self, weights: dict, optimizer_state: dict, step: int, source) -> None:
+        """Continue from a checkpoint's weights (masters or as trained) and optimizer state."""
+        current = dict(tree_flatten(self.model.trainable_parameters()))
+        if set(weights) != set(current):
+            raise LoadError(f"{source} holds other trainable weights than this run's; was it made with the same settings?")
+        self.master.update({k: weights[k].astype(mx.float32) for k in self.master})
+        self.model.update(tree_unflatten([(k, v.astype(current[k].dtype)) for k, v in weights.items()]))
+        expected = dict(tree_flatten(self.optimizer.state))
+        if set(optimizer_state) != set(expected):
+            raise LoadError(f"{source} holds state for another optimizer or model; resume with the same optimizer settings.")
+        # The learning rate stays this run's: a schedule recomputes it from the step.
+        state = {k: expected[k] if k == "learning_rate" else v for k, v in optimizer_state.items()}
+        self.optimizer.state = tree_unflatten(list(state.items()))
+        self.step, self.seen, self.grad = step, 0, None
+        self._capture()
+        mx.eval(self.state)
+
+
+def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
+          steps_per_report: int, steps_per_eval: int, save_every: int,
+          report: Callable, evaluate: Callable, save: Callable,
+          clear_cache_threshold: int = 0, on_step: Optional[Callable] = None) -> None:
+    """Steps up to ``iters`` with the report, evaluation and save cadence.
+
+    ``report(step, metrics, grad_norm, steps, seconds)`` gets the metrics
+    summed over the steps since the last report and over all processes; ``evaluate(step)``
+    runs on a fresh run's step 0, every ``steps_per_eval`` and at the end;
+    ``save(step)`` every ``save_every`` and at the end; ``on_step(trainer)``
+    after every step. Ctrl-C or SIGTERM
+    finishes the step, saves, and raises KeyboardInterrupt; Ctrl-C again
+    stops at once.
+    """
+    maybe_set_recommended_wired_limit()  # keeps the weights resident on a Mac, as mlx-lm does
+    world = trainer.world
+    stop = []
+
+    def interrupt(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        if world.rank() == 0:
+            print("Stopping after this step; saving a checkpoint (Ctrl-C again to quit now)", flush=True)
+
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer.model.train()
+        if trainer.step == 0:
+            evaluate(0)
+            trainer.model.train()
+        window, steps, seconds = None, 0, 0.0
+        while trainer.step < iters:
+            tic = time.perf_counter()
+            metrics, norm = trainer.train_step(next_batch)
+            if clear_cache_threshold and mx.get_cache_memory() > clear_cache_threshold:
+                mx.clear_cache()
+            seconds += time.perf_counter() - tic
+            window = metrics if window is None else tuple(a + b for a, b in zip(window, metrics))
+            steps += 1
+            if on_step is not None:
+                on_step(trainer)
+            step = trainer.step
+            if step % steps_per_report == 0 or step == iters:
+                # Every process takes part in the sums.
+                summed = tuple(mx.distributed.all_sum(m, stream=mx.cpu).item() for m in window)
+                report(step, summed, norm.item(), steps, seconds)
+                window, steps, seconds = None, 0, 0.0
+            if step % steps_per_eval == 0 or step == iters:
+                evaluate(step)
+                trainer.model.train()
+            on_boundary = trainer.seen == 0
+            if world.size() > 1:  # every process stops at the same step
+                flag = mx.distributed.all_sum(mx.array(float(bool(stop))), stream=mx.cpu)
+                if flag.item() and not stop:
+                    stop.append(signal.SIGINT)
+            if step % save_every == 0 or step == iters or (stop and on_boundary):
+                save(step)
+            if stop and on_boundary:
+                raise KeyboardInterrupt
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
