@@ -22,6 +22,7 @@ from mlx_lm.tuner.utils import print_trainable_parameters
 from mlx_lm.utils import save_config
 
 from . import _cli, tuner
+from .adapters import POSITION_MODULE_CHOICES, load_adapters, setup_trainable
 from .errors import LoadError, one_line
 from .utils import DEFAULT_MODEL, load
 
@@ -95,7 +96,7 @@ def build_parser():
     )
     p.add_argument(
         "--position-module",
-        choices=tuner.POSITION_MODULE_CHOICES,
+        choices=POSITION_MODULE_CHOICES,
         default=None,
         help="What happens to the RePo position module (gate_map, content_map, "
         "final_map) in the tuned layers: frozen (default: keeps the positions "
@@ -169,36 +170,27 @@ def _num_layers(args, model) -> int:
 def train_model(args, model, train_set, valid_set, callback=None):
     mx.random.seed(args.seed)  # LoRA initialisation
     args.num_layers = _num_layers(args, model)
-    args.lora_parameters = tuner.setup_trainable(
+    args.lora_parameters = setup_trainable(
         model, args.fine_tune_type, args.num_layers, args.lora_parameters, args.position_module
     )
     if any(layer.self_attn.repo for layer in model.layers):
         rprint(f"Position module: {args.position_module}", flush=True)
-    optimizer = tuner.build_optimizer(args)
-    start = trained = 0
+    trainer = tuner.make_trainer(model, args)
+    trained = 0
     if args.resume_adapter_file is not None:
-        start, trained = tuner.resume(model, optimizer, args.resume_adapter_file, args)
-        rprint(f"Resuming from {args.resume_adapter_file} at iteration {start}", flush=True)
-        if start >= args.iters:
+        trained = tuner.resume(trainer, args.resume_adapter_file, args)
+        rprint(f"Resuming from {args.resume_adapter_file} at iteration {trainer.step}", flush=True)
+        if trainer.step >= args.iters:
             raise LoadError(
-                f"{args.resume_adapter_file} is from iteration {start}; pass an --iters above it."
+                f"{args.resume_adapter_file} is from iteration {trainer.step}; pass an --iters above it."
             )
     print_trainable_parameters(model)
     adapter_path = Path(args.adapter_path)
     if mx.distributed.init().rank() == 0:
         adapter_path.mkdir(parents=True, exist_ok=True)
         save_config(dict(vars(args)), adapter_path / "adapter_config.json")
-    tuner.train(
-        model,
-        optimizer,
-        train_set,
-        valid_set,
-        args,
-        adapter_path / "adapters.safetensors",
-        start=start,
-        trained=trained,
-        callback=callback,
-    )
+    tuner.train(trainer, train_set, valid_set, args, adapter_path / "adapters.safetensors",
+                trained=trained, callback=callback)
 
 
 def run(args) -> None:
@@ -218,7 +210,7 @@ def run(args) -> None:
         train_model(args, model, train_set, valid_set, callback)
     elif args.adapter_path:
         if Path(args.adapter_path, "adapter_config.json").exists():
-            tuner.load_adapters(model, args.adapter_path)
+            load_adapters(model, args.adapter_path)
         else:
             rprint(f"No adapters in {args.adapter_path}: testing the base model", flush=True)
     if args.test:

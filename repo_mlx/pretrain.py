@@ -32,7 +32,7 @@ from mlx_lm import cli_ui
 from mlx_lm import lora as _mlx_lm_lora
 from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
-from . import _cli, pretrain_data, tuner
+from . import _cli, adapters, pretrain_data
 from .convert import save_standalone
 from .files import atomic_folder
 from .convert.export_hf import export_hf
@@ -229,9 +229,9 @@ def setup_trainable(model, train_only: str, lora_parameters: Optional[dict]) -> 
         model.unfreeze()
         return None
     if train_only == "position+lora":
-        return tuner.setup_trainable(model, "lora", -1, lora_parameters, "full")
+        return adapters.setup_trainable(model, "lora", -1, lora_parameters, "full")
     model.freeze()
-    for m in tuner.position_maps(model.layers):
+    for m in adapters.position_maps(model.layers):
         m.unfreeze()
     return None
 

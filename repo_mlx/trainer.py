@@ -16,7 +16,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.nn.utils import average_gradients
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
@@ -60,7 +60,7 @@ class Trainer:
         master = master or {}
         self.master = {k: master.get(k, trainable[k]).astype(mx.float32) for k in half}
         self.step, self.seen = 0, 0  # steps done; batches since the last update
-        self.grad = None
+        self.grad = self.totals = None  # totals: metrics summed since the start or resume
         optimizer.init(self._params())
         if grad_checkpoint:
             checkpoint_layers(model)
@@ -73,8 +73,8 @@ class Trainer:
         self._compiled = None
 
     def _params(self):
-        trainable = dict(tree_flatten(self.model.trainable_parameters()))
-        return tree_unflatten(list({**trainable, **self.master}.items()))
+        # The model's tree (frozen parts as empty nodes), masters in place of half weights.
+        return tree_map_with_path(lambda k, v: self.master.get(k, v), self.model.trainable_parameters())
 
     def _micro_step(self, batch, prev, update):
         (_, metrics), grad = self.loss_and_grad(self.model, *batch)
@@ -91,10 +91,10 @@ class Trainer:
         if self.grad_clip is not None:
             grad, norm = optim.clip_grad_norm(grad, self.grad_clip)
         if self.master:
-            flat = dict(tree_flatten(self.optimizer.apply_gradients(grad, self._params())))
+            new = self.optimizer.apply_gradients(grad, self._params())
+            flat = dict(tree_flatten(new))
             self.master.update({k: flat[k] for k in self.master})
-            current = dict(tree_flatten(self.model.trainable_parameters()))
-            self.model.update(tree_unflatten([(k, v.astype(current[k].dtype)) for k, v in flat.items()]))
+            self.model.update(tree_map(lambda n, c: n.astype(c.dtype), new, self.model.trainable_parameters()))
         else:
             self.optimizer.update(self.model, grad)
         return metrics, norm, None
@@ -124,6 +124,7 @@ class Trainer:
             mx.eval(self.state, metrics, norm, self.grad)
             total = metrics if total is None else tuple(a + b for a, b in zip(total, metrics))
         self.step += 1
+        self.totals = total if self.totals is None else tuple(a + b for a, b in zip(self.totals, total))
         return total, norm
 
     # -- checkpoints: each command writes these arrays in its own files --
@@ -138,14 +139,14 @@ class Trainer:
         if set(weights) != set(current):
             raise LoadError(f"{source} holds other trainable weights than this run's; was it made with the same settings?")
         self.master.update({k: weights[k].astype(mx.float32) for k in self.master})
-        self.model.update(tree_unflatten([(k, v.astype(current[k].dtype)) for k, v in weights.items()]))
+        self.model.load_weights([(k, v.astype(current[k].dtype)) for k, v in weights.items()], strict=False)
         expected = dict(tree_flatten(self.optimizer.state))
         if set(optimizer_state) != set(expected):
             raise LoadError(f"{source} holds state for another optimizer or model; resume with the same optimizer settings.")
         # The learning rate stays this run's: a schedule recomputes it from the step.
-        state = {k: expected[k] if k == "learning_rate" else v for k, v in optimizer_state.items()}
-        self.optimizer.state = tree_unflatten(list(state.items()))
-        self.step, self.seen, self.grad = step, 0, None
+        self.optimizer.state = tree_map_with_path(
+            lambda k, now: now if k == "learning_rate" else optimizer_state[k], self.optimizer.state)
+        self.step, self.seen, self.grad, self.totals = step, 0, None, None
         self._capture()
         mx.eval(self.state)
 

@@ -14,7 +14,7 @@ from mlx_lm.utils import load_tokenizer as _mlx_lm_load_tokenizer
 
 from .errors import LoadError, one_line
 from .repo_olmo2 import Model, ModelArgs
-from .tuner import load_adapters
+from .adapters import load_adapters
 
 DEFAULT_MODEL = "SakanaAI/RePo-OLMo2-1B-stage2-L5"
 DTYPES = ("float32", "bfloat16", "float16")
