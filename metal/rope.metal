@@ -4,11 +4,13 @@
 // and a one-line body that calls one of the two kernels below;
 // tests/metal_harness compiles the very same file as C++ to check it off-Mac.
 //
-// q, k and the cotangents gq, gk are [B, H, N, D] with any strides, positions z
-// [B, H, N] with any strides; outputs are row-contiguous. Pairs are (i, i + D/2)
-// ("rotate half"). Angles, cos, sin and sums are float32; cos and sin are rounded
-// to T before rotating, as the official code casts them to the model dtype.
-// H and D are template constants (no division by H at run time, loops unroll).
+// k and its cotangent gk are [B, H, N, D], q and gq [B, H * G, N, D], positions z
+// [B, H, N], all with any strides; outputs are row-contiguous. Query heads
+// h*G .. h*G + G-1 share KV head h's positions (grouped-query attention; G = 1
+// without). Pairs are (i, i + D/2) ("rotate half"). Angles, cos, sin and sums are
+// float32; cos and sin are rounded to T before rotating, as the official code
+// casts them to the model dtype. H (KV heads), G and D are template constants
+// (no division by H at run time, loops unroll).
 // Offsets are 32-bit: the host launches only tensors under 2**28 elements.
 // Inputs are generic pointers: mlx passes arrays of fewer than 8 elements in the
 // constant address space and larger ones in device.
@@ -55,9 +57,9 @@ inline float repo_pair_grad(
   return (x1 * cs.x - x2 * cs.y) * g2 - (x2 * cs.x + x1 * cs.y) * g1;
 }
 
-// Forward of q and k of the same heads, cos and sin once. Grid (D/2, N, B*H):
-// one thread per pair.
-template <typename T, int H, int D, typename Q, typename K, typename Z, typename F>
+// Forward of k and the G query heads of its group, cos and sin once. Grid
+// (D/2, N, B*H): one thread per pair of a KV head.
+template <typename T, int H, int G, int D, typename Q, typename K, typename Z, typename F>
 inline void repo_rope_forward(
     Q q, const constant int* q_shape, const constant int64_t* q_strides,
     K k, const constant int64_t* k_strides, Z z, const constant int64_t* z_strides,
@@ -67,17 +69,22 @@ inline void repo_rope_forward(
   const float w = float(inv_freq[j * int(inv_freq_strides[0])]);
   float2 cs = repo_cos_sin(float(z[repo_row(z_strides, b, h, n)]) * w, factor);
   float c = float(T(cs.x)), s = float(T(cs.y));
+  for (int g = 0; g < G; ++g) {
+    const int hq = h * G + g;
+    const int o = ((b * H * G + hq) * N + n) * D + j;
+    repo_rotate<T, D>(q, repo_row(q_strides, b, hq, n), int(q_strides[3]), j, c, s, q_out, o);
+  }
   const int o = (int(pos.z) * N + n) * D + j;
-  repo_rotate<T, D>(q, repo_row(q_strides, b, h, n), int(q_strides[3]), j, c, s, q_out, o);
   repo_rotate<T, D>(k, repo_row(k_strides, b, h, n), int(k_strides[3]), j, c, s, k_out, o);
 }
 
-// Backward: dq, dk, and dz summed over both. Grid (32, N, B*H), threadgroup
-// (32, *, 1): the 32 lanes of a simdgroup share one row, lane l takes pairs
-// l, l + 32, ...; their d/dz shares meet in simd_sum.
+// Backward: dq, dk, and dz summed over k and its group's G query heads. Grid
+// (32, N, B*H), threadgroup (32, *, 1): the 32 lanes of a simdgroup share one
+// row of a KV head, lane l takes pairs l, l + 32, ...; their d/dz shares meet in
+// simd_sum.
 template <
-    typename T, typename P, int H, int D, typename Q, typename K, typename Z, typename GQ,
-    typename GK, typename F>
+    typename T, typename P, int H, int G, int D, typename Q, typename K, typename Z,
+    typename GQ, typename GK, typename F>
 inline void repo_rope_backward(
     Q q, const constant int* q_shape, const constant int64_t* q_strides,
     K k, const constant int64_t* k_strides, Z z, const constant int64_t* z_strides,
@@ -86,16 +93,21 @@ inline void repo_rope_backward(
     device T* dq, device T* dk, device P* dz, uint3 pos) {
   const int n = pos.y, b = pos.z / H, h = pos.z % H, N = q_shape[2];
   const float p = float(z[repo_row(z_strides, b, h, n)]);
-  const int qr = repo_row(q_strides, b, h, n), qt = int(q_strides[3]);
+  const int qt = int(q_strides[3]), gqt = int(gq_strides[3]);
   const int kr = repo_row(k_strides, b, h, n), kt = int(k_strides[3]);
-  const int gqr = repo_row(gq_strides, b, h, n), gqt = int(gq_strides[3]);
   const int gkr = repo_row(gk_strides, b, h, n), gkt = int(gk_strides[3]);
   const int wt = int(inv_freq_strides[0]), row = (int(pos.z) * N + n) * D;
   float sum = 0.0f;
   for (int j = pos.x; j < D / 2; j += REPO_SIMD_WIDTH) {
     const float w = float(inv_freq[j * wt]);
     const float2 cs = repo_cos_sin(p * w, factor);
-    float t = repo_pair_grad<T, D>(q, qr, qt, gq, gqr, gqt, j, cs, dq, row + j);
+    float t = 0.0f;
+    for (int g = 0; g < G; ++g) {
+      const int hq = h * G + g, qrow = ((b * H * G + hq) * N + n) * D;
+      t += repo_pair_grad<T, D>(
+          q, repo_row(q_strides, b, hq, n), qt, gq, repo_row(gq_strides, b, hq, n), gqt, j, cs,
+          dq, qrow + j);
+    }
     t += repo_pair_grad<T, D>(k, kr, kt, gk, gkr, gkt, j, cs, dk, row + j);
     sum += w * t;
   }

@@ -21,6 +21,9 @@ F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
 DTYPES = (F32, F16, BF16)
 EPS = {F32: 2.0**-23, F16: 2.0**-10, BF16: 2.0**-7}  # spacing of the dtype at 1.0
 SHAPES = {"decode": 1, "prefill": 129}  # tokens per call
+# The kernels also with grouped-query attention: (tokens, query heads per KV head).
+KERNEL_SHAPES = {**SHAPES, "decode, 3 query heads per KV head": (1, 3),
+                 "prefill, 2 query heads per KV head": (129, 2)}  # fmt: skip
 OUTPUTS = ("q", "k", "dq", "dk", "dz")
 # Error against float64, relative to max(1, |reference|) per element (dz: to
 # max(1, max |dz|), a sum over head_dim/2 pairs). float32 angles of positions up
@@ -68,9 +71,10 @@ def f64(a) -> np.ndarray:
     return np.array(a.astype(F32), np.float64)
 
 
-def rotation_inputs(dtype, tokens, batch=2, heads=4, head_dim=128, seed=0) -> dict:
-    """q, k as the model hands them over (head-split views), positions of +-5000
-    (negative, non-monotone, a transposed view), cotangents, YaRN x4 frequencies."""
+def rotation_inputs(dtype, tokens, batch=2, heads=4, head_dim=128, seed=0, group=1) -> dict:
+    """q, k as the model hands them over (head-split views; q has ``group`` query
+    heads per KV head), positions of +-5000 (negative, non-monotone, a transposed
+    view), cotangents, YaRN x4 frequencies."""
     rng = np.random.default_rng(seed)
 
     def normal(*shape):
@@ -79,10 +83,10 @@ def rotation_inputs(dtype, tokens, batch=2, heads=4, head_dim=128, seed=0) -> di
     z = rng.uniform(-5000.0, 5000.0, (batch, tokens, heads)).astype(np.float32)
     inv_freq, factor = rope.yarn_parameters(head_dim, 500000.0, 4.0)
     return dict(
-        q=normal(batch, tokens, heads, head_dim).transpose(0, 2, 1, 3),
+        q=normal(batch, tokens, heads * group, head_dim).transpose(0, 2, 1, 3),
         k=normal(batch, tokens, heads, head_dim).transpose(0, 2, 1, 3),
         z=mx.array(z).transpose(0, 2, 1),
-        gq=normal(batch, heads, tokens, head_dim),
+        gq=normal(batch, heads * group, tokens, head_dim),
         gk=normal(batch, heads, tokens, head_dim),
         inv_freq=inv_freq,
         factor=factor,
@@ -102,11 +106,17 @@ def rotation_outputs(inputs: dict) -> List[mx.array]:
 
 
 def reference_outputs(inputs: dict) -> List[np.ndarray]:
+    """float64 q, k, dq, dk, dz; query head h takes KV head h // G's positions and
+    adds its share to that head's dz."""
     w, a = f64(inputs["inv_freq"]), inputs["factor"]
     q, k, z, gq, gk = (f64(inputs[n]) for n in ("q", "k", "z", "gq", "gk"))
-    dq, dzq = reference_grads(q, z, gq, w, a)
+    z = np.broadcast_to(z, k.shape[:-1])
+    B, H, N = z.shape
+    zq = np.repeat(z, q.shape[1] // H, axis=1)
+    dq, dzq = reference_grads(q, zq, gq, w, a)
     dk, dzk = reference_grads(k, z, gk, w, a)
-    return [reference_rotate(q, z, w, a), reference_rotate(k, z, w, a), dq, dk, dzq + dzk]
+    dz = dzq.reshape(B, H, -1, N).sum(2) + dzk
+    return [reference_rotate(q, zq, w, a), reference_rotate(k, z, w, a), dq, dk, dz]
 
 
 def reference_errors(got, want) -> List[float]:
@@ -185,16 +195,18 @@ def kernel_status() -> str:
     return f"in use on the GPU ({state['checked']} kernel instances checked and run so far)"
 
 
-def check_kernels(dtypes=DTYPES, shapes=SHAPES) -> List[Check]:
+def check_kernels(dtypes=DTYPES, shapes=KERNEL_SHAPES) -> List[Check]:
     """The Metal kernels (strict: a failure is a failed check, not a silent
-    fallback) against the pure path on the CPU and against float64."""
+    fallback) against the pure path on the CPU and against float64. ``shapes``:
+    name -> tokens or (tokens, query heads per KV head)."""
     if why := kernels_unavailable():
         return [Check("Metal kernels", "skip", why)]
     rows = []
     for dtype in dtypes:
-        for shape, tokens in shapes.items():
+        for shape, size in shapes.items():
             name = f"kernels {dtype_name(dtype)} {shape}"
-            inputs = rotation_inputs(dtype, tokens)
+            tokens, group = size if isinstance(size, tuple) else (size, 1)
+            inputs = rotation_inputs(dtype, tokens, group=group)
             try:
                 with kernels("strict"), mx.stream(mx.gpu):
                     assert rope._use_kernels(inputs["q"]), "the kernels were not chosen"

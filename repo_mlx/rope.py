@@ -64,24 +64,40 @@ def _rotate_by(x, cos, sin):
     return (y * cos + y[..., ::-1, :] * (sin * sign)).reshape(x.shape)
 
 
+def _rotate_queries(q, k, cos, sin):
+    # Query heads h*G .. h*G + G-1 use KV head h's cos and sin (G = Hq / Hkv).
+    if (G := q.shape[-3] // k.shape[-3]) == 1:
+        return _rotate_by(q, cos, sin)
+    grouped = q.reshape(*k.shape[:-3], k.shape[-3], G, *q.shape[-2:])
+    return _rotate_by(grouped, cos[..., None, :, :, :], sin[..., None, :, :, :]).reshape(q.shape)
+
+
 @mx.compile
 def _forward(q, k, positions, inv_freq, factor):
     cos, sin = _cos_sin(positions, inv_freq, factor)
-    return _rotate_by(q, cos, sin), _rotate_by(k, cos, sin)
+    return _rotate_queries(q, k, cos, sin), _rotate_by(k, cos, sin)
+
+
+def _dz_terms(x, g, cos, sin):
+    # out1 g2 | out2 g1 per pair, out recomputed in float32: [..., 2, D/2].
+    f32 = mx.float32
+    return _halves(_rotate_by(x.astype(f32), cos, sin)) * _halves(g.astype(f32))[..., ::-1, :]
 
 
 @mx.compile
 def _backward(q, k, positions, gq, gk, inv_freq, factor):
-    # dx = rotate(g, -z); dz = sum_k w_k (out1 g2 - out2 g1) over q and k, with
-    # out recomputed in float32.
+    # dx = rotate(g, -z); dz = sum_k w_k (out1 g2 - out2 g1) over k and its
+    # group's queries.
     cos, sin = _cos_sin(positions, inv_freq, factor)
-    f32 = mx.float32
-    t = sum(
-        _halves(_rotate_by(x.astype(f32), cos, sin)) * _halves(g.astype(f32))[..., ::-1, :]
-        for x, g in ((q, gq), (k, gk))
-    )
+    if (G := q.shape[-3] // k.shape[-3]) == 1:
+        t = _dz_terms(q, gq, cos, sin)
+    else:
+        shape = (*k.shape[:-3], k.shape[-3], G, *q.shape[-2:])
+        cg, sg = cos[..., None, :, :, :], sin[..., None, :, :, :]
+        t = _dz_terms(q.reshape(shape), gq.reshape(shape), cg, sg).sum(-4)
+    t = t + _dz_terms(k, gk, cos, sin)
     dz = (t * (mx.array([[1.0], [-1.0]]) * inv_freq)).sum((-2, -1)).astype(positions.dtype)
-    return _rotate_by(gq, cos, -sin), _rotate_by(gk, cos, -sin), dz
+    return _rotate_queries(gq, k, cos, -sin), _rotate_by(gk, cos, -sin), dz
 
 
 # ---------------------------------------------------------------- Metal kernels
@@ -95,12 +111,12 @@ class Kernel(NamedTuple):
 KERNELS = {
     "repo_rope_forward": Kernel(
         "forward", ("q", "k", "z", "inv_freq", "factor"), ("q_out", "k_out"),
-        "repo_rope_forward<T, H, D>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
+        "repo_rope_forward<T, H, G, D>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
         "inv_freq, inv_freq_strides, factor, q_out, k_out, thread_position_in_grid);",
     ),
     "repo_rope_backward": Kernel(
         "backward", ("q", "k", "z", "gq", "gk", "inv_freq", "factor"), ("dq", "dk", "dz"),
-        "repo_rope_backward<T, P, H, D>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
+        "repo_rope_backward<T, P, H, G, D>(q, q_shape, q_strides, k, k_strides, z, z_strides, "
         "gq, gq_strides, gk, gk_strides, inv_freq, inv_freq_strides, factor, dq, dk, dz, "
         "thread_position_in_grid);",
     ),
@@ -189,29 +205,32 @@ def _kernel(name):
 
 def launch(name, *inputs) -> dict:
     """Keyword arguments of kernel ``name``'s call (tests/metal_harness runs the same)."""
-    (q, _, z, *_), (B, H, N, D) = inputs, inputs[0].shape
+    (q, k, z, *_), (B, H, N, D) = inputs, inputs[1].shape  # H: KV heads
+    G = q.shape[1] // H  # query heads per KV head: a thread does all of a group
     if KERNELS[name].kind == "forward":  # one thread per pair
         tx = min(D // 2, 256)
         grid, group, dtypes = (D // 2, N, B * H), (tx, max(1, 256 // tx), 1), [q.dtype] * 2
-        template, shapes = [("T", q.dtype)], [q.shape] * 2
+        template, shapes = [("T", q.dtype)], [q.shape, k.shape]
     else:  # one simdgroup per row: its lanes' sums meet in simd_sum
         grid, group, dtypes = (SIMD_WIDTH, N, B * H), (SIMD_WIDTH, 8, 1), [q.dtype] * 2 + [z.dtype]
-        template, shapes = [("T", q.dtype), ("P", z.dtype)], [q.shape] * 2 + [z.shape]
+        template, shapes = [("T", q.dtype), ("P", z.dtype)], [q.shape, k.shape, z.shape]
     return dict(
-        inputs=inputs, template=template + [("H", H), ("D", D)], grid=grid,
+        inputs=inputs, template=template + [("H", H), ("G", G), ("D", D)], grid=grid,
         threadgroup=group, output_shapes=shapes, output_dtypes=dtypes,
     )  # fmt: skip
 
 
 def _check(name, q, z) -> None:
-    # First use of an instance (dtypes, heads, head_dim): run it on two tokens
-    # against the pure path, so a compile error or a wrong result shows here,
-    # once, and not in some later mx.eval.
-    H, D = q.shape[1], q.shape[3]
-    if (key := (name, q.dtype, z.dtype, H, D)) in _state["checked"]:
+    # First use of an instance (dtypes, query and KV heads, head_dim): run it on
+    # two tokens against the pure path, so a compile error or a wrong result
+    # shows here, once, and not in some later mx.eval.
+    Hq, H, D = q.shape[1], z.shape[1], q.shape[3]
+    if (key := (name, q.dtype, z.dtype, Hq, H, D)) in _state["checked"]:
         return
     keys = mx.random.split(mx.random.key(0), 5)
-    x = [mx.random.normal((1, H, 2, D), key=keys[i]).astype(q.dtype) for i in range(4)]
+    x = [
+        mx.random.normal((1, (Hq, H)[i % 2], 2, D), key=keys[i]).astype(q.dtype) for i in range(4)
+    ]  # q, k, gq, gk
     zs = mx.random.uniform(-1000, 1000, (1, H, 2), key=keys[4]).astype(z.dtype)
     forward = KERNELS[name].kind == "forward"
     args = (x[0], x[1], zs, *([] if forward else x[2:]), inv_frequencies(D, 1e4), mx.array(1.25))
@@ -222,7 +241,7 @@ def _check(name, q, z) -> None:
         if not err <= CHECK_TOLERANCE[dtype]:  # NaN fails too
             raise ArithmeticError(
                 f"{name} output {i} is {err:.3g} (relative) from the pure path "
-                f"for {q.dtype}, {H} heads of {D}"
+                f"for {q.dtype}, {Hq} query and {H} KV heads of {D}"
             )
     _state["checked"].add(key)
 
@@ -283,9 +302,11 @@ def continuous_rope_qk(
     inv_freq: Optional[mx.array] = None,
     attention_factor: Union[float, mx.array] = 1.0,
 ) -> Tuple[mx.array, mx.array]:
-    """Rotate ``queries`` and ``keys`` [B, heads, N, head_dim] by real ``positions``
-    [B, heads, N] (or anything that broadcasts to it); query head h and key head h
-    share ``positions[:, h]`` (RePo has no GQA), so cos and sin are computed once.
+    """Rotate ``queries`` [B, Hq, N, head_dim] and ``keys`` [B, Hkv, N, head_dim] by
+    real ``positions`` [B, Hkv, N] (or anything that broadcasts to it). Key head h
+    and query heads h*G .. h*G + G-1 (G = Hq / Hkv, mlx-lm's grouping) share
+    ``positions[:, h]``, so cos and sin are computed once per KV head; with
+    Hq == Hkv this is the official rule, query head h with key head h.
 
     "Rotate half" layout (dims i and i + head_dim/2 pair up), angles in float32,
     results in the inputs' dtype. Give ``base`` (plain RoPE frequencies) or
@@ -294,10 +315,18 @@ def continuous_rope_qk(
     positions' dtype); ``inv_freq`` and ``attention_factor`` are constants.
     """
     D = queries.shape[-1]
-    if queries.shape != keys.shape or queries.dtype != keys.dtype:
+    q_shape, k_shape = queries.shape, keys.shape
+    grouped = (
+        queries.ndim == keys.ndim >= 3
+        and q_shape[:-3] + q_shape[-2:] == k_shape[:-3] + k_shape[-2:]
+        and k_shape[-3] > 0
+        and q_shape[-3] % k_shape[-3] == 0
+    )
+    if queries.dtype != keys.dtype or not (q_shape == k_shape or grouped):
         raise ValueError(
-            f"queries and keys must have the same shape and dtype (RePo has no GQA); got "
-            f"{queries.shape} {queries.dtype} and {keys.shape} {keys.dtype}."
+            "queries [..., Hq, N, head_dim] and keys [..., Hkv, N, head_dim] need the "
+            "same shape and dtype except Hq, a multiple of Hkv (query head h uses KV head "
+            f"h // (Hq / Hkv)); got {q_shape} {queries.dtype} and {k_shape} {keys.dtype}."
         )
     if (base is None) == (inv_freq is None):
         raise ValueError("continuous_rope needs exactly one of base and inv_freq.")
@@ -315,8 +344,16 @@ def continuous_rope_qk(
         attention_factor = _constant(float(attention_factor))
     if not mx.issubdtype(positions.dtype, mx.floating):
         positions = positions.astype(mx.float32)
-    if positions.shape != queries.shape[:-1]:
-        positions = mx.broadcast_to(positions, queries.shape[:-1])
+    if positions.shape != k_shape[:-1]:
+        try:
+            if mx.broadcast_shapes(positions.shape, k_shape[:-1]) != k_shape[:-1]:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"positions must be [..., Hkv, N] = {k_shape[:-1]}, one per KV head and "
+                f"token (or broadcast to that); got {positions.shape}."
+            ) from None
+        positions = mx.broadcast_to(positions, k_shape[:-1])
     return _rope_qk(queries, keys, positions, inv_freq=inv_freq, factor=attention_factor)
 
 

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.skipif(
 
 F32, F16, BF16 = kc.F32, kc.F16, kc.BF16
 
-# (values dtype, positions dtype, head_dim, N, B, H, layout). Together they take
+# (values dtype, positions dtype, head_dim, N, B, H, layout[, G]): H KV heads and
+# G query heads per KV head (grouped-query attention; 1 if not given). Together they take
 # every branch launch() has: both kernels, each dtype of values and positions,
 # forward threadgroups narrower than, equal to and split along head_dim/2 (D =
 # 1024: two threadgroups per row), backward rows of fewer pairs than lanes, one
@@ -47,12 +48,22 @@ CASES += [
     (BF16, F32, 4, 1, 1, 1, "model"),  # under 8 elements: mlx passes these in constant space
     (F32, F16, 32, 7, 2, 3, "shared positions"),  # z broadcast over heads (stride 0)
 ]
+# Grouped-query attention: groups of 2, 3, 4 and 8 query heads per KV head (a
+# thread does its KV head's whole group), head_dim 64 and 128, decode and prefill.
+CASES += [(t, F32, d, n, 2, 2, "model", g) for t in (F32, BF16) for d, n, g in
+          [(64, 1, 2), (64, 33, 3), (128, 1, 4), (128, 257, 3), (64, 7, 8)]]  # fmt: skip
+CASES += [
+    (F16, F16, 128, 9, 1, 3, "contiguous", 2),
+    (F32, F32, 16, 5, 2, 1, "model", 5),  # one KV head (multi-query attention)
+    (F32, F32, 64, 4, 2, 2, "shared positions", 4),
+]
 KERNELS = list(rope.KERNELS)
 
 
 def _case(case, seed=None):
     """Inputs of one case: tensors as (mx array, numpy view with the same strides)."""
-    T, P, D, N, B, H, layout = case
+    T, P, D, N, B, H, layout, *group = case
+    G = group[0] if group else 1
     rng = np.random.default_rng(CASES.index(case) if seed is None else seed)
 
     def make(base, dtype, view):
@@ -86,8 +97,8 @@ def _case(case, seed=None):
             lambda a: a.transpose(0, 2, 1), keep, lambda a: a[:, :, ::-1],
         ]  # fmt: skip
     shapes = {
-        "model": [(B, N, H, D), (B, H, N, 2 * D), None, (B, H, N, D), (B, H, N, D)],
-    }.get(layout, [(B, H, N, D)] * 2 + [None] + [(B, H, N, D)] * 2)
+        "model": [(B, N, H * G, D), (B, H, N, 2 * D), None, (B, H * G, N, D), (B, H, N, D)],
+    }.get(layout, [(B, H * G, N, D), (B, H, N, D), None, (B, H * G, N, D), (B, H, N, D)])
     tensors = [
         make(z if s is None else rng.standard_normal(s), P if s is None else T, v)
         for s, v in zip(shapes, views)
@@ -167,6 +178,41 @@ def test_harness_catches_broken_kernels(tmp_path):
         worst = [kc.units(g, w) for g, w in zip(got, want)]
         broken_outputs = worst[:2] if name == "repo_rope_forward" else worst[2:]
         assert min(broken_outputs) > 1e3, f"{name}: broken kernel not caught ({worst})"
+
+
+# Slips that only grouped-query attention exposes: with one query head per KV
+# head each mutant computes exactly what the shipped kernel does.
+GROUP_MUTANTS = {
+    # query head h*G + g read from head h (its KV head's index)
+    "query head from KV index": [("repo_row(q_strides, b, hq, n)", "repo_row(q_strides, b, h, n)")],
+    # dz keeps only the group's last query head's share
+    "dz of one query head": [("t += repo_pair_grad<T, D>(\n          q,",
+                              "t = repo_pair_grad<T, D>(\n          q,")],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mutant", list(GROUP_MUTANTS))
+def test_harness_catches_broken_grouping(tmp_path, mutant):
+    """The grouped cases test the grouping: each mutant passes with G = 1 and fails
+    by far with G = 3."""
+    source = rope.metal_source()
+    for old, new in GROUP_MUTANTS[mutant]:
+        assert old in source
+        source = source.replace(old, new)
+    (tmp_path / "rope.metal").write_text(source)
+    h = Harness(tmp_path / "build", source=tmp_path / "rope.metal")
+    cases = {G: _case((F32, F32, 64, 5, 2, 2, "model", G), seed=0) for G in (1, 3)}
+    launches = {(G, n): _launch(n, *cases[G]) for G in cases for n in KERNELS}
+    for (_, name), (launch, _) in launches.items():
+        h.add(name, launch)
+    h.build()
+    worst = {1: 0.0, 3: 0.0}
+    for (G, name), (launch, tensors) in launches.items():
+        got = h.run(name, launch, tensors)
+        want = _pure(name, *[t[0] for t in cases[G][:5]], *cases[G][5:])
+        worst[G] = max(worst[G], *(kc.units(g, w) for g, w in zip(got, want)))
+    assert worst[1] <= kc.KERNEL_LIMITS["dz"][F32], worst
+    assert worst[3] > 1e3, f"{mutant}: broken grouping not caught ({worst})"
 
 
 @pytest.mark.parametrize(
