@@ -132,6 +132,25 @@ def test_bad_arguments_are_refused():
         rope.continuous_rope_qk(x, x[:, :, :1], p, base=1e4)
 
 
+@pytest.mark.parametrize(
+    "q_heads, k_shape, p_shape, match",
+    [
+        (5, (1, 2, 3, 8), (1, 2, 3), r"except Hq, a multiple of Hkv .* \(1, 5, 3, 8\)"),
+        (4, (1, 3, 3, 8), (1, 3, 3), "a multiple of Hkv"),
+        (4, (1, 2, 4, 8), (1, 2, 3), "same shape and dtype"),  # tokens differ
+        (4, (2, 3, 8), (2, 3), "same shape and dtype"),  # ranks differ
+        (4, (1, 2, 3, 8), (1, 4, 3), r"one per KV head .* got \(1, 4, 3\)"),  # per query head
+        (2, (1, 2, 3, 8), (1, 3, 3), "one per KV head"),
+    ],
+)
+def test_shapes_that_do_not_group_are_refused(q_heads, k_shape, p_shape, match):
+    q = mx.zeros((1, q_heads, 3, 8))
+    with pytest.raises(ValueError, match=match):
+        rope.continuous_rope_qk(q, mx.zeros(k_shape), mx.zeros(p_shape), base=1e4)
+    with pytest.raises(ValueError, match="same shape and dtype"):
+        rope.continuous_rope_qk(mx.zeros((1, 4, 3, 8), F16), mx.zeros((1, 2, 3, 8)), 0, base=1e4)
+
+
 # --------------------------------------------------------------- gradients
 @pytest.mark.parametrize("D, N", [(64, 1), (128, 200)])
 def test_gradients_match_float64_analytic(D, N):
@@ -182,6 +201,76 @@ def test_gradients_match_finite_differences():
     assert np.abs(f64(dq) - fd("Q", Q)).max() <= 1e-5
     assert np.abs(f64(dk) - fd("K", K)).max() <= 1e-5
     assert np.abs(f64(dp) - fd("P", P)).max() <= 1e-4
+
+
+# ------------------------------------------------- grouped-query attention
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 2, 3, 4])
+def test_grouped_heads_match_float64(D, G):
+    """Query head h takes KV head h // G's positions; dz of a KV head sums its key
+    and its G query heads. Values and all gradients against float64 (spec
+    section 4 applied per query head, numpy)."""
+    inputs = kc.rotation_inputs(F32, 33, heads=2, head_dim=D, group=G)
+    got = kc.rotation_outputs(inputs)
+    assert [a.shape for a in got] == [(2, 2 * G, 33, D), (2, 2, 33, D)] * 2 + [(2, 2, 33)]
+    errs = kc.reference_errors(got, kc.reference_outputs(inputs))
+    assert kc.within_reference(errs, F32), errs
+
+
+def test_grouped_gradients_match_finite_differences():
+    """3 query heads per KV head: d/dq, d/dk and d/dpositions against central
+    differences of the float64 loss sum(q_out * gq) + sum(k_out * gk)."""
+    D, G = 16, 3
+    inv_freq, factor = rope.yarn_parameters(D, 10000.0, 2.0, original_max_position_embeddings=8)
+    k, p, gk = inputs(1, 2, 5, D, pmax=50.0)
+    q, _, gq = inputs(1, 2 * G, 5, D, seed=1)
+    Q, K, P, GQ, GK, W = f64(q), f64(k), f64(p), f64(gq), f64(gk), f64(inv_freq)
+
+    def loss(Q=Q, K=K, P=P):
+        q_out = ref_rotate(Q, np.repeat(P, G, axis=1), W, factor)
+        return (q_out * GQ).sum() + (ref_rotate(K, P, W, factor) * GK).sum()
+
+    def fd(name, value):
+        grad, h = np.zeros_like(value), 1e-6
+        for i in np.ndindex(value.shape):
+            up, down = value.copy(), value.copy()
+            up[i] += h
+            down[i] -= h
+            grad[i] = (loss(**{name: up}) - loss(**{name: down})) / (2 * h)
+        return grad
+
+    def ours(q, k, p):
+        a, b = rope.continuous_rope_qk(q, k, p, inv_freq=inv_freq, attention_factor=factor)
+        return (a * gq).sum() + (b * gk).sum()
+
+    dq, dk, dp = mx.grad(ours, argnums=(0, 1, 2))(q, k, p)
+    assert np.abs(f64(dq) - fd("Q", Q)).max() <= 1e-5
+    assert np.abs(f64(dk) - fd("K", K)).max() <= 1e-5
+    assert np.abs(f64(dp) - fd("P", P)).max() <= 1e-4
+
+
+def test_grouped_heads_under_compile_and_value_and_grad():
+    """Grouping through mx.compile and nn.value_and_grad, against MLX's autodiff of
+    the separate ops with keys and positions repeated per query head."""
+    w = rope.inv_frequencies(32, 10000.0)
+    q, _, gq = inputs(2, 6, 9, 32, seed=2)
+    k, p, gk = inputs(2, 2, 9, 32, pmax=300.0)
+
+    def loss(q, k, p, rotate):
+        a, b = rotate(q, k, p)
+        return (a * gq).sum() + (b * gk).sum()
+
+    def grouped(q, k, p):
+        return rope.continuous_rope_qk(q, k, p, inv_freq=w)
+
+    def plain(q, k, p):
+        return plain_rotate(q, mx.repeat(p, 3, axis=1), w), plain_rotate(k, p, w)
+
+    want = mx.grad(lambda *a: loss(*a, plain), argnums=(0, 1, 2))(q, k, p)
+    fn = mx.grad(lambda *a: loss(*a, grouped), argnums=(0, 1, 2))
+    for got in (fn(q, k, p), mx.compile(fn)(q, k, p)):
+        for g, w_ in zip(got, want):
+            assert mx.allclose(g, w_, rtol=1e-4, atol=1e-3).item()
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])
@@ -407,6 +496,62 @@ def test_working_kernels_are_checked_once_then_used(fake_gpu):
     fwd, bwd = "repo_rope_forward", "repo_rope_backward"
     assert names == [(fwd, 2), (fwd, 3), (bwd, 2), (bwd, 3), (fwd, 3), (bwd, 3)]
     assert rope._state["failure"] is None
+
+
+def _tiled_kernel(name, launch):
+    # A plausible slip: query head h takes KV head h % Hkv (tile), not h // G.
+    q, k = launch["inputs"][:2]
+    B, Hq, N, D = q.shape
+    G, H = Hq // k.shape[1], k.shape[1]
+
+    def regroup(x, a, b):  # heads ordered (a, b) -> (b, a)
+        return x.reshape(B, a, b, N, D).swapaxes(1, 2).reshape(B, Hq, N, D)
+
+    inputs = list(launch["inputs"])
+    for i in (0, 3)[: len(inputs) - 5]:
+        inputs[i] = regroup(inputs[i], G, H)
+    out = _pure_kernel(name, dict(launch, inputs=inputs))
+    return [regroup(out[0], H, G), *out[1:]]
+
+
+def _grouped_rotate_and_grad():
+    k, p, gk = inputs(1, 2, 3, 16, pmax=100.0)
+    q, _, gq = inputs(1, 4, 3, 16, seed=1)
+    fn = lambda a, b, z: rope.continuous_rope_qk(a, b, z, base=1e4)  # noqa: E731
+    out, grads = mx.vjp(fn, [q, k, p], [gq, gk])
+    mx.eval(out, grads)
+    return [*out, *grads]
+
+
+def test_grouped_kernels_checked_as_their_own_instance(fake_gpu):
+    """Grouped and ungrouped calls are separate kernel instances, each checked on
+    first use; a kernel that groups query heads the wrong way fails that check."""
+    fake_gpu.setattr(mx.fast, "metal_kernel", _fake_metal_kernel(_pure_kernel))
+    FakeKernel.calls.clear()
+    rope.set_kernels(False)
+    want = _grouped_rotate_and_grad()
+    rope.set_kernels("strict")
+    _rotate_and_grad()
+    got = _grouped_rotate_and_grad()
+    assert all(mx.allclose(a, b, atol=1e-6).item() for a, b in zip(got, want))
+    shapes = [(n[10:], launch["inputs"][0].shape[1:3]) for n, launch in FakeKernel.calls]
+    assert shapes == [
+        ("forward", (2, 2)), ("forward", (2, 3)), ("backward", (2, 2)), ("backward", (2, 3)),
+        ("forward", (4, 2)), ("forward", (4, 3)), ("backward", (4, 2)), ("backward", (4, 3)),
+    ]  # fmt: skip
+    assert rope.kernel_state()["checked"] == 4
+    assert FakeKernel.calls[-1][1]["grid"] == (32, 3, 2)  # a simdgroup per KV head's row
+
+    # The tile slip is invisible without grouping, caught with it.
+    fake_gpu.setattr(mx.fast, "metal_kernel", _fake_metal_kernel(_tiled_kernel))
+    rope._kernel.cache_clear()
+    rope.set_kernels("on")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _rotate_and_grad()
+    with pytest.warns(RuntimeWarning, match="repo_rope_forward output 0 is .* 4 query and 2 KV"):
+        got = _grouped_rotate_and_grad()
+    assert all(mx.array_equal(a, b) for a, b in zip(got, want))
 
 
 def test_kernels_off_never_builds_them(fake_gpu):
