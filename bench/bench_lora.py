@@ -2,7 +2,7 @@
 
 Both models share the same base weights (random, same shapes; RePo adds the
 position module). Same data, batch, sequence length, LoRA rank, layers and
-optimizer; repo_mlx trains with its own loop (tuner.train), mlx-lm with
+optimizer; repo_mlx trains with its loop (trainer.py via tuner.train), mlx-lm with
 mlx_lm.tuner.trainer.train. tokens/s is over the iterations after the first
 report (which pays for compilation). One run each by default; --runs N
 alternates them and reports medians. Prints the ratio repo / mlx-lm.
@@ -29,6 +29,7 @@ from mlx_lm.tuner.trainer import train as mlx_lm_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from repo_mlx import synthetic, tuner
+from repo_mlx.adapters import POSITION_MODULE_CHOICES, setup_trainable
 from repo_mlx.repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs
 
 SHAPES = {
@@ -71,15 +72,16 @@ def summarize(recorder: Recorder, peak: float):
 
 
 def run_repo(model, data, args, tmp: Path):
-    tuner.setup_trainable(model, "lora", args.num_layers, args.lora, args.position_module)
+    setup_trainable(model, "lora", args.num_layers, args.lora, args.position_module)
     ns = types.SimpleNamespace(
         batch_size=args.batch_size, iters=args.iters, val_batches=0, steps_per_report=args.report,
         steps_per_eval=args.iters + 1, save_every=args.iters, max_seq_length=args.seq_len + 1,
         grad_checkpoint=False, grad_accumulation_steps=1, clear_cache_threshold=0, seed=0,
+        optimizer="adam", lr_schedule=None, learning_rate=1e-5, optimizer_config=None,
     )
     recorder = Recorder()
     mx.reset_peak_memory()
-    tuner.train(model, optim.Adam(learning_rate=1e-5), data, [], ns, tmp / "repo.safetensors", callback=recorder)
+    tuner.train(tuner.make_trainer(model, ns), data, [], ns, tmp / "repo.safetensors", callback=recorder)
     return summarize(recorder, mx.get_peak_memory() / 1e9)
 
 
@@ -107,7 +109,7 @@ def main():
     p.add_argument("--report", type=int, default=5, help="Iterations per tokens/s window; the first is dropped (default: 5).")
     p.add_argument("--num-layers", type=int, default=-1, help="LoRA on the last N layers, -1 all (default: -1).")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8).")
-    p.add_argument("--position-module", choices=tuner.POSITION_MODULE_CHOICES, default="frozen", help="RePo's --position-module (default: frozen).")
+    p.add_argument("--position-module", choices=POSITION_MODULE_CHOICES, default="frozen", help="RePo's --position-module (default: frozen).")
     p.add_argument("--runs", type=int, default=1, help="Runs per trainer, alternating; medians are reported (default: 1).")
     args = p.parse_args()
     if args.iters < 2 * args.report:

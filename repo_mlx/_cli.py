@@ -14,7 +14,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import LoadError
+import yaml
+from mlx_lm.lora import yaml_loader
+
+from .errors import LoadError, one_line
 
 
 def version() -> str:
@@ -192,6 +195,30 @@ def check_output_dir(path, flag: str, force: bool = False) -> Path:
     if p.exists() and not force and any(p.iterdir()):
         raise LoadError(f"{flag} {p} already exists and is not empty; pass --force to replace it.")
     return p
+
+
+def read_config(path, parser, known) -> dict:
+    """A ``-c`` YAML file's options, each value checked by its flag's own type."""
+    try:
+        with open(path) as f:
+            config = yaml.load(f, yaml_loader)  # mlx-lm's: reads 1e-5 as a number
+    except OSError as e:
+        raise LoadError(f"Cannot read config {path}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise LoadError(f"{path} is not valid YAML: {one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{path} must hold a mapping of option names to values.")
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise LoadError(f"{path}: unknown options {', '.join(unknown)} (names are the flags' with underscores; see --help).")
+    types = {a.dest: a.type for a in parser._actions if callable(a.type)}
+    for k, v in config.items():
+        if k in types and v is not None and not isinstance(v, (list, dict, bool)):
+            try:
+                config[k] = types[k](str(v))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise LoadError(f"{path}: {k} {e}.") from None
+    return config
 
 
 def run(main, argv=None) -> None:

@@ -151,3 +151,19 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
     check_names(weights, model, weights_file)
     model.load_weights(list(weights.items()), strict=False)
     return model
+
+
+def fuse_layer(layer: nn.Module, dequantize: bool = False) -> nn.Module:
+    """mlx-lm's ``fuse`` of one adapted layer, computed in float32 and rounded once.
+
+    mlx-lm adds the delta in the weight's dtype: in bfloat16 that rounds the
+    delta and then the sum.
+    """
+    base = layer.linear
+    dtype = (base.scales if isinstance(base, nn.QuantizedLinear) else base.weight).dtype
+    if dtype == mx.float32:
+        return layer.fuse(dequantize=dequantize)
+    layer.set_dtype(mx.float32)  # floating arrays only: packed 4-bit weights stay
+    fused = layer.fuse(dequantize=dequantize)
+    fused.set_dtype(dtype)
+    return fused

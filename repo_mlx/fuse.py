@@ -8,33 +8,15 @@ the official Hugging Face format.
 import argparse
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model
 
 from . import _cli
-from .convert import save_standalone
 from .files import atomic_folder
 from .convert.export_hf import export_hf
 from .errors import LoadError
-from .utils import get_model_path, load
-
-
-def fuse_layer(layer: nn.Module, dequantize: bool = False) -> nn.Module:
-    """mlx-lm's ``fuse`` of one adapted layer, computed in float32 and rounded once.
-
-    mlx-lm adds the delta in the weight's dtype: in bfloat16 that rounds the
-    delta and then the sum.
-    """
-    base = layer.linear
-    dtype = (base.scales if isinstance(base, nn.QuantizedLinear) else base.weight).dtype
-    if dtype == mx.float32:
-        return layer.fuse(dequantize=dequantize)
-    layer.set_dtype(mx.float32)  # floating arrays only: packed 4-bit weights stay
-    fused = layer.fuse(dequantize=dequantize)
-    fused.set_dtype(dtype)
-    return fused
+from .utils import get_model_path, load, save_standalone
+from .adapters import fuse_layer
 
 
 def fuse(

@@ -5,7 +5,6 @@ mlx-lm's ``mlx_lm.lora`` flags, data formats and ``-c config.yaml``, plus
 command under ``mlx.launch`` (see docs/finetune.md).
 """
 
-import argparse
 import math
 import os
 import types
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import yaml
 from mlx_lm import lora as _mlx_lm_lora
 from mlx_lm.cli_ui import rprint
 from mlx_lm.tuner.callbacks import get_reporting_callbacks
@@ -110,24 +108,10 @@ def parse_args(argv=None) -> types.SimpleNamespace:
     # Paths as strings: adapter_config.json records them.
     args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(build_parser().parse_args(argv)).items()}
     if args["config"]:
-        try:
-            with open(args["config"]) as f:
-                config = yaml.load(f, _mlx_lm_lora.yaml_loader)
-        except OSError as e:
-            raise LoadError(f"Cannot read config {args['config']}: {e.strerror}.") from None
-        except yaml.YAMLError as e:
-            raise LoadError(f"{args['config']} is not valid YAML: {one_line(e)}") from None
-        if not isinstance(config, dict):
-            raise LoadError(f"{args['config']} must hold a mapping of option names to values.")
+        config = _cli.read_config(args["config"], build_parser(), set(CONFIG_DEFAULTS) | set(args))
         for k, v in config.items():
             if args.get(k) is None:
-                if k in TYPES and v is not None:
-                    try:
-                        v = TYPES[k](str(v))
-                        v = str(v) if isinstance(v, Path) else v
-                    except argparse.ArgumentTypeError as e:
-                        raise LoadError(f"{args['config']}: {k} {e}.") from None
-                args[k] = v
+                args[k] = str(v) if isinstance(v, Path) else v
     for k, v in CONFIG_DEFAULTS.items():
         if args.get(k) is None:
             args[k] = v

@@ -26,21 +26,18 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import cli_ui
-from mlx_lm import lora as _mlx_lm_lora
 from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
 from . import _cli, adapters, pretrain_data
-from .convert import save_standalone
 from .files import atomic_folder
 from .convert.export_hf import export_hf
 from .errors import LoadError, one_line
 from .positions import positions, summary
 from .trainer import Trainer, train as train_loop
 from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, pe_config, repo_layer_ids
-from .utils import check_weight_files, get_model_path, load_config, set_position_blend, yarn_scaling
+from .utils import check_weight_files, get_model_path, load_config, save_standalone, set_position_blend, yarn_scaling
 
 TRAIN_ONLY = ("all", "position", "position+lora")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -473,7 +470,7 @@ def save_model(prep, trainer, args, out: Path) -> None:
         model.update(tree_unflatten(frozen))
     if trainer.master:  # the float32 masters, not their half-precision copies
         model.update(tree_unflatten(list(trainer.master.items())))
-    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    fused = [(n, adapters.fuse_layer(m)) for n, m in model.named_modules() if hasattr(m, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))
     config = dict(prep.config)
@@ -607,22 +604,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            config = yaml.load(f, _mlx_lm_lora.yaml_loader)
-    except OSError as e:
-        raise LoadError(f"Cannot read config {path}: {e.strerror}.") from None
-    except yaml.YAMLError as e:
-        raise LoadError(f"{path} is not valid YAML: {one_line(e)}") from None
-    if not isinstance(config, dict):
-        raise LoadError(f"{path} must hold a mapping of option names to values.")
-    unknown = sorted(set(config) - set(DEFAULTS) - {"config"})
-    if unknown:
-        raise LoadError(f"{path}: unknown options {', '.join(unknown)}.")
-    return config
-
-
 def parse_args(argv=None) -> types.SimpleNamespace:
     given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     args = {}
@@ -636,7 +617,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
             print(f"[WARNING] --resume with changed {', '.join(changed)}: the run will not continue exactly.", file=sys.stderr)
         given["save_path"] = given["resume"]
     if given.get("config"):
-        args.update(_read_yaml(given["config"]))
+        args.update(_cli.read_config(given["config"], build_parser(), set(DEFAULTS) | {"config"}))
     args.update(given)
     for k, v in DEFAULTS.items():
         args.setdefault(k, v)

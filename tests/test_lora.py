@@ -201,6 +201,69 @@ def test_resume_equals_uninterrupted_run(base, data, tmp_path):
     assert not all(mx.array_equal(a[k], b[k]).item() for k in a)
 
 
+def test_half_precision_full_fine_tuning_keeps_float32_masters(data, tmp_path):
+    """As pretrain: at a small lr a bfloat16 update vanishes, the float32 master keeps it."""
+    from repo_mlx import lora, synthetic
+
+    path = synthetic.write_checkpoint(tmp_path / "bf16", synthetic.config(), seed=1, dtype="bfloat16",
+                                      position_scale=0.05)
+    model, tokenizer = repo_mlx.load(str(path))
+    args = lora.parse_args(["--model", str(path), "--data", str(data), "--train", "--fine-tune-type", "full",
+                            "--num-layers", "-1", "--batch-size", "4", "--learning-rate", "1e-6"])
+    setup_trainable(model, "full", -1, None, "frozen")
+    trainer = tuner.make_trainer(model, args)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert set(trainer.master) == set(trainable) and all(v.dtype == mx.bfloat16 for v in trainable.values())
+    before = dict(trainer.master)
+    batches = tuner.train_batches(tuner.load_data(args, tokenizer)[0], args, mx.distributed.init())
+    trainer.train_step(lambda: next(batches))
+    after = trainer.master
+    assert all(not mx.array_equal(before[k], after[k]).item() for k in before)
+    same = sum((trainable[k] + (after[k] - before[k]).astype(mx.bfloat16) == trainable[k]).sum().item() for k in before)
+    assert same / sum(v.size for v in before.values()) > 0.9  # what a bfloat16 update would keep
+    for k, v in tree_flatten(model.trainable_parameters()):
+        assert mx.array_equal(v, after[k].astype(mx.bfloat16)).item(), k
+    # The adapter file keeps mlx-lm's format; resuming needs the masters, in the state file.
+    flags = ["--fine-tune-type", "full", "--save-every", "3"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(path, data, full, *flags, iters=6, lr="1e-5")
+    train(path, data, resumed, *flags, "--resume-adapter-file", full / "0000003_adapters.safetensors", iters=6, lr="1e-5")
+    assert {v.dtype for v in mx.load(str(full / "adapters.safetensors")).values()} == {mx.bfloat16}
+    for file in ("adapters.safetensors", "adapters.state.safetensors"):
+        a, b = mx.load(str(full / file)), mx.load(str(resumed / file))
+        assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a), file
+    assert any(k.startswith(tuner.MASTER) for k in a)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(base, data, tmp_path, monkeypatch):
+    import signal
+
+    from repo_mlx import _cli, lora
+
+    class StopAt5:
+        def on_train_loss_report(self, info):
+            if info["iteration"] == 5:
+                signal.raise_signal(signal.SIGINT)
+
+        def on_val_loss_report(self, info):
+            pass
+
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(base, data, full, iters=10)
+    monkeypatch.setattr(lora, "get_reporting_callbacks", lambda *a: StopAt5())
+    with pytest.raises(SystemExit) as e:
+        train_argv = ["--model", base, "--train", "--data", data, "--adapter-path", stopped, "--iters", "10",
+                      "--batch-size", "4", "--learning-rate", "1e-3", "--num-layers", "-1",
+                      "--steps-per-report", "5", "--steps-per-eval", "10", "--val-batches", "-1"]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            _cli.run(lora.main, [str(a) for a in train_argv])
+    assert e.value.code == 130 and "Iter 5: saved" in out.getvalue()
+    monkeypatch.undo()
+    train(base, data, stopped, "--resume-adapter-file", stopped / "adapters.safetensors", iters=10)
+    a, b = mx.load(str(full / "adapters.safetensors")), mx.load(str(stopped / "adapters.safetensors"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
 def test_resume_rejects_mismatched_checkpoint(runs, base, data, tmp_path):
     with pytest.raises(LoadError, match="does not match"):
         train(base, data, tmp_path / "x", "--position-module", "frozen",
@@ -328,6 +391,23 @@ def test_negative_learning_rate_is_refused(capsys, tmp_path):
     (tmp_path / "c.yaml").write_text("learning_rate: -1\n")
     with pytest.raises(LoadError, match=r"c\.yaml: learning_rate must be a number > 0, got -1"):
         lora.parse_args(["-c", str(tmp_path / "c.yaml")])
+
+
+@pytest.mark.parametrize("module", ["lora", "pretrain"])
+def test_config_files_are_read_one_way(tmp_path, module):
+    """lora and pretrain share -c: unknown keys and values their flags refuse are errors."""
+    parse = importlib.import_module(f"repo_mlx.{module}").parse_args
+    argv = ["--model", "m", "--data", "d"] if module == "pretrain" else []
+    cases = {"learnig_rate: 1e-4\n": r"unknown options learnig_rate",
+             "iters: 0\n": r"c\.yaml: iters must be a positive integer, got 0",
+             "- a list\n": r"must hold a mapping", "a: [\n": r"is not valid YAML"}
+    for text, message in cases.items():
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(LoadError, match=message):
+            parse([*argv, "-c", str(tmp_path / "c.yaml")])
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\nseed: 3\n")
+    args = parse([*argv, "-c", str(tmp_path / "c.yaml"), "--seed", "4"])
+    assert args.learning_rate == 1e-4 and args.seed == 4  # the flag wins
 
 
 def test_existing_adapter_path_needs_force(base, data, tmp_path):

@@ -338,6 +338,31 @@ def test_position_and_lora_settings_train_what_they_say(plain, tmp_path):
         assert mx.array_equal(w[q], base_w[q]).item() == (train_only == "position")
 
 
+def test_position_and_lora_on_bfloat16_fuses_in_float32_and_rounds_once(plain, tmp_path):
+    from mlx_lm.tuner.lora import LoRALinear
+
+    base, data, root = plain
+    bf16 = synthetic.write_checkpoint(root / "plain-bf16", synthetic.config(repo=False), seed=1, dtype="bfloat16")
+    out = tmp_path / "o"
+    code, log, err = run_cli("--model", bf16, "--data", data, "--save-path", out, *SMALL,
+                             "--dtype", "bfloat16", "--iters", "2", "--train-only", "position+lora")
+    assert code == 0, err
+    trained = mx.load(str(out / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    base_w, fused = mx.load(str(bf16 / "model.safetensors")), mx.load(str(out / "model.safetensors"))
+    once = twice = total = 0
+    for k in base_w:
+        if not k.endswith("_proj.weight"):
+            continue
+        a, b = trained[k.replace(".weight", ".lora_a")], trained[k.replace(".weight", ".lora_b")]
+        layer = LoRALinear.from_base(nn.Linear(1, 1, bias=False), r=8, scale=20.0)
+        layer.linear.weight, layer.lora_a, layer.lora_b = base_w[k].astype(mx.float32), a, b
+        once += mx.array_equal(fused[k], layer.fuse().weight.astype(mx.bfloat16)).item()
+        layer.linear.weight = base_w[k]  # mlx-lm's fuse in bfloat16: the delta, then the sum rounded
+        twice += mx.array_equal(fused[k], layer.fuse().weight).item()
+        total += 1
+    assert total == 28 and once == total and twice < total, (once, twice, total)
+
+
 def test_quantized_base_trains_position_and_lora(plain, tmp_path):
     """The 16 GB route: a 4-bit plain base, QLoRA plus the full position module."""
     from repo_mlx.convert import convert
