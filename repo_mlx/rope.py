@@ -10,7 +10,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -361,3 +361,95 @@ def continuous_rope(x: mx.array, positions: mx.array, **kwargs) -> mx.array:
     """``continuous_rope_qk`` of one tensor, for tests and experiments (the model
     rotates queries and keys together)."""
     return continuous_rope_qk(x, x, positions, **kwargs)[0]
+
+
+# ------------------------------------------------------------------ RePo configs
+# Rules every RePo model file shares (spec sections 3, 6 and 7); here because a
+# converted folder carries this file beside its model file.
+POSITION_MODES = ("swigluex_multihead",)
+POSITION_WEIGHTS = ("gate_map", "content_map", "final_map")
+
+
+def rope_parameters(
+    head_dim: int, base: float, rope_scaling: Optional[dict]
+) -> Tuple[mx.array, float]:
+    """Inverse frequencies and cos/sin factor of a config's ``rope_scaling``, as
+    mlx-lm's ``initialize_rope`` scales them for integer positions."""
+    scaling = rope_scaling or {}
+    kind = scaling.get("type") or scaling.get("rope_type") or "default"
+    if kind == "default":
+        return inv_frequencies(head_dim, base), 1.0
+    if kind == "linear":
+        return inv_frequencies(head_dim, base) / scaling["factor"], 1.0
+    if kind == "llama3":  # Llama 3.1+: long wavelengths slowed by factor, a smooth band between
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        context = scaling.get("original_max_position_embeddings", 8192)
+        inv_freq = inv_frequencies(head_dim, base)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = mx.clip((context / wavelen - low) / (high - low), 0.0, 1.0)
+        return inv_freq * (smooth + (1 - smooth) / factor), 1.0
+    if kind == "yarn":
+        keys = ("original_max_position_embeddings", "beta_fast", "beta_slow")
+        extra = {k: scaling[k] for k in keys if scaling.get(k) is not None}
+        return yarn_parameters(head_dim, base, scaling["factor"], **extra)
+    raise ValueError(
+        f"rope_scaling type {kind!r} is not supported for RePo layers; "
+        "use none, 'linear', 'llama3' or 'yarn'."
+    )
+
+
+def _pe_setting(pe_config: dict, name: str):
+    # The official code reads only the misspelled key; its converter writes both.
+    wrong, right = pe_config.get("dynmaic_" + name), pe_config.get("dynamic_" + name)
+    if wrong is not None and right is not None and wrong != right:
+        raise ValueError(
+            f"pe_config disagrees with itself: dynmaic_{name}={wrong!r} but "
+            f"dynamic_{name}={right!r}; make both spellings equal."
+        )
+    return wrong if wrong is not None else right
+
+
+def repo_layer_ids(pe_config: Optional[dict], num_layers: int) -> List[int]:
+    """The layers that assign their own positions, from a HF ``pe_config``."""
+    mode = (pe_config or {}).get("dynamic_pe_mode")
+    if mode in (None, "", "none"):
+        return []
+    if mode not in POSITION_MODES:
+        raise ValueError(
+            f"pe_config dynamic_pe_mode {mode!r} is not supported; "
+            f"supported: {', '.join(POSITION_MODES)} (or 'none' for the plain model)."
+        )
+    start = int(_pe_setting(pe_config, "pe_start_layer") or 0)
+    ids = _pe_setting(pe_config, "pe_layer_ids") or ""
+    if isinstance(ids, str):
+        try:
+            ids = [int(i) for i in ids.split(",") if i.strip()]
+        except ValueError:
+            raise ValueError(f"pe_config layer ids {ids!r} must be comma-separated integers.")
+    if bad := [i for i in ids if not 0 <= i < num_layers]:
+        raise ValueError(f"pe_config names layers {bad} but the model has {num_layers} layers.")
+    return [i for i in (ids or range(num_layers)) if i >= start]
+
+
+def check_position_weights(weights: dict, repo_layers: List[int]) -> None:
+    """Refuse a checkpoint whose position weights disagree with its config: stock
+    loaders drop or ignore them and silently run the plain model."""
+    found = {
+        int(k.split(".")[2])
+        for k in weights
+        if k.startswith("model.layers.") and k.split(".")[4] in POSITION_WEIGHTS
+    }
+    if extra := sorted(found - set(repo_layers)):
+        raise ValueError(
+            f"Layers {extra} have RePo position weights (gate_map/content_map/final_map) "
+            "but pe_config does not make them RePo layers; fix pe_config or use the "
+            "matching checkpoint."
+        )
+    for i in sorted(repo_layers):
+        for name in POSITION_WEIGHTS:
+            if (key := f"model.layers.{i}.self_attn.{name}.weight") not in weights:
+                raise ValueError(
+                    f"pe_config makes layer {i} a RePo layer but the checkpoint has no "
+                    f"{key}; the weights are incomplete or the config is wrong."
+                )
