@@ -1,0 +1,272 @@
+# RePo for mlx-lm's llama and qwen3 architectures (Llama 3.x, SmolLM2,
+# Mistral-style configs, Qwen3): upper layers rotate queries and keys by
+# positions a small network assigns to each token and KV head (arXiv 2512.14391).
+#
+# Grouped-query attention, which the official code refuses: final_map gives one
+# position per KV head and each query head takes its KV head's (head h uses KV
+# head h // (heads / kv_heads), mlx-lm's grouping), so keys are rotated and
+# cached once; with kv_heads == heads it is the official rule. The module reads
+# the tensor that feeds q/k/v: here the normed input of a pre-norm block.
+#
+# Self-contained on purpose: converted folders ship this file (config key
+# "model_file") and repo_rope.py so stock mlx-lm can load them with
+# --trust-remote-code.
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import (
+    BaseModelArgs,
+    create_attention_mask,
+    scaled_dot_product_attention,
+)
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.rope_utils import initialize_rope
+
+try:
+    from repo_mlx import rope
+except ImportError:  # a converted folder run by stock mlx-lm: use the copy beside us
+    _spec = importlib.util.spec_from_file_location(
+        "repo_rope", Path(__file__).with_name("repo_rope.py")
+    )
+    rope = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(rope)
+
+MODEL_TYPES = ("llama", "mistral", "qwen3")  # mlx-lm runs mistral configs as llama
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    rms_norm_eps: float
+    vocab_size: int
+    head_dim: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_theta: Optional[float] = None
+    rope_traditional: bool = False
+    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
+    rope_parameters: Optional[dict] = None
+    tie_word_embeddings: bool = True
+    layer_types: Optional[List[str]] = None
+    sliding_window: Optional[int] = None
+    pe_config: Optional[Dict[str, Any]] = None
+    # The official dynamic_pe_pdrop: 0 uses the learned positions, 1 is plain RoPE.
+    position_blend: float = 0.0
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r}: this file builds {', '.join(MODEL_TYPES)}."
+            )
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        # transformers >= 5 nests rope_theta and rope_scaling under rope_parameters.
+        if self.rope_parameters:
+            if self.rope_theta is None:
+                self.rope_theta = self.rope_parameters.get("rope_theta")
+            if self.rope_scaling is None:
+                self.rope_scaling = self.rope_parameters
+        if self.rope_theta is None:
+            self.rope_theta = 10000.0
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        # Qwen3 normalises each head's queries and keys (RMSNorm over head_dim).
+        self.qk_norm = self.model_type == "qwen3"
+        self.repo_layers = rope.repo_layer_ids(self.pe_config, self.num_hidden_layers)
+        if self.repo_layers and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if self.repo_layers and self.rope_traditional:
+            raise ValueError(
+                "RePo layers rotate in the rotate-half layout (rope_traditional false); "
+                "this config sets rope_traditional true."
+            )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, repo: bool):
+        super().__init__()
+        dim = args.hidden_size
+        self.n_heads = n_heads = args.num_attention_heads
+        self.n_kv_heads = n_kv_heads = args.num_key_value_heads
+        self.head_dim = head_dim = args.head_dim or dim // n_heads
+        self.scale = head_dim**-0.5
+        bias = args.attention_bias
+
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+
+        self.repo = repo
+        if repo:
+            d_p = dim // 8
+            self.gate_map = nn.Linear(dim, d_p, bias=False)
+            self.content_map = nn.Linear(dim, d_p, bias=False)
+            self.final_map = nn.Linear(d_p, n_kv_heads, bias=False)  # one per KV head
+            self.position_blend = args.position_blend
+            # Built once; private, so not a parameter.
+            self._inv_freq, self._attention_factor = rope.rope_parameters(
+                head_dim, args.rope_theta, args.rope_scaling
+            )
+        else:
+            self.rope = initialize_rope(
+                head_dim,
+                args.rope_theta,
+                args.rope_traditional,
+                args.rope_scaling,
+                args.max_position_embeddings,
+            )
+
+    def positions(self, x: mx.array, offset=0) -> mx.array:
+        """z [B, kv_heads, N] in float32: where this layer puts each token, per KV head."""
+        z = self.final_map(swiglu(self.gate_map(x), self.content_map(x)))
+        z = z.astype(mx.float32).transpose(0, 2, 1)
+        if p := self.position_blend:
+            index = mx.arange(x.shape[1], dtype=mx.float32)
+            if isinstance(offset, mx.array) and offset.ndim == 1:  # batch cache
+                index = offset[:, None, None].astype(mx.float32) + index
+            else:
+                index = index + offset
+            z = (1 - p) * z + p * index
+        return z
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        queries = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        if hasattr(self, "q_norm"):
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        queries = queries.transpose(0, 2, 1, 3)
+        keys = keys.transpose(0, 2, 1, 3)
+        values = values.transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        if self.repo:
+            queries, keys = rope.continuous_rope_qk(
+                queries,
+                keys,
+                self.positions(x, offset),
+                inv_freq=self._inv_freq,
+                attention_factor=self._attention_factor,
+            )
+        else:
+            queries = self.rope(queries, offset=offset)
+            keys = self.rope(keys, offset=offset)
+        # The cache holds rotated keys: a token's position never changes later.
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+
+        output = scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=self.scale, mask=mask
+        )
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+
+    def __call__(self, x) -> mx.array:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, repo: bool, use_sliding: bool = False):
+        super().__init__()
+        self.use_sliding = use_sliding
+        self.self_attn = Attention(args, repo)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(
+            args.hidden_size, eps=args.rms_norm_eps
+        )
+
+    def __call__(self, x, mask=None, cache=None) -> mx.array:
+        # Pre-norm: attention, its position module included, reads the normed input.
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.sliding_window = args.sliding_window
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [
+            TransformerBlock(args, i in args.repo_layers, kind == "sliding_attention")
+            for i, kind in enumerate(args.layer_types)
+        ]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.fa_idx = args.layer_types.index("full_attention")
+        self.swa_idx = next((i for i, l in enumerate(self.layers) if l.use_sliding), None)
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        fa_mask = create_attention_mask(h, cache[self.fa_idx])
+        if self.swa_idx is not None:
+            swa_mask = create_attention_mask(
+                h, cache[self.swa_idx], window_size=self.sliding_window
+            )
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, swa_mask if layer.use_sliding else fa_mask, cache=c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = LlamaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
+        out = self.model(inputs, cache, input_embeddings)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(out)
+        return self.lm_head(out)
+
+    def sanitize(self, weights):
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        rope.check_position_weights(weights, self.args.repo_layers)
+        return weights
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self):
+        return [
+            RotatingKVCache(max_size=self.model.sliding_window)
+            if layer.use_sliding
+            else KVCache()
+            for layer in self.layers
+        ]
