@@ -22,6 +22,7 @@ from mlx_lm.utils import save_config
 from . import _cli, tuner
 from .adapters import POSITION_MODULE_CHOICES, load_adapters, setup_trainable
 from .errors import LoadError, one_line
+from .files import remove_stale
 from .utils import DEFAULT_MODEL, load
 
 CONFIG_DEFAULTS = {
@@ -125,19 +126,25 @@ def parse_args(argv=None) -> types.SimpleNamespace:
 
 
 def check_adapter_path(args: dict) -> None:
-    """Refuse to mix a new run into an older one's checkpoints unless --force."""
+    """Refuse to mix a new run into an older one's checkpoints unless --force.
+
+    A folder without adapter weights (a run stopped before its first save)
+    holds no run: its leftovers are cleared without --force.
+    """
     path = Path(args["adapter_path"])
     if not path.is_dir():
         return
+    remove_stale(path)
+    run = list(path.glob("*adapters.safetensors"))
     old = [f for pattern in RUN_FILES for f in path.glob(pattern)]
     resume = args["resume_adapter_file"]
     resuming_here = resume is not None and Path(resume).resolve().parent == path.resolve()
-    if old and not resuming_here and not args["force"]:
+    if run and not resuming_here and not args["force"]:
         raise LoadError(
             f"--adapter-path {path} holds an earlier run ({len(old)} files); pass --force "
             "to replace it, or choose another folder."
         )
-    if args["force"] and not resuming_here and mx.distributed.init().rank() == 0:
+    if not resuming_here and mx.distributed.init().rank() == 0:
         for f in old:
             f.unlink()
 

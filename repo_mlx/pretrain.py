@@ -19,9 +19,10 @@ import shutil
 import sys
 import time
 import types
+import warnings
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -31,13 +32,14 @@ from mlx_lm import cli_ui
 from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
 from . import _cli, adapters, pretrain_data
-from .files import atomic_folder
+from .files import atomic_file, atomic_folder, remove_stale
 from .convert.export_hf import export_hf
 from .errors import LoadError, one_line
 from .positions import positions, summary
 from .trainer import Trainer, train as train_loop
 from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, pe_config, repo_layer_ids
-from .utils import check_weight_files, get_model_path, load_config, save_standalone, set_position_blend, yarn_scaling
+from .utils import (check_weight_files, get_model_path, load_config, safetensors_header,
+                    save_standalone, set_position_blend, yarn_scaling)
 
 TRAIN_ONLY = ("all", "position", "position+lora")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -413,6 +415,47 @@ def checkpoints(out: Path) -> List[Path]:
     return sorted((out / "checkpoints").glob("step-*"))
 
 
+def damaged(folder: Path) -> Optional[str]:
+    """Why a checkpoint cannot be resumed from (a kill or a full disk), or None."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        if not isinstance(state, dict) or not {"step", "data"} <= set(state):
+            return "state.json lacks step or data"
+    except FileNotFoundError:
+        return "no state.json"
+    except (OSError, ValueError) as e:
+        return f"state.json is unreadable ({one_line(e)})"
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        if not (folder / name).is_file():
+            return f"no {name}"
+        try:
+            safetensors_header(folder / name)
+        except LoadError as e:
+            return one_line(e)
+    return None
+
+
+def newest_intact(out: Path) -> Tuple[Path, dict]:
+    """The newest checkpoint that can be resumed from, warning about damaged newer ones."""
+    for folder in reversed(checkpoints(out)):
+        why = damaged(folder)
+        if why is None:
+            return folder, json.loads((folder / "state.json").read_text())
+        warnings.warn(f"Checkpoint {folder} is damaged ({why}); trying the one before it.")
+    raise LoadError(f"--resume {out}: no intact checkpoint in {out / 'checkpoints'}; start the run again.")
+
+
+def read_metrics(out: Path) -> List[dict]:
+    """metrics.jsonl's records; a line cut short by a kill is skipped."""
+    records = []
+    for line in (out / METRICS_FILE).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def plot_metrics(records: List[dict], path: Path) -> None:
     try:
         import matplotlib
@@ -481,8 +524,10 @@ def save_model(prep, trainer, args, out: Path) -> None:
         with atomic_folder(Path(args.export_hf), args.force or bool(args.resume)) as tmp:
             export_hf(tmp, model, prep.tokenizer, config, prep.src)
         rprint(f"Exported the Hugging Face format to {args.export_hf}")
-    tmp = out / f".final-partial-{os.getpid()}"
+    tmp = out / f".final.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    # No config.json while the model files change: its presence marks a finished run.
+    (out / "config.json").unlink(missing_ok=True)
     try:
         save_standalone(tmp, prep.src, model, prep.tokenizer, config, donate_model=False)
         _replace_into(out, tmp)
@@ -687,10 +732,18 @@ def load_split(args, tokenizer, cache: Path):
 def run(args, on_step=None):
     world = mx.distributed.init()
     out = Path(args.save_path)
+    for folder in (out.parent, out, out / "checkpoints", out.parent / f"{out.name}.tokens"):
+        remove_stale(folder)  # what killed runs left behind
+    finish_only = False
     if args.resume:
-        found = checkpoints(out)
-        if not found:
-            raise LoadError(f"--resume {out}: no checkpoint in {out / 'checkpoints'} yet; start the run again.")
+        folder, state = newest_intact(out)
+        if state["step"] >= args.iters:
+            if (out / "config.json").exists():
+                rprint(f"The run in {out} is complete (step {state['step']}, final model written); "
+                       "pass a larger --iters to train on.")
+                return None
+            rprint(f"{folder} is the run's last step: writing the final model the interrupted run did not finish")
+            finish_only = True
     elif out.exists() and not args.force and not args.dry_run:
         raise LoadError(f"{out} already exists; pass --force to replace it or --resume {out} to continue it.")
     if args.export_hf and Path(args.export_hf).exists() and not (args.force or args.resume):
@@ -718,30 +771,29 @@ def run(args, on_step=None):
     del master  # the trainer holds what it needs
     _barrier()  # every process has checked its input before OUT changes
     if args.resume:
-        folder = checkpoints(out)[-1]
-        state = load_checkpoint(trainer, folder)
+        load_checkpoint(trainer, folder)
         if state["data"] != fingerprint:
             raise LoadError(f"The data changed since {folder} was saved; resuming would not continue the same run.")
-        if trainer.step >= args.iters:
-            raise LoadError(f"{folder} is at step {trainer.step}; pass an --iters above it to train on.")
         rprint(f"Resuming from {folder} at step {trainer.step} (sequence {state['cursor']})")
         if world.rank() == 0 and (out / METRICS_FILE).exists():
-            kept = [l for l in (out / METRICS_FILE).read_text().splitlines()
-                    if json.loads(l)["step"] <= trainer.step]
-            (out / METRICS_FILE).write_text("".join(l + "\n" for l in kept))
+            kept = [r for r in read_metrics(out) if r.get("step", 0) <= trainer.step]
+            with atomic_file(out / METRICS_FILE) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     elif world.rank() == 0:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
+    if world.rank() == 0:  # a resumed run records the --iters it now runs to
         saved = {k: v for k, v in vars(args).items() if k not in ("resume", "force", "dry_run", "config")}
-        (out / ARGS_FILE).write_text(json.dumps(saved, indent=2))
+        with atomic_file(out / ARGS_FILE) as tmp:
+            tmp.write_text(json.dumps(saved, indent=2))
     _barrier()
-    train(prep, trainer, train_set, val_set, args, out, fingerprint, on_step)
+    if not finish_only:
+        train(prep, trainer, train_set, val_set, args, out, fingerprint, on_step)
     if world.rank() == 0:
         save_model(prep, trainer, args, out)
         if args.plot:
-            records = [json.loads(l) for l in (out / METRICS_FILE).read_text().splitlines()]
-            plot_metrics(records, Path(args.plot))
+            plot_metrics(read_metrics(out), Path(args.plot))
     rprint(f"Done: {out}")
     return trainer
 

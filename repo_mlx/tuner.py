@@ -257,30 +257,57 @@ def save_checkpoint(trainer: Trainer, files, trained: int, args) -> None:
             mx.save_safetensors(str(tmp), weights, metadata=meta)
 
 
+def _read_checkpoint(adapter_file: Path):
+    """(weights, meta, state, state meta) of a checkpoint whose two files agree, or
+    the reason it cannot be resumed from (a kill during a save, a full disk)."""
+    try:
+        weights, meta = mx.load(str(adapter_file), return_metadata=True)
+        state, smeta = mx.load(str(state_file(adapter_file)), return_metadata=True)
+    except Exception as e:
+        return f"unreadable ({one_line(e)})"
+    if smeta.get("iteration") != meta.get("iteration"):
+        return f"its state file is from iteration {smeta.get('iteration')}, the weights from {meta.get('iteration')}"
+    return weights, meta, state, smeta
+
+
 def resume(trainer: Trainer, adapter_file, args) -> int:
-    """Continue from a checkpoint; returns its trained tokens (0 if unknown)."""
+    """Continue from a checkpoint; returns its trained tokens (0 if unknown).
+
+    A damaged checkpoint gives way to the newest intact numbered one before it.
+    """
     adapter_file = Path(adapter_file)
     if not adapter_file.is_file():
         raise LoadError(f"--resume-adapter-file {adapter_file} does not exist.")
-    try:
-        weights, meta = mx.load(str(adapter_file), return_metadata=True)
-    except Exception as e:
-        raise LoadError(f"Cannot read {adapter_file}: {one_line(e)}") from None
-    check_names(weights, trainer.model, adapter_file)
-    sfile = state_file(adapter_file)
-    if not sfile.exists():
+    if not state_file(adapter_file).exists():
+        try:
+            weights = mx.load(str(adapter_file))
+        except Exception as e:
+            raise LoadError(f"Cannot read {adapter_file}: {one_line(e)}") from None
+        check_names(weights, trainer.model, adapter_file)
         warnings.warn(
-            f"{sfile} does not exist: the weights are restored but the optimizer "
-            "starts afresh at iteration 0."
+            f"{state_file(adapter_file)} does not exist: the weights are restored but the "
+            "optimizer starts afresh at iteration 0."
         )
-        trainer.restore(weights, dict(tree_flatten(trainer.optimizer.state)), 0, sfile)
+        trainer.restore(weights, dict(tree_flatten(trainer.optimizer.state)), 0, adapter_file)
         return 0
-    state, smeta = mx.load(str(sfile), return_metadata=True)
-    if smeta.get("iteration") != meta.get("iteration"):
-        raise LoadError(f"{adapter_file} and {sfile} are from different iterations.")
+    # Numbered checkpoints before this one (all of them before adapters.safetensors).
+    number = lambda f: int(f.name.split("_")[0]) if f.name[0].isdigit() else float("inf")
+    older = sorted((f for f in adapter_file.parent.glob("*_adapters.safetensors")
+                    if number(f) < number(adapter_file)), reverse=True)
+    for file in [adapter_file] + older:
+        found = _read_checkpoint(file)
+        if not isinstance(found, str):
+            break
+        warnings.warn(f"Checkpoint {file} is damaged: {found}; trying the newest one before it.")
+    else:
+        raise LoadError(f"No intact checkpoint in {adapter_file.parent} to resume from; start the run again.")
+    weights, meta, state, smeta = found
+    if file != adapter_file:
+        rprint(f"Resuming from {file} instead", flush=True)
+    check_names(weights, trainer.model, file)
     weights.update({k[len(MASTER):]: v for k, v in state.items() if k.startswith(MASTER)})
     state = {k: v for k, v in state.items() if not k.startswith(MASTER)}
-    trainer.restore(weights, state, int(smeta["iteration"]), sfile)
+    trainer.restore(weights, state, int(smeta["iteration"]), state_file(file))
     for key in ("seed", "batch_size"):
         if smeta.get(key) != str(getattr(args, key)):
             warnings.warn(

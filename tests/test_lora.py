@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -262,6 +263,30 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(base, data, tmp_path, mo
     train(base, data, stopped, "--resume-adapter-file", stopped / "adapters.safetensors", iters=10)
     a, b = mx.load(str(full / "adapters.safetensors")), mx.load(str(stopped / "adapters.safetensors"))
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_damaged_checkpoint_falls_back_and_unsaved_runs_do_not_block(base, data, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(base, data, full, "--save-every", "4", iters=12)
+    train(base, data, cut, "--save-every", "4", iters=8)
+    state = cut / "adapters.state.safetensors"  # a kill during the save at iteration 8
+    state.write_bytes(state.read_bytes()[:100])
+    (cut / "0000008_adapters.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"adapters\.safetensors is damaged.*trying the newest one before it"):
+        log = train(base, data, cut, "--save-every", "4", "--resume-adapter-file",
+                    cut / "adapters.safetensors", iters=12)
+    assert "Resuming from" in log and "0000004_adapters.safetensors instead" in log
+    a, b = mx.load(str(full / "adapters.safetensors")), mx.load(str(cut / "adapters.safetensors"))
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+    # Stopped before the first save: a config and an orphan state file are no earlier run.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "adapter_config.json").write_text("{}")
+    (early / "adapters.state.safetensors").write_bytes(b"x")
+    (early / f".adapters.safetensors.partial-{os.getpid() + 10**6}.safetensors").write_bytes(b"x")
+    train(base, data, early, iters=2)
+    assert sorted(p.name for p in early.iterdir()) == [
+        "adapter_config.json", "adapters.safetensors", "adapters.state.safetensors"]
 
 
 def test_resume_rejects_mismatched_checkpoint(runs, base, data, tmp_path):

@@ -296,6 +296,88 @@ def test_interrupted_and_resumed_equals_uninterrupted(runs):
     assert [json.loads(l)["step"] for l in same(runs.two)] == [json.loads(l)["step"] for l in same(runs.one)]
 
 
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+def test_resume_finishes_a_killed_final_write_and_says_when_complete(plain, tmp_path):
+    base, data, _ = plain
+    out = tmp_path / "o"
+    flags = [*SMALL, "--iters", "3", "--save-every", "2"]
+    assert run_cli("--model", base, "--data", data, "--save-path", out, *flags)[0] == 0
+    final = {f.name: f.read_bytes() for f in out.glob("model*.safetensors")}
+    # Killed while moving the final files in: config.json goes first, weights half there.
+    (out / "config.json").unlink()
+    (out / "model.safetensors").write_bytes(b"torn")
+    (out / f".final.partial-{dead_pid()}").mkdir()
+    code, log, err = run_cli("--resume", out)
+    assert code == 0 and "writing the final model the interrupted run did not finish" in log, err
+    assert {f.name: f.read_bytes() for f in out.glob("model*.safetensors")} == final
+    assert not list(out.glob(".final*"))
+    code, log, err = run_cli("--resume", out)
+    assert code == 0 and "is complete (step 3" in log and "Loading" not in log, err
+    # A larger --iters trains on and is recorded.
+    code, log, err = run_cli("--resume", out, "--iters", "4")
+    assert code == 0 and "Resuming from" in log and "Step 4/4" in log, err
+    assert json.loads((out / "pretrain_args.json").read_text())["iters"] == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "no-state", "torn-optimizer"])
+def test_resume_skips_a_damaged_newest_checkpoint(plain, tmp_path, damage):
+    base, data, _ = plain
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = [*SMALL, "--iters", "4", "--save-every", "2", "--keep-checkpoints", "3"]
+    assert run_cli("--model", base, "--data", data, "--save-path", one, *flags)[0] == 0
+    shutil.copytree(one, two)
+    (two / "config.json").unlink()
+    newest = two / "checkpoints" / "step-0000004"
+    if damage == "truncated-weights":
+        w = newest / "trainable.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    elif damage == "no-state":
+        (newest / "state.json").unlink()
+    else:
+        (newest / "optimizer.safetensors").write_bytes(b"\x00" * 3)
+    with open(two / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # half a line
+    with pytest.warns(UserWarning, match=r"step-0000004 is damaged .*trying the one before it"):
+        code, log, err = run_cli("--resume", two)
+    assert code == 0 and "Resuming from" in log and "step-0000002 at step 2" in log, err
+    for f in ("model.safetensors", "checkpoints/step-0000004/trainable.safetensors"):
+        a, b = mx.load(str(one / f)), mx.load(str(two / f))
+        assert all(mx.array_equal(a[k], b[k]).item() for k in a), f
+    assert all(json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines())
+
+
+def test_stale_scratch_of_killed_runs_is_removed_and_a_lost_output_restored(plain, tmp_path):
+    from repo_mlx.files import remove_stale
+
+    base, data, _ = plain
+    out = tmp_path / "o"
+    assert run_cli("--model", base, "--data", data, "--save-path", out, *SMALL, "--iters", "2")[0] == 0
+    pid = dead_pid()
+    folders = [tmp_path / f".o.partial-{pid}", out / "checkpoints" / f".step-0000003.partial-{pid}"]
+    files = [tmp_path / "o.tokens" / f".train-x.u32.partial-{pid}", out / f".config.json.partial-{pid}.json"]
+    for p in folders:
+        p.mkdir()
+    for p in files:
+        p.write_text("x")
+    stale = folders + files
+    alive = tmp_path / f".o.partial-{os.getpid()}"
+    alive.mkdir()
+    code, log, err = run_cli("--resume", out, "--iters", "3")
+    assert code == 0, err
+    assert not any(p.exists() for p in stale) and alive.exists()
+    # Killed between the two renames of a replace: the old output is the only copy.
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "a.txt").write_text("previous")
+    (tmp_path / "gone").rename(tmp_path / f".gone.old-{pid}")
+    remove_stale(tmp_path)
+    assert (tmp_path / "gone" / "a.txt").read_text() == "previous"
+
+
 def test_output_loads_and_round_trips_through_export_hf(runs):
     ours, tokenizer = repo_mlx.load(str(runs.one))  # the loader's config/weight cross-check
     assert ours.args.repo_layers == [1, 2, 3]
