@@ -53,7 +53,7 @@ def trainer_args(a, **kw):
 def one(a) -> dict:
     """One measurement in this process: steps/s and peak memory."""
     from repo_mlx import pretrain, pretrain_data, synthetic
-    from repo_mlx.repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs
+    from repo_mlx.repo_olmo2 import Model, ModelArgs
 
     cfg = synthetic.config(**SHAPES[a.shape])
     rng = np.random.default_rng(0)
@@ -62,12 +62,11 @@ def one(a) -> dict:
     dtype = getattr(mx, a.dtype)
     times = []
     if a.one == "mlx-lm":
-        from mlx_lm.models import olmo2
         from mlx_lm.tuner.trainer import TrainingArgs, train
 
-        plain = olmo2.Model(olmo2.ModelArgs.from_dict(cfg))
-        plain.load_weights([(k, v) for k, v in tree_flatten(repo.parameters())
-                            if k.split(".")[-2] not in POSITION_WEIGHTS])
+        from repo_mlx.kernel_checks import plain_olmo2
+
+        plain = plain_olmo2(repo)
         plain.set_dtype(dtype)
         del repo
         plain.unfreeze()
@@ -193,7 +192,7 @@ def spike(a) -> None:
         if (step + 1) % 100 == 0:
             print(f"plain pre-training step {step + 1}: loss {ce.item():.3f}", flush=True)
     trained = root / "trained"
-    from repo_mlx.convert import save_standalone
+    from repo_mlx.utils import save_standalone
     save_standalone(trained, base, model, tok, json.loads((base / "config.json").read_text()), donate_model=False)
     # 2. Continue into RePo on fresh data from the same source: cold start vs warm-up.
     fresh = root / "fresh.jsonl"

@@ -5,38 +5,17 @@ carries the model file and names it in config.json's ``model_file``.
 """
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.utils import quantize_model, save
+from mlx_lm.utils import quantize_model
 
-from .. import _cli, repo_olmo2, rope
-from ..repo_olmo2 import POSITION_WEIGHTS
+from .. import _cli
 from ..errors import LoadError
 from ..files import atomic_folder
-from ..utils import DTYPES, get_model_path, load_model, load_tokenizer
-
-MODEL_FILE = "repo_olmo2.py"
-# Files a converted folder carries so it runs without repo_mlx installed (and,
-# on a Mac, with the Metal kernels: repo_rope.py looks for metal/ beside it).
-STANDALONE_FILES = {
-    MODEL_FILE: repo_olmo2.__file__,
-    "repo_rope.py": rope.__file__,
-    "metal/rope.metal": rope.metal_source_path(),
-}
-
-
-def save_standalone(folder: Path, src: Path, model, tokenizer, config: dict, donate_model=True) -> None:
-    """mlx-lm's ``save`` plus the model file, named in config, so stock mlx-lm loads it."""
-    config["model_file"] = MODEL_FILE
-    save(folder, src, model, tokenizer, config, donate_model=donate_model)
-    for name, source in STANDALONE_FILES.items():
-        if source is not None:
-            (folder / name).parent.mkdir(exist_ok=True)
-            shutil.copy(source, folder / name)
-
+from ..repo_olmo2 import POSITION_WEIGHTS
+from ..utils import DTYPES, MODEL_FILE, get_model_path, load_model, load_tokenizer, save_standalone
 
 def keep_unquantized(path: str, module) -> bool:
     """The position module stays in float: 4-bit positions drift (see README)."""

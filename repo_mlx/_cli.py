@@ -185,16 +185,25 @@ output_dir = _path_check("output_dir", _out(True))
 output_file = _path_check("output_file", _out(False))
 
 
-def check_output_dir(path, flag: str, force: bool = False) -> Path:
-    """For values that bypass argparse (config files): the same checks as ``output_dir``,
-    plus the ``--force`` rule every command applies to an existing output folder."""
-    p = Path(path)
-    problem = _out(True)(p)
-    if problem:
-        raise LoadError(f"{flag} {p}: {problem}.")
-    if p.exists() and not force and any(p.iterdir()):
-        raise LoadError(f"{flag} {p} already exists and is not empty; pass --force to replace it.")
-    return p
+def add_prompt_flags(p, what: str = "the prompt", required: bool = False, default=None) -> None:
+    """--prompt (or -p; '-' reads stdin) and --prompt-file, one or the other."""
+    src = p.add_mutually_exclusive_group(required=required)
+    note = f" (default: {default!r})" if default is not None else ""
+    src.add_argument("--prompt", "-p", default=None, help=f"Text of {what}; '-' reads stdin{note}.")
+    src.add_argument("--prompt-file", type=existing_file, help=f"Read {what} from this file.")
+
+
+def read_prompt(args, default=None) -> str:
+    """The text of ``add_prompt_flags``' flags, ``default`` if neither was given."""
+    if args.prompt_file is not None:
+        try:
+            return args.prompt_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise LoadError(f"Cannot read --prompt-file {args.prompt_file}: {why}.") from None
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt if args.prompt is not None else default
 
 
 def read_config(path, parser, known) -> dict:

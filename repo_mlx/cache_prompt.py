@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import List, Tuple
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from . import _cli
 from .errors import LoadError, one_line
-from .utils import DEFAULT_MODEL, DTYPES, _safetensors_header, load, yarn_scaling
+from .utils import add_model_flags, load_from_args, safetensors_header
 from .files import atomic_file
 
 FORMAT = "repo_mlx prompt cache 1"
@@ -98,7 +97,7 @@ def read(path) -> Tuple[list, dict]:
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"Prompt cache file {path} does not exist; make it with python -m repo_mlx.cache_prompt.")
-    _safetensors_header(path)  # a truncated file: a clear message, not MLX's
+    safetensors_header(path)  # a truncated file: a clear message, not MLX's
     try:
         cache, metadata = load_prompt_cache(str(path), return_metadata=True)
     except Exception as e:
@@ -161,32 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
         "cache, so that repo_mlx.generate and repo_mlx.server can continue after it without "
         "processing it again.",
     )
+    add_model_flags(p, yarn=True)
+    _cli.add_prompt_flags(p, "the document", required=True)
     p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Model folder (official Hugging Face or converted) or Hub id, "
-        f"downloaded on first use (default: {DEFAULT_MODEL}).",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", "-p", help="The document's text; '-' reads stdin.")
-    src.add_argument("--prompt-file", type=_cli.existing_file, help="Read the document from this file.")
-    p.add_argument("--prompt-cache-file", type=_cli.output_file, required=True, help="The .safetensors file to write the cache to (replaced if it exists).")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's); the cache works with this dtype only.")
-    p.add_argument("--yarn", type=_cli.float_range(1), default=None, help="YaRN factor over 4096 tokens for every layer (2 for 8K, 4 for 16K); runs that use the cache must pass the same (default: off).")
-    p.add_argument("--position-blend", type=_cli.probability, default=0.0, help="0 = learned positions (default), 1 = plain RoPE in every layer; runs that use the cache must pass the same.")
-    p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora); runs that use the cache must apply the same.")
+        "--prompt-cache-file", type=_cli.output_file, required=True,
+        help="The .safetensors file to write the cache to (replaced if it exists). Runs that "
+        "use it must pass the same --model, --dtype, --yarn, --position-blend and --adapter-path.",
+    )  # fmt: skip
+    p.add_argument("--position-blend", type=_cli.probability, default=0.0, help="0 = learned positions (default), 1 = plain RoPE in every layer.")
     p.add_argument("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step; smaller needs less memory (default: 2048).")
     _cli.add_trust_remote_code(p)
     return p
-
-
-def read_text(args) -> str:
-    if args.prompt_file is not None:
-        try:
-            return args.prompt_file.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise LoadError(f"Cannot read --prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}.") from None
-    return sys.stdin.read() if args.prompt == "-" else args.prompt
 
 
 def main(argv=None) -> None:
@@ -195,11 +179,8 @@ def main(argv=None) -> None:
     if out.suffix != ".safetensors":
         raise LoadError(f"--prompt-cache-file {out} must end in .safetensors.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = read_text(args)
-    config = {"position_blend": args.position_blend}
-    if args.yarn is not None:
-        config.update(yarn_scaling(args.yarn))
-    model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path, model_config=config)
+    text = _cli.read_prompt(args)
+    model, tokenizer = load_from_args(args, position_blend=args.position_blend)
     tokens = tokenizer.encode(text)
     if not tokens:
         raise LoadError("The prompt is empty; give the document with --prompt or --prompt-file.")

@@ -18,7 +18,7 @@ from mlx_lm.server import convert_chat
 
 from . import _cli
 from .generate import MIN_KV_SIZE, add_sampling_flags, sampler
-from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long
+from .utils import add_model_flags, load_from_args, warn_if_too_long
 
 NEXT_USER_TURN = "\nUSER:"  # as in repo_mlx.server
 HELP = "Type a message; /reset starts a new conversation, /exit (or Ctrl-D) quits."
@@ -113,14 +113,7 @@ def build_parser():
         description="Chat with a RePo-OLMo2 model in the terminal, keeping the "
         "conversation's KV cache between turns. " + HELP,
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Model folder (official Hugging Face or converted) or Hub id, "
-        f"downloaded on first use (default: {DEFAULT_MODEL}).",
-    )
-    p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    add_model_flags(p)
     p.add_argument("--max-tokens", "-m", type=_cli.positive_int, default=256, help="Most tokens per reply (default: 256).")
     add_sampling_flags(p)
     p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
@@ -135,7 +128,7 @@ def build_parser():
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
+    model, tokenizer = load_from_args(args)
     if args.seed is not None:  # after loading: building the model draws random numbers
         mx.random.seed(args.seed)
     chat = Chat(model, tokenizer, args.system_prompt, args.max_kv_size)

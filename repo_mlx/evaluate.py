@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import _cli, tasks
 from .errors import LoadError
-from .utils import DEFAULT_MODEL, DTYPES, context_length, load, set_position_blend, yarn_scaling
+from .utils import add_model_flags, context_length, load_from_args, set_position_blend
 from .files import atomic_file
 
 SYNTHETIC = tasks.TASKS
@@ -166,12 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "long/noisy-context tasks (needle in a haystack, key-value retrieval, variable "
         "tracking), optionally with learned positions and plain RoPE side by side.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Model folder (official Hugging Face or converted) or Hub id, "
-        f"downloaded on first use (default: {DEFAULT_MODEL}).",
-    )
+    add_model_flags(p, yarn=True, adapter=False)
     p.add_argument(
         "--task",
         required=True,
@@ -189,14 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated blends run side by side: 0 = learned positions, 1 = plain RoPE "
         "in every layer; '0,1' compares the two (default: 0).",
     )
-    p.add_argument(
-        "--yarn",
-        type=_cli.float_range(1),
-        default=None,
-        help="YaRN factor over 4096 tokens for every layer, the RePo layers included, as the "
-        "paper did: 2 for 8K, 4 for 16K (default: off).",
-    )
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
     _cli.add_trust_remote_code(p)
     p.add_argument("--output", type=_cli.output_file, default=None, help="Also write the results, with every sample's prediction, as JSON here.")
     return p
@@ -216,8 +203,7 @@ def main(argv=None) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise LoadError(f"Cannot read --data {args.data}: {getattr(e, 'strerror', None) or e}.") from None
 
-    model_config = yarn_scaling(args.yarn) if args.yarn is not None else None
-    model, tokenizer = load(args.model, dtype=args.dtype, model_config=model_config)
+    model, tokenizer = load_from_args(args)
     context = context_length(model) or 4096
     window = args.window or context
     stride = args.stride or window

@@ -5,7 +5,6 @@ prompt is longer than the model's context.
 """
 
 import argparse
-import sys
 from typing import List, Union
 
 import mlx.core as mx
@@ -15,7 +14,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import _cli, cache_prompt
 from .errors import LoadError
-from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long, yarn_scaling
+from .utils import add_model_flags, load_from_args, warn_if_too_long
 
 DEFAULT_PROMPT = "The key idea of positional encoding in transformers is"
 KV_BITS = [2, 3, 4, 6, 8]
@@ -45,23 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m repo_mlx.generate",
         description="Generate text with a RePo-OLMo2 model, streaming it to stdout.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Model folder (official Hugging Face or converted) or Hub id, "
-        f"downloaded on first use (default: {DEFAULT_MODEL}).",
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--prompt", "-p", default=None, help=f"Prompt text; '-' reads stdin (default: {DEFAULT_PROMPT!r})."
-    )
-    src.add_argument("--prompt-file", type=_cli.existing_file, help="Read the prompt from this file.")
+    add_model_flags(p, yarn=True)
+    _cli.add_prompt_flags(p, default=DEFAULT_PROMPT)
     p.add_argument("--max-tokens", "-m", type=_cli.positive_int, default=100, help="Tokens to generate (default: 100).")
     add_sampling_flags(p)
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache to this many bits (default: off); needs a head_dim divisible by 32.")
     p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64, help="Group size for --kv-bits; must divide head_dim (default: 64).")
     p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
-    p.add_argument("--yarn", type=_cli.float_range(1), default=None, help="YaRN factor over 4096 tokens for every layer, for prompts past 4K: 2 for 8K, 4 for 16K (default: off).")
     p.add_argument(
         "--position-blend",
         type=_cli.probability,
@@ -69,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="Blend learned positions with token indices: 0 = RePo as trained, "
         "1 = plain RoPE in every layer (the paper's ablation), default 0.",
     )
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
-    p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
     p.add_argument(
         "--prompt-cache-file",
         type=_cli.existing_file,
@@ -111,33 +98,14 @@ def check_kv_bits(model, kv_bits, kv_group_size) -> None:
         )
 
 
-def read_prompt(args) -> str:
-    if args.prompt_file is not None:
-        try:
-            return args.prompt_file.read_text()
-        except OSError as e:
-            raise LoadError(f"Cannot read --prompt-file {args.prompt_file}: {e.strerror}.") from None
-    if args.prompt == "-":
-        return sys.stdin.read()
-    return args.prompt if args.prompt is not None else DEFAULT_PROMPT
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.prompt_cache_file is not None and args.max_kv_size is not None:
         raise LoadError("--max-kv-size cannot be used with --prompt-cache-file: the cached document is in a plain KV cache.")
-    prompt = read_prompt(args)
+    prompt = _cli.read_prompt(args, DEFAULT_PROMPT)
     if not prompt:
         raise LoadError("The prompt is empty; give text with --prompt, --prompt-file or on stdin (--prompt -).")
-    model_config = {"position_blend": args.position_blend}
-    if args.yarn is not None:
-        model_config.update(yarn_scaling(args.yarn))
-    model, tokenizer = load(
-        args.model,
-        dtype=args.dtype,
-        adapter_path=args.adapter_path,
-        model_config=model_config,
-    )
+    model, tokenizer = load_from_args(args, position_blend=args.position_blend)
     check_kv_bits(model, args.kv_bits, args.kv_group_size)
     cache = None
     if args.prompt_cache_file is not None:

@@ -1,6 +1,15 @@
-"""Flags and request checks shared by the local HTTP servers (repo_mlx.server, repo_mlx.viewer)."""
+"""Flags, listening and request checks shared by the local HTTP servers
+(repo_mlx.server, repo_mlx.viewer)."""
+
+import ipaddress
+import json
+import socket
+import warnings
+from http.server import ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from . import _cli
+from .errors import LoadError
 
 DRAIN_BYTES = 64 << 20  # an oversized body up to this size is read and dropped
 
@@ -22,6 +31,11 @@ def origin_allowed(origin, allowed) -> bool:
     return origin is None or "*" in allowed or origin in allowed
 
 
+def check_origin(handler, allowed, what: str) -> None:
+    if not origin_allowed(handler.headers.get("Origin"), allowed):
+        raise RequestError(f"This web origin may not use the {what} (see --allowed-origins).", 403)
+
+
 def read_body(handler, limit: int) -> bytes:
     """The body of ``handler``'s request, or a RequestError if it has none or is over ``limit`` bytes."""
     length = handler.headers.get("Content-Length")
@@ -39,6 +53,61 @@ def read_body(handler, limit: int) -> bytes:
         handler.close_connection = True
         raise RequestError(f"The request body is larger than {limit} bytes.", 413)
     return handler.rfile.read(length)
+
+
+def read_json(handler, paths, limit: int, allowed, what: str):
+    """(path, body) of a POST to one of ``paths``: its size, origin and JSON checked,
+    or a RequestError saying what is wrong."""
+    path = urlsplit(handler.path).path
+    raw = read_body(handler, limit)  # first: a body left unread can reset the connection
+    if path not in paths:
+        raise RequestError(f"No such endpoint: POST {path}.", 404)
+    check_origin(handler, allowed, what)
+    try:
+        # Standard JSON only: Python's parser would also take NaN and Infinity.
+        return path, json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RequestError(f"The body is not valid JSON: {e}.") from None
+
+
+def no_constant(name):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def bind(host: str, port: int) -> ThreadingHTTPServer:
+    """A listening HTTP server (IPv4 or IPv6, as the host resolves)."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise LoadError(f"Cannot resolve --host {host}: {e.strerror}.") from None
+
+    class Server(ThreadingHTTPServer):
+        address_family = info[0]
+        daemon_threads = True
+
+    try:
+        return Server(info[4], None)
+    except OSError as e:
+        raise LoadError(f"Cannot listen on {host}:{port}: {e.strerror or e}.") from None
+
+
+def url(httpd, host: str) -> str:
+    """The server's base URL, warning first if ``host`` lets other machines in."""
+    bound, port = httpd.server_address[:2]
+    if not is_loopback(host):
+        warnings.warn(
+            f"Listening on {host}, not only this machine: anyone who can reach "
+            f"port {port} can use the model, without authentication."
+        )
+    return f"http://[{bound}]:{port}" if ":" in bound else f"http://{bound}:{port}"
 
 
 def add_flags(p, port: int, what: str, origins_example: str) -> None:

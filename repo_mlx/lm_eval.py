@@ -18,7 +18,7 @@ from typing import Dict, List
 from . import _cli
 from .errors import LoadError, one_line
 from .evaluate import column_name, parse_blends
-from .utils import DEFAULT_MODEL, DTYPES, load, set_position_blend, yarn_scaling
+from .utils import add_model_flags, load_from_args, set_position_blend
 from .files import atomic_file
 
 try:
@@ -98,12 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a RePo model on lm-evaluation-harness tasks (the paper's general set: "
         + ", ".join(PAPER_TASKS) + "), optionally with learned positions and plain RoPE side by side.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Model folder (official Hugging Face or converted) or Hub id, "
-        f"downloaded on first use (default: {DEFAULT_MODEL}).",
-    )
+    add_model_flags(p, yarn=True)
     p.add_argument("--tasks", required=True, help="Comma-separated lm-eval tasks, groups or tags, e.g. arc_easy,hellaswag.")
     p.add_argument(
         "--position-blend",
@@ -119,9 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-samples", action="store_true", help="With --output-dir: include every sample's prompt, model answers and scores.")
     p.add_argument("--include-path", type=_cli.existing_dir, action="append", default=[], help="A folder of your own lm-eval task YAML files; may be repeated.")
     p.add_argument("--seed", type=_cli.seed, default=123, help="Seed for few-shot sampling and lm-eval's shuffles (default: 123, as mlx_lm.evaluate).")
-    p.add_argument("--yarn", type=_cli.float_range(1), default=None, help="YaRN factor over 4096 tokens for every layer: 2 for 8K, 4 for 16K (default: off).")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
-    p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
     _cli.add_trust_remote_code(p)
     return p
 
@@ -138,8 +130,7 @@ def main(argv=None) -> None:
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     manager = load_tasks(names, args.include_path)  # before the model: fail fast
 
-    config = yarn_scaling(args.yarn) if args.yarn is not None else None
-    model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path, model_config=config)
+    model, tokenizer = load_from_args(args)
     lm = RePoLM(model, tokenizer, max_tokens=args.max_tokens, batch_size=args.batch_size)
     results, samples = {}, {}
     for blend in blends:

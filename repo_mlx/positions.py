@@ -19,8 +19,7 @@ from mlx_lm.models.base import create_attention_mask
 
 from . import _cli
 from .errors import LoadError
-from .generate import read_prompt
-from .utils import DEFAULT_MODEL, DTYPES, load, warn_if_too_long, yarn_scaling
+from .utils import add_model_flags, load_from_args, warn_if_too_long
 from .files import atomic_file
 
 
@@ -211,15 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         "summary (min, max, IQR, share of adjacent tokens whose position increases), "
         "and optionally CSV, JSON and a plot like the official viewer.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Model folder (official Hugging Face or converted) or Hub id, "
-        f"downloaded on first use (default: {DEFAULT_MODEL}).",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", "-p", help="Text to position; '-' reads stdin.")
-    src.add_argument("--prompt-file", type=_cli.existing_file, help="Read the text from this file.")
+    add_model_flags(p, yarn=True, adapter=False)
+    _cli.add_prompt_flags(p, "the text to position", required=True)
     p.add_argument("--layer", default="all", help="A RePo layer index, or 'all' (default). --plot needs one layer.")
     p.add_argument("--head", default="all", help="A head index, or 'all' (default; the plot becomes a grid of heads).")
     p.add_argument("--max-tokens", type=_cli.positive_int, default=512, help="Use at most this many tokens of the text, like the official viewer (default: 512).")
@@ -227,8 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=_cli.output_file, help="Write tokens, token ids and positions {layer: {head: [...]}} to this file.")
     p.add_argument("--plot", type=_cli.output_file, help="Write a PNG of token index against position (needs matplotlib).")
     p.add_argument("--full-range", action="store_true", help="Plot the full y-range instead of zooming on the inliers (Tukey fences).")
-    p.add_argument("--yarn", type=_cli.float_range(1), default=None, help="YaRN factor over 4096 tokens for every layer, for texts past 4K: 2 for 8K, 4 for 16K (default: off).")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
     return p
 
 
@@ -241,9 +231,8 @@ def main(argv=None) -> None:
             import matplotlib  # noqa: F401
         except ImportError:
             raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]'.") from None
-    text = read_prompt(args)
-    model_config = yarn_scaling(args.yarn) if args.yarn is not None else None
-    model, tokenizer = load(args.model, dtype=args.dtype, model_config=model_config)
+    text = _cli.read_prompt(args)
+    model, tokenizer = load_from_args(args)
     ids = tokenizer.encode(text)
     if not ids:
         raise LoadError("The prompt is empty.")

@@ -25,17 +25,13 @@ the next ``USER:`` turn.
 
 import argparse
 import dataclasses
-import ipaddress
 import json
 import logging
 import math
 import os
-import socket
 import sys
 import threading
 import time
-import warnings
-from http.server import ThreadingHTTPServer
 from io import BytesIO
 from urllib.parse import unquote, urlsplit
 
@@ -51,7 +47,7 @@ from mlx_lm.server import (
 from . import _cli, cache_prompt, http_checks
 from .errors import LoadError, one_line
 from .http_checks import RequestError
-from .utils import DTYPES, context_length, load
+from .utils import add_model_flags, context_length, load
 
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 # Where mlx-lm's plain chat transcript (convert_chat's default role mapping)
@@ -76,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a RePo-OLMo2 model over an OpenAI-compatible HTTP API "
         "(/v1/models, /v1/completions, /v1/chat/completions) built on mlx-lm's server.",
     )
-    p.add_argument("--model", required=True, help="Model folder (official Hugging Face or converted) or Hub id.")
-    p.add_argument("--adapter-path", type=_cli.existing_dir, default=None, help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    add_model_flags(p, required=True)
     http_checks.add_flags(p, 8080, "server", "http://localhost:3000")
     p.add_argument("--max-tokens", type=_cli.positive_int, default=512, help="max_tokens of requests that give none (default: 512).")
     p.add_argument(
@@ -396,26 +390,12 @@ class Handler(APIHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def origin_allowed(self) -> bool:
-        return http_checks.origin_allowed(self.headers.get("Origin"), self.settings["allowed_origins"])
-
-    def read_body(self) -> bytes:
-        return http_checks.read_body(self, self.settings["limits"].max_request_bytes)
-
     def do_POST(self):
-        path = urlsplit(self.path).path
+        s = self.settings
         try:
-            raw = self.read_body()  # first: a body left unread can reset the connection
-            if path not in POST_PATHS:
-                raise RequestError(f"No such endpoint: POST {path}.", 404)
-            if not self.origin_allowed():
-                raise RequestError("This web origin may not use the server (see --allowed-origins).", 403)
-            try:
-                # Standard JSON only: Python's parser would also take NaN and Infinity.
-                body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-            except (UnicodeDecodeError, ValueError) as e:
-                raise RequestError(f"The body is not valid JSON: {e}.") from None
-            s = self.settings
+            path, body = http_checks.read_json(
+                self, POST_PATHS, s["limits"].max_request_bytes, s["allowed_origins"], "server"
+            )
             body = check_request(body, path, s["limits"], s["model_id"], s["has_chat_template"])
         except RequestError as e:
             self.send_error_json(e.status, str(e))
@@ -431,7 +411,13 @@ class Handler(APIHandler):
             self.send_error_json(400, str(e))
 
     def serve(self, body: dict, index: int = 0) -> None:
-        """mlx-lm's handler on the checked body, which it reads and parses itself."""
+        """mlx-lm's handler on the checked body, which it reads and parses itself.
+
+        mlx-lm 0.32's ``do_POST`` reads the socket, parses the JSON and sets its
+        30-odd request attributes in one method, with no hook between parsing and
+        use; handing it the checked body as bytes is the one way in that does not
+        copy that block (and its defaults) here.
+        """
         self.choice_index = index
         self.completion_logprobs = body.get("top_logprobs") if self.path == "/v1/completions" and body.get("logprobs") else None
         self.prompt_chars = len(body.get("prompt", ""))
@@ -443,17 +429,23 @@ class Handler(APIHandler):
             self.rfile = original
 
     def serve_prompts(self, body: dict, prompts) -> None:
-        """One choice per prompt, each with its index, as OpenAI serves a prompt list."""
+        """One choice per prompt, each with its index, as OpenAI serves a prompt list.
+
+        mlx-lm's ``handle_completion`` builds the generation arguments, runs the
+        generator, strips stop strings with its text state machine and writes the
+        reply, all in one method; calling the generator directly would copy the
+        first and third. So each prompt runs through it, writing to a scratch
+        buffer, and ``generate_response`` keeps the reply it built.
+        """
         replies, out = [], self.wfile
         try:
             for i, prompt in enumerate(prompts):
-                self.wfile = BytesIO()
+                self.wfile, self.reply = BytesIO(), None
                 self.serve({**body, "prompt": prompt}, i)
-                head, _, reply = self.wfile.getvalue().partition(b"\r\n\r\n")
-                if b" 200 " not in head.split(b"\r\n")[0]:
+                if self.reply is None:
                     out.write(self.wfile.getvalue())  # mlx-lm's error, as it sent it
                     return
-                replies.append(json.loads(reply))
+                replies.append(self.reply)
         finally:
             self.wfile = out
         merged = replies[0]
@@ -483,6 +475,7 @@ class Handler(APIHandler):
                 choice["logprobs"] = {"content": entries}
             else:
                 choice["logprobs"] = completion_logprobs(entries, self.completion_logprobs, self.prompt_chars)
+        self.reply = response
         return response
 
     def token_logprobs(self, tokens, logprobs, top_tokens):
@@ -512,9 +505,12 @@ class Handler(APIHandler):
 
     def do_GET(self):
         path = urlsplit(self.path).path
-        if not self.origin_allowed():
-            self.send_error_json(403, "This web origin may not use the server (see --allowed-origins).")
-        elif path == "/v1/models":
+        try:
+            http_checks.check_origin(self, self.settings["allowed_origins"], "server")
+        except RequestError as e:
+            self.send_error_json(e.status, str(e))
+            return
+        if path == "/v1/models":
             self.send_json({"object": "list", "data": [self.model_card()]})
         elif path.startswith("/v1/models/") and unquote(path[len("/v1/models/"):]) == self.settings["model_id"]:
             self.send_json(self.model_card())
@@ -554,40 +550,11 @@ class Refused(Exception):
     """A request mlx-lm's own checks refuse (not a ValueError: mlx-lm would catch it)."""
 
 
-def _no_constant(name):
-    raise ValueError(f"{name} is not allowed in JSON")
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False
-    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
-
-
-def bind(host: str, port: int) -> ThreadingHTTPServer:
-    """A listening HTTP server (IPv4 or IPv6, as the host resolves)."""
-    try:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise LoadError(f"Cannot resolve --host {host}: {e.strerror}.") from None
-
-    class Server(ThreadingHTTPServer):
-        address_family = info[0]
-        daemon_threads = True
-
-    try:
-        return Server(info[4], None)
-    except OSError as e:
-        raise LoadError(f"Cannot listen on {host}:{port}: {e.strerror or e}.") from None
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
 
-    httpd = bind(args.host, args.port)  # before loading: a busy port fails fast
+    httpd = http_checks.bind(args.host, args.port)  # before loading: a busy port fails fast
     provider = RePoModelProvider(mlx_lm_arguments(args))
     generator = RePoResponseGenerator(provider, LRUPromptCache(args.prompt_cache_size))
     try:
@@ -615,14 +582,7 @@ def main(argv=None) -> None:
         httpd.RequestHandlerClass = lambda *a, **kw: Handler(
             generator, settings, *a, system_fingerprint=fingerprint, **kw
         )
-        host, port = httpd.server_address[:2]
-        if not is_loopback(args.host):
-            warnings.warn(
-                f"Listening on {args.host}, not only this machine: anyone who can reach "
-                f"port {port} can use the model, without authentication."
-            )
-        url_host = f"[{host}]" if ":" in host else host
-        print(f"Serving {args.model} at http://{url_host}:{port}/v1 (Ctrl-C stops)", flush=True)
+        print(f"Serving {args.model} at {http_checks.url(httpd, args.host)}/v1 (Ctrl-C stops)", flush=True)
         httpd.serve_forever()
     finally:
         httpd.server_close()

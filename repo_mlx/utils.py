@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import struct
 import warnings
 from pathlib import Path
@@ -11,7 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer as _mlx_lm_load_tokenizer
+from mlx_lm.utils import save
 
+from . import _cli, repo_olmo2, rope
 from .errors import LoadError, one_line
 from .repo_olmo2 import Model, ModelArgs
 from .adapters import load_adapters
@@ -21,6 +24,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 DOWNLOAD_PATTERNS = ["*.json", "model*.safetensors", "*.py", "*.txt", "*.jinja"]
 # Any one of these is a tokenizer transformers can read without remote code.
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+# The model file a saved folder carries and names in config.json's model_file.
+MODEL_FILE = "repo_olmo2.py"
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face Hub id, ``owner/name``."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)) is not None
 
 
 def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
@@ -30,7 +40,7 @@ def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path
         if not path.is_dir():
             raise LoadError(f"{path} is a file; --model needs a model folder or a Hub id.")
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hf_repo)):
+    if not is_hub_id(path_or_hf_repo):
         raise LoadError(f"Model folder {path_or_hf_repo} does not exist.")
     from huggingface_hub import snapshot_download
 
@@ -61,7 +71,7 @@ def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path
         ) from None
 
 
-def _safetensors_header(file: Path) -> dict:
+def safetensors_header(file: Path) -> dict:
     """The tensor table of a safetensors file, checking the file is whole."""
     size = file.stat().st_size
     with open(file, "rb") as f:
@@ -101,7 +111,7 @@ def check_weight_files(path: Path) -> None:
     if not files:
         raise LoadError(f"{path} has no model*.safetensors weight files.")
     for file in files:
-        _safetensors_header(file)
+        safetensors_header(file)
 
 
 def load_config(path: Path) -> Dict[str, Any]:
@@ -182,6 +192,58 @@ def load(
         model.eval()
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def save_standalone(folder: Path, src: Path, model, tokenizer, config: dict, donate_model=True) -> None:
+    """mlx-lm's ``save`` plus the model file, named in config, so stock mlx-lm
+    loads the folder without repo_mlx (and, on a Mac, with the Metal kernels:
+    repo_rope.py looks for metal/ beside it)."""
+    config["model_file"] = MODEL_FILE
+    save(folder, src, model, tokenizer, config, donate_model=donate_model)
+    files = {
+        MODEL_FILE: repo_olmo2.__file__,
+        "repo_rope.py": rope.__file__,
+        "metal/rope.metal": rope.metal_source_path(),
+    }
+    for name, source in files.items():
+        if source is not None:
+            (folder / name).parent.mkdir(exist_ok=True)
+            shutil.copy(source, folder / name)
+
+
+def add_model_flags(p, yarn: bool = False, adapter: bool = True, required: bool = False) -> None:
+    """--model, --dtype and, where the command takes them, --yarn and --adapter-path."""
+    p.add_argument(
+        "--model",
+        required=required,
+        default=None if required else DEFAULT_MODEL,
+        help="Model folder (official Hugging Face or converted) or Hub id, downloaded on first use"
+        + ("." if required else f" (default: {DEFAULT_MODEL})."),
+    )
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    if yarn:
+        p.add_argument(
+            "--yarn", type=_cli.float_range(1), default=None,
+            help="YaRN factor over 4096 tokens for every layer, the RePo layers included, as the "
+            "paper did, for texts past 4K: 2 for 8K, 4 for 16K (default: off).",
+        )  # fmt: skip
+    if adapter:
+        p.add_argument(
+            "--adapter-path", type=_cli.existing_dir, default=None,
+            help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).",
+        )  # fmt: skip
+
+
+def load_from_args(args, **model_config):
+    """``load`` with the flags of ``add_model_flags``; returns (model, tokenizer)."""
+    if getattr(args, "yarn", None) is not None:
+        model_config.update(yarn_scaling(args.yarn))
+    return load(
+        args.model,
+        dtype=args.dtype,
+        adapter_path=getattr(args, "adapter_path", None),
+        model_config=model_config or None,
+    )
 
 
 def load_tokenizer(path: Path, eos_token_ids=None):

@@ -19,12 +19,10 @@ repo_mlx/positions.py's functions, and the page only draws them.
 import base64
 import json
 import math
-import os
 import queue
 import sys
 import threading
 import time
-import warnings
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -34,11 +32,10 @@ import numpy as np
 
 from . import _cli, http_checks
 from .errors import LoadError, one_line
-from .generate import read_prompt
+from .files import atomic_file
 from .http_checks import RequestError
 from .positions import inlier_range, outliers, positions, select, summary, token_texts
-from .server import bind, is_loopback
-from .utils import DEFAULT_MODEL, DTYPES, context_length, load, warn_if_too_long
+from .utils import add_model_flags, context_length, load_from_args, warn_if_too_long
 
 PAGE = Path(__file__).with_name("viewer.html")
 
@@ -107,18 +104,6 @@ def compute(model, tokenizer, text: str, limit: int, layer="all", head="all", na
     total, ids = len(ids), ids[:limit]
     z = {l: np.array(v) for l, v in positions(model, ids).items()}
     return page_data(z, token_texts(tokenizer, ids), layer, head, total, limit, name)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a failure leaves nothing half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class Viewer:
@@ -191,30 +176,22 @@ class Handler(BaseHTTPRequestHandler):
         # The shape of repo_mlx.server's errors; the page shows error.message.
         self.send(status, json.dumps({"error": {"message": message}}).encode(), "application/json")
 
-    def origin_ok(self) -> bool:
-        return http_checks.origin_allowed(self.headers.get("Origin"), self.viewer.origins)
-
     def do_GET(self):
         path = urlsplit(self.path).path
-        if not self.origin_ok():
-            self.send_error_json(403, "This web origin may not use the viewer (see --allowed-origins).")
-        elif path in ("/", "/index.html"):
+        try:
+            http_checks.check_origin(self, self.viewer.origins, "viewer")
+        except RequestError as e:
+            self.send_error_json(e.status, str(e))
+            return
+        if path in ("/", "/index.html"):
             self.send(200, self.viewer.page, "text/html; charset=utf-8")
         else:
             self.send_error_json(404, f"No such page: GET {path}.")
 
     def do_POST(self):
-        path = urlsplit(self.path).path
+        v = self.viewer
         try:
-            raw = http_checks.read_body(self, self.viewer.max_request_bytes)
-            if path != "/positions":
-                raise RequestError(f"No such endpoint: POST {path}.", 404)
-            if not self.origin_ok():
-                raise RequestError("This web origin may not use the viewer (see --allowed-origins).", 403)
-            try:
-                body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-            except (UnicodeDecodeError, ValueError) as e:
-                raise RequestError(f"The body is not valid JSON: {e}.") from None
+            _, body = http_checks.read_json(self, ("/positions",), v.max_request_bytes, v.origins, "viewer")
             data = self.viewer.positions(body)
         except RequestError as e:
             message = str(e)
@@ -228,14 +205,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send(200, json.dumps(data, allow_nan=False).encode(), "application/json")
 
 
-def _no_constant(name):
-    raise ValueError(f"{name} is not allowed in JSON")
-
-
 def own_origins(host: str, bound: str, port: int) -> list:
     """The origins of the viewer's own page, which may call it whatever --allowed-origins says."""
     names = {host, bound}
-    if is_loopback(host):
+    if http_checks.is_loopback(host):
         names |= {"localhost", "127.0.0.1", "::1"}
     return [f"http://[{n}]:{port}" if ":" in n else f"http://{n}:{port}" for n in sorted(names)]
 
@@ -249,13 +222,7 @@ def build_parser():
         "the text coloured by position. Serves the page locally, or writes it as one "
         "static file with --html. Needs plotly: pip install 'repo-mlx[viewer]'.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Model folder (official Hugging Face or converted) or Hub id, "
-        f"downloaded on first use (default: {DEFAULT_MODEL}).",
-    )
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    add_model_flags(p, adapter=False)
     p.add_argument(
         "--max-tokens",
         type=_cli.positive_int,
@@ -271,9 +238,7 @@ def build_parser():
         help="Write the page with the positions of --prompt-file (or --prompt) to this file, "
         "self-contained (no server, no network), instead of serving.",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt-file", type=_cli.existing_file, help="With --html: the text to show.")
-    src.add_argument("--prompt", "-p", default=None, help="With --html: the text to show; '-' reads stdin.")
+    _cli.add_prompt_flags(p, "the text to show (with --html)")
     return p
 
 
@@ -285,11 +250,11 @@ def main(argv=None) -> None:
     if args.html is None and has_text:
         raise LoadError("--prompt/--prompt-file go with --html; the served page has its own text box.")
     js = plotly_js()  # before loading: a missing extra fails fast
-    text = read_prompt(args) if has_text else None
-    httpd = bind(args.host, args.port) if args.html is None else None  # a busy port fails fast too
+    text = _cli.read_prompt(args)
+    httpd = http_checks.bind(args.host, args.port) if args.html is None else None  # a busy port fails fast too
     try:
         print(f"loading {args.model}", file=sys.stderr, flush=True)
-        model, tokenizer = load(args.model, dtype=args.dtype)
+        model, tokenizer = load_from_args(args)
         if not model.args.repo_layers:
             raise LoadError(f"{args.model} has no RePo layers (plain OLMo-2): there are no positions to show.")
         limit = args.max_tokens or context_length(model) or 4096
@@ -299,10 +264,8 @@ def main(argv=None) -> None:
             data = compute(model, tokenizer, text, limit, name=args.model)
             cut = f" (the first of {data['total']})" if data["total"] > data["n"] else ""
             html = page(data, js)
-            try:
-                write_atomic(args.html, html)
-            except OSError as e:
-                raise LoadError(f"Cannot write {args.html}: {e.strerror}.") from None
+            with atomic_file(args.html) as tmp:
+                tmp.write_text(html, encoding="utf-8")
             print(f"{data['n']} tokens{cut}; wrote {args.html} ({len(html.encode()) / 1e6:.1f} MB)")
             return
 
@@ -310,13 +273,7 @@ def main(argv=None) -> None:
         origins = list(args.allowed_origins) + own_origins(args.host, host, port)
         viewer = Viewer(model, tokenizer, args.model, limit, args.max_request_bytes, origins, js)
         httpd.RequestHandlerClass = lambda *a, **kw: Handler(viewer, *a, **kw)
-        if not is_loopback(args.host):
-            warnings.warn(
-                f"Listening on {args.host}, not only this machine: anyone who can reach "
-                f"port {port} can use the model, without authentication."
-            )
-        url_host = f"[{host}]" if ":" in host else host
-        print(f"Serving {args.model} at http://{url_host}:{port}/ (Ctrl-C stops)", flush=True)
+        print(f"Serving {args.model} at {http_checks.url(httpd, args.host)}/ (Ctrl-C stops)", flush=True)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         viewer.work_forever()
     finally:
