@@ -23,6 +23,8 @@ from mlx_lm.models import olmo2
 from mlx_lm.models.cache import make_prompt_cache
 
 from repo_mlx import synthetic
+from repo_mlx.benchmark import alternate
+from repo_mlx.kernel_checks import plain_olmo2
 from repo_mlx.repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, TransformerBlock
 
 SHAPES = {
@@ -37,15 +39,16 @@ SHAPES = {
 def build(shape: str, dtype: str, layer: bool = False):
     """repo_mlx and mlx-lm's olmo2 (or one layer of each), sharing base weights."""
     cfg = {**SHAPES[shape], "tie_word_embeddings": False}
-    if layer:
-        repo = TransformerBlock(ModelArgs.from_dict(cfg), repo=True)
-        plain = olmo2.TransformerBlock(olmo2.ModelArgs.from_dict(cfg))
-    else:
+    if not layer:
         repo = Model(ModelArgs.from_dict(cfg))
-        plain = olmo2.Model(olmo2.ModelArgs.from_dict(cfg))
+        repo.set_dtype(getattr(mx, dtype))
+        mx.eval(repo.parameters())
+        return repo, plain_olmo2(repo)  # the very same arrays: no copy
+    repo = TransformerBlock(ModelArgs.from_dict(cfg), repo=True)
+    plain = olmo2.TransformerBlock(olmo2.ModelArgs.from_dict(cfg))
     repo.set_dtype(getattr(mx, dtype))
     base = [(k, v) for k, v in tree_flatten(repo.parameters()) if k.split(".")[-2] not in POSITION_WEIGHTS]
-    plain.load_weights(base)  # the very same arrays: no copy
+    plain.load_weights(base)
     mx.eval(repo.parameters())
     return repo, plain
 
@@ -75,19 +78,6 @@ def measure_layer(layer, x):
     tic = time.perf_counter()
     mx.eval(layer(x, "causal"))
     return (x.shape[1] / (time.perf_counter() - tic),)
-
-
-def alternate(models: dict, run, runs: int):
-    """Warm up, then ABBA runs; medians per model and median per-run ratios."""
-    for model in models.values():
-        run(model)  # the first runs of a process are slower
-    results = {name: [] for name in models}
-    for i in range(runs):
-        for name in list(models)[:: 1 if i % 2 == 0 else -1]:
-            results[name].append(run(models[name]))
-    medians = {k: [statistics.median(col) for col in zip(*v)] for k, v in results.items()}
-    pairs = [[a / b for a, b in zip(r, p)] for r, p in zip(*results.values())]
-    return medians, [statistics.median(col) for col in zip(*pairs)]
 
 
 def main():

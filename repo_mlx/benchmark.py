@@ -73,7 +73,8 @@ def run_batch(model, prompt, args):
 
 
 def alternate(models: dict, run, trials: int):
-    """A warm-up each, then ABBA trials: medians per model, median per-trial ratios."""
+    """A warm-up each, then ABBA trials (order reversed every other trial): medians
+    per model, and the median per-trial ratios of the first model to the second."""
     for name, model in models.items():
         print(f"warm-up: {name}", file=sys.stderr, flush=True)
         run(model)
@@ -83,7 +84,8 @@ def alternate(models: dict, run, trials: int):
             results[name].append(run(models[name]))
         print(f"trial {i + 1}/{trials} done", file=sys.stderr, flush=True)
     medians = {k: [statistics.median(col) for col in zip(*v)] for k, v in results.items()}
-    ratios = [[a / b for a, b in zip(r, p)] for r, p in zip(*results.values())]
+    first, second = list(results.values())[:2]
+    ratios = [[a / b for a, b in zip(r, p)] for r, p in zip(first, second)]
     return medians, [statistics.median(col) for col in zip(*ratios)]
 
 

@@ -15,10 +15,11 @@ import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 
-from . import _cli, kernel_checks as kc, rope
+from . import _cli, benchmark, kernel_checks as kc, rope
 from .kernel_checks import Check
 from .files import atomic_file
 
@@ -54,20 +55,30 @@ def environment() -> list:
     return rows
 
 
-def speed(model, tokens: int) -> list:
+def speed(model, tokens: int, prompt_tokens: int = 64, trials: int = 3) -> list:
     """Decode tokens/s: RePo with kernels on and off, and mlx-lm's OLMo-2 on the
     same weights (the position module and rotation are RePo's whole cost)."""
     if why := kc.kernels_unavailable():
         return [Check("speed", "skip", f"{why}: speed is measured on a Metal GPU only")]
-    t = kc.decode_speed(
-        {"RePo, kernels on": (model, "on"), "RePo, kernels off": (model, "off"),
-         "OLMo-2 (mlx-lm)": (kc.plain_olmo2(model), "off")},
-        tokens=tokens,
-    )  # fmt: skip
-    on = t["RePo, kernels on"]
+    models = {
+        "RePo, kernels on": (model, "on"),
+        "RePo, kernels off": (model, "off"),
+        "OLMo-2 (mlx-lm)": (kc.plain_olmo2(model), "off"),
+    }
+    prompt = mx.random.randint(0, model.args.vocab_size, (1, prompt_tokens), key=mx.random.key(0))
+    # benchmark's timing: the first token ends the prefill, ``tokens`` more are decoded.
+    settings = SimpleNamespace(generation_tokens=tokens + 1, prefill_step_size=2048, kv_bits=None, kv_group_size=64)
+
+    def run(entry):
+        m, mode = entry
+        with kc.kernels(mode):
+            return benchmark.run_single(m, prompt, settings)
+
+    medians, _ = benchmark.alternate(models, run, trials)
+    on = medians["RePo, kernels on"][1]
     return [
         Check(f"speed: {name}", "info", f"{tps:.1f} decode tokens/s ({tps / on:.2f} x kernels on)")
-        for name, tps in t.items()
+        for name, (_, tps, _) in medians.items()
     ]
 
 
@@ -106,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--fixture", type=_cli.existing_dir, default=kc.FIXTURE,
-        help="The official tiny checkpoint with its reference.npz (default: "
-        "tests/fixtures/repo-olmo2-tiny of a source checkout).",
+        help="The official tiny checkpoint with its reference.npz (default: the copy "
+        "installed with repo_mlx).",
     )  # fmt: skip
     p.add_argument(
         "--tokens", type=_cli.positive_int, default=64,

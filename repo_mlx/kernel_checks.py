@@ -33,7 +33,7 @@ REFERENCE_LIMITS = {F32: (2e-3, 2e-3), **{t: (8 * EPS[t], 4 * EPS[t]) for t in (
 # kernels round once from float32, the pure path after each operation (as the
 # official code does); float32 differs by cos/sin and summation order only.
 KERNEL_LIMITS = {"value": {F32: 16, F16: 4, BF16: 4}, "dz": {F32: 64, F16: 2, BF16: 2}}
-FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "repo-olmo2-tiny"
+FIXTURE = Path(__file__).with_name("fixtures") / "repo-olmo2-tiny"
 
 
 class Check(NamedTuple):

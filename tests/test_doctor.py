@@ -11,10 +11,10 @@ import pytest
 from repo_mlx import doctor, kernel_checks as kc, rope
 
 
-def test_doctor_off_mac_report_and_exit_status(tmp_path, fixture_path):
+def test_doctor_off_mac_report_and_exit_status(tmp_path):
     out = tmp_path / "report.md"
-    done = subprocess.run(  # an installed package has no fixture: name the checkout's
-        [sys.executable, "-m", "repo_mlx.doctor", "--output", str(out), "--fixture", str(fixture_path)],
+    done = subprocess.run(  # the fixture installed with the package
+        [sys.executable, "-m", "repo_mlx.doctor", "--output", str(out)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -79,9 +79,17 @@ def test_kernel_check_that_crashes_is_a_failed_check(monkeypatch):
     assert rope._state["mode"] == "on" and rope._state["failure"] is None  # restored
 
 
-def test_decode_speed_runs_each_model(tiny):
-    """The timing code the doctor runs on a Mac (here on the CPU, numbers unchecked)."""
+def test_shipped_fixture_is_the_official_one(fixture_path):
+    shipped = sorted(kc.FIXTURE.iterdir())
+    assert {f.name for f in shipped} >= {"config.json", "model.safetensors", "reference.npz", "tokenizer.json"}
+    for f in shipped:
+        assert f.read_bytes() == (fixture_path / f.name).read_bytes(), f.name
+
+
+def test_speed_times_each_model(tiny, monkeypatch):
+    """The timing the doctor runs on a Mac (here on the CPU, numbers unchecked)."""
     model, _ = tiny
-    t = kc.decode_speed({"repo": (model, "off"), "plain": (kc.plain_olmo2(model), "off")},
-                        prompt_tokens=4, tokens=2, rounds=1)  # fmt: skip
-    assert set(t) == {"repo", "plain"} and all(v > 0 for v in t.values())
+    monkeypatch.setattr(kc, "kernels_unavailable", lambda: None)
+    rows = doctor.speed(model, tokens=2, prompt_tokens=4, trials=1)
+    assert [r.name for r in rows] == ["speed: RePo, kernels on", "speed: RePo, kernels off", "speed: OLMo-2 (mlx-lm)"]
+    assert all(r.status == "info" and "decode tokens/s" in r.detail for r in rows)
