@@ -318,11 +318,10 @@ def test_standalone_copy_finds_metal_sources_beside_it(tmp_path):
     assert {m.split(".")[0] for m in imported} <= stdlib | {"mlx"}
 
 
-def test_model_runs_through_harness_kernels(monkeypatch, tmp_path, fixture_path, reference):
-    """The dispatch end to end: with the harness standing in for mx.fast.metal_kernel
-    (and the device check saying Metal GPU), the fixture model's rotations run the
-    shipped kernels, first-use checks included, and still match the official logits;
-    a gradient through the positions matches the pure path's."""
+@pytest.fixture
+def harness_kernels(monkeypatch, tmp_path):
+    """The harness stands in for mx.fast.metal_kernel and the device check says
+    Metal GPU; strict mode. Yields (kernels built, kernels run) by name."""
     built = {"harness": None, "launches": []}
 
     def run(name, **launch):
@@ -347,20 +346,29 @@ def test_model_runs_through_harness_kernels(monkeypatch, tmp_path, fixture_path,
     rope._kernel.cache_clear()
     rope.set_kernels("strict")  # a kernel failure fails the test
     try:
-        model, _ = repo_mlx.load(str(fixture_path))
-        ids = mx.array(reference["input_ids"])
-        logits = model(ids)
-        assert kc.rel_err(logits, reference["logits"]) <= 1e-4
-
-        def loss(m):
-            return m(ids[:, :8]).astype(mx.float32).square().mean()
-
-        _, kernel_grads = nn.value_and_grad(model, loss)(model)
-        rope.set_kernels(False)
-        _, pure_grads = nn.value_and_grad(model, loss)(model)
+        yield calls, runs
     finally:
         rope._kernel.cache_clear()
         rope.set_kernels("on")
+
+
+def test_model_runs_through_harness_kernels(harness_kernels, fixture_path, reference):
+    """The dispatch end to end: with the harness standing in for mx.fast.metal_kernel
+    (and the device check saying Metal GPU), the fixture model's rotations run the
+    shipped kernels, first-use checks included, and still match the official logits;
+    a gradient through the positions matches the pure path's."""
+    calls, runs = harness_kernels
+    model, _ = repo_mlx.load(str(fixture_path))
+    ids = mx.array(reference["input_ids"])
+    logits = model(ids)
+    assert kc.rel_err(logits, reference["logits"]) <= 1e-4
+
+    def loss(m):
+        return m(ids[:, :8]).astype(mx.float32).square().mean()
+
+    _, kernel_grads = nn.value_and_grad(model, loss)(model)
+    rope.set_kernels(False)
+    _, pure_grads = nn.value_and_grad(model, loss)(model)
     assert sorted(calls) == sorted(KERNELS)  # each kernel built once ...
     # ... and run: one first-use check each, then once per RePo layer (3) for the
     # logits, the loss and its backward pass.
@@ -371,3 +379,38 @@ def test_model_runs_through_harness_kernels(monkeypatch, tmp_path, fixture_path,
     assert len(gate) == 3  # reached only through d/dpositions
     for key, g in gate:
         assert kc.rel_err(g, np.array(pure[key])) <= 1e-4, key
+
+
+def test_grouped_model_runs_through_harness_kernels(harness_kernels):
+    """The same with grouped-query attention: a RePo Llama with 3 query heads per
+    KV head (tests/test_repo_llama.py) runs the shipped kernels and matches the pure
+    path, logits through the KV cache and gradients through the positions."""
+    from mlx_lm.models.cache import make_prompt_cache
+    from test_repo_llama import IDS, LLAMA, build
+
+    calls, runs = harness_kernels
+    model = build(LLAMA)
+
+    def loss(m):
+        return m(IDS[:, :8]).astype(mx.float32).square().mean()
+
+    def outputs():
+        cache = make_prompt_cache(model)
+        steps = [model(IDS[:, :9], cache=cache)]
+        steps += [model(IDS[:, i : i + 1], cache=cache) for i in range(9, IDS.shape[1])]
+        _, grads = nn.value_and_grad(model, loss)(model)
+        return mx.concatenate(steps, axis=1), dict(tree_flatten(grads))
+
+    kernel_logits, kernel_grads = outputs()
+    rope.set_kernels(False)
+    pure_logits, pure_grads = outputs()
+    assert sorted(calls) == sorted(KERNELS)
+    # A first-use check each, then per RePo layer (3): prefill, 3 decode steps and
+    # the loss forward, and the loss backward.
+    assert runs.count("repo_rope_forward") == 1 + 3 * 5
+    assert runs.count("repo_rope_backward") == 1 + 3
+    assert kc.rel_err(kernel_logits, np.array(pure_logits)) <= 1e-5
+    gate = [k for k in pure_grads if "gate_map" in k]
+    assert len(gate) == 3
+    for key in gate:
+        assert kc.rel_err(kernel_grads[key], np.array(pure_grads[key])) <= 1e-4, key
