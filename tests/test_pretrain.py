@@ -656,3 +656,13 @@ def test_memory_estimate_of_the_1b_shape():
     assert abs(est["weights"] + est["master weights"] + est["optimizer"] - 14 * n["total"]) < 1e6
     small = pretrain.estimate_memory(cfg, types.SimpleNamespace(**{**vars(s), "train_only": "position"}))
     assert small["total"] < est["total"] / 3
+
+
+def test_sigkill_at_random_moments_resumes_bit_identical():
+    """bench/kill_resume.py in small: pretrain (once during its final write) and lora."""
+    script = Path(__file__).parents[1] / "bench" / "kill_resume.py"
+    r = subprocess.run([sys.executable, str(script), "--kills", "3", "--iters", "8", "--seed", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "pretrain: kill 3 during the final write" in r.stdout, r.stdout
+    assert r.stdout.count("bit-identical: True; scratch left: []") == 2, r.stdout
