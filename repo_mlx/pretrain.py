@@ -763,7 +763,13 @@ def run(args, on_step=None):
     if args.dry_run:
         return None
     cache = out.parent / f"{out.name}.tokens"
-    train_set, val_set, fingerprint = load_split(args, prep.tokenizer, cache)
+    fresh_cache = not cache.exists()
+    try:
+        train_set, val_set, fingerprint = load_split(args, prep.tokenizer, cache)
+    except LoadError:
+        if fresh_cache:  # bad data leaves nothing behind
+            shutil.rmtree(cache, ignore_errors=True)
+        raise
     mx.random.seed(args.seed)  # LoRA initialisation
     setup_trainable(prep.model, args.train_only, args.lora_parameters)
     master = to_compute_dtype(prep, args.dtype)

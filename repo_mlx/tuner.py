@@ -9,6 +9,7 @@ import json
 import re
 import time
 import warnings
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import List, Tuple
@@ -351,8 +352,10 @@ def train(trainer: Trainer, train_set: List[Example], valid_set: List[Example], 
         if not valid_set:
             return
         tic = time.perf_counter()
-        val_loss = evaluate(trainer.model, valid_set, args.batch_size, args.val_batches,
-                            args.max_seq_length, clear_cache_threshold=args.clear_cache_threshold)
+        # The same validation batches every time, so a resumed run reports what an uninterrupted one does.
+        batches = partial(iterate_batches, seed=derived_seed(args.seed, 2))
+        val_loss = evaluate(trainer.model, valid_set, args.batch_size, args.val_batches, args.max_seq_length,
+                            iterate_batches=batches, clear_cache_threshold=args.clear_cache_threshold)
         val_time = time.perf_counter() - tic
         rprint(f"Iter {it}: val loss {val_loss:.3f}, val took {val_time:.3f}s", flush=True)
         if callback is not None:

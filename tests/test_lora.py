@@ -180,12 +180,14 @@ def test_resume_equals_uninterrupted_run(base, data, tmp_path):
     config.write_text("lora_parameters:\n  rank: 4\n  dropout: 0.2\n  scale: 10.0\n")
     flags = ["--position-module", "lora", "-c", config, "--save-every", "6"]
     full = tmp_path / "uninterrupted"
-    train(base, data, full, *flags, iters=18)
+    uninterrupted_log = train(base, data, full, *flags, iters=18)
     # Interrupted right after iteration 6's checkpoint: resume from it.
     resumed = tmp_path / "resumed"
     log = train(base, data, resumed, *flags, "--resume-adapter-file",
                 full / "0000006_adapters.safetensors", iters=18)
     assert "at iteration 6" in log and "Iter 6:" not in log and "Iter 10: train loss" in log
+    final = lambda text: re.search(r"Iter 18: val loss ([\d.]+)", text)[1]
+    assert final(log) == final(uninterrupted_log)  # the same validation batches
     for file in ("adapters.safetensors", "adapters.state.safetensors"):
         a, b = mx.load(str(full / file)), mx.load(str(resumed / file))
         assert a.keys() == b.keys()
