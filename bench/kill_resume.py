@@ -40,14 +40,15 @@ def pretrain_argv(base, data, out, iters):
     return ["-m", "repo_mlx.pretrain", "--model", str(base), "--data", str(data / "train.jsonl"),
             "--save-path", str(out), "--seq-len", "32", "--batch-size", "4", "--dtype", "bfloat16",
             "--learning-rate", "1e-3", "--iters", str(iters), "--save-every", "2",
-            "--steps-per-eval", "4", "--repo-start-layer", "1", "--grad-accumulation-steps", "2"]
+            "--steps-per-eval", "4", "--steps-per-report", "1", "--repo-start-layer", "1",
+            "--grad-accumulation-steps", "2"]
 
 
 def lora_argv(base, data, out, iters):
     return ["-m", "repo_mlx.lora", "--model", str(base), "--train", "--data", str(data),
             "--adapter-path", str(out), "--iters", str(iters), "--batch-size", "4",
             "--learning-rate", "1e-3", "--num-layers", "-1", "--save-every", "2",
-            "--steps-per-eval", "4", "--position-module", "lora"]
+            "--steps-per-eval", "4", "--steps-per-report", "1", "--position-module", "lora"]
 
 
 def start(argv):
@@ -55,10 +56,12 @@ def start(argv):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def killed_run(command, fresh, resume, done, rng, kills, seconds, final_write_kill=None):
+def killed_run(command, fresh, resume, done, rng, kills, lines, final_write_kill=None):
     """Kill ``kills`` times, then let it finish; returns the number of kills made.
 
-    ``seconds``: how long the uninterrupted run took; kills fall within it.
+    A kill comes at a random moment after a random one of the first half of
+    the run's output lines (``lines``: how many the uninterrupted run printed),
+    so each restarted run makes some progress and is killed again.
     """
     made = 0
     while not done():
@@ -69,7 +72,11 @@ def killed_run(command, fresh, resume, done, rng, kills, seconds, final_write_ki
                     if any(m in line for m in final_write_kill):
                         break
             else:
-                time.sleep(rng.uniform(0.2, 0.9) * seconds)
+                n = rng.randrange(max(2, lines // 2))  # a resumed run prints fewer
+                for i, line in enumerate(p.stdout):
+                    if i >= n:
+                        break
+                time.sleep(rng.uniform(0.0, 0.3))
             if p.poll() is None:
                 p.kill()
                 made += 1
@@ -83,10 +90,8 @@ def killed_run(command, fresh, resume, done, rng, kills, seconds, final_write_ki
     return made
 
 
-def timed(argv) -> float:
-    tic = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
-    return time.perf_counter() - tic
+def output_lines(argv) -> int:
+    return len(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.splitlines())
 
 
 def same(a: Path, b: Path) -> bool:
@@ -113,12 +118,12 @@ def main():
         repo = synthetic.write_checkpoint(root / "repo", synthetic.config(), seed=1, position_scale=0.05)
 
         ref, out = root / "pre-ref", root / "pre"
-        seconds = timed([sys.executable, *pretrain_argv(plain, data, ref, a.iters)])
+        lines = output_lines([sys.executable, *pretrain_argv(plain, data, ref, a.iters)])
         has_ckpt = lambda: any((out / "checkpoints").glob("step-*"))
         n = killed_run(
             "pretrain", pretrain_argv(plain, data, out, a.iters) + ["--force"],
             lambda: ["-m", "repo_mlx.pretrain", "--resume", str(out)] if has_ckpt() else None,
-            lambda: (out / "config.json").exists(), rng, a.kills, seconds,
+            lambda: (out / "config.json").exists(), rng, a.kills, lines,
             final_write_kill=(f"step-{a.iters:07d}", "writing the final model"),
         )
         last = f"checkpoints/step-{a.iters:07d}/trainable.safetensors"
@@ -127,14 +132,14 @@ def main():
         ok &= good and not scratch(root)
 
         ref, out = root / "lora-ref", root / "lora"
-        seconds = timed([sys.executable, *lora_argv(repo, data, ref, a.iters)])
+        lines = output_lines([sys.executable, *lora_argv(repo, data, ref, a.iters)])
         latest = out / "adapters.safetensors"
         iteration = lambda: mx.load(str(latest), return_metadata=True)[1].get("iteration") if latest.exists() else None
         n = killed_run(
             "lora", lora_argv(repo, data, out, a.iters),
             lambda: lora_argv(repo, data, out, a.iters) + ["--resume-adapter-file", str(latest)]
             if iteration() not in (None, str(a.iters)) else None,
-            lambda: iteration() == str(a.iters), rng, a.kills, seconds,
+            lambda: iteration() == str(a.iters), rng, a.kills, lines,
         )
         good = same(ref / "adapters.safetensors", latest)
         print(f"lora: {n} kills, final adapters bit-identical: {good}; scratch left: {scratch(root)}")
