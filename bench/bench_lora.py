@@ -21,8 +21,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
-from mlx_lm.models import olmo2
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.tuner.trainer import train as mlx_lm_train
@@ -30,7 +28,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from repo_mlx import synthetic, tuner
 from repo_mlx.adapters import POSITION_MODULE_CHOICES, setup_trainable
-from repo_mlx.repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs
+from repo_mlx.kernel_checks import plain_olmo2
+from repo_mlx.repo_olmo2 import Model, ModelArgs
 
 SHAPES = {
     "1b": synthetic.config_1b(),
@@ -57,10 +56,8 @@ def build(shape: str, dtype: str):
     cfg = SHAPES[shape]
     repo = Model(ModelArgs.from_dict(cfg))
     repo.set_dtype(getattr(mx, dtype))
-    plain = olmo2.Model(olmo2.ModelArgs.from_dict({**cfg, "tie_word_embeddings": False}))
-    base = [(k, v) for k, v in tree_flatten(repo.parameters()) if k.split(".")[-2] not in POSITION_WEIGHTS]
-    plain.load_weights(base)
-    mx.eval(repo.parameters())
+    plain = plain_olmo2(repo)
+    mx.eval(repo.parameters(), plain.parameters())
     return repo, plain
 
 

@@ -6,7 +6,6 @@ pure path, the model against the official fixture, operations per decode step.
 import contextlib
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import List, NamedTuple, Optional
 
@@ -264,7 +263,7 @@ def check_model(device=None, fixture: Path = FIXTURE) -> List[Check]:
     from .utils import load
 
     if not (fixture / "reference.npz").is_file():
-        why = f"fixture not found at {fixture} (it comes with a source checkout)"
+        why = f"fixture not found at {fixture}"
         return [Check("model vs official fixture", "skip", why)]
     device = device or mx.default_device()
     name = f"model vs official fixture ({device})"
@@ -343,23 +342,3 @@ def decode_ops(model) -> dict:
         if kind not in counts:
             counts[kind] = count_ops(layer(h, None, cache=cache[i]))
     return {"repo": counts.get("repo"), "plain": counts.get("plain")}
-
-
-def decode_speed(models: dict, prompt_tokens=64, tokens=64, rounds=3) -> dict:
-    """Decode tokens/s of each model (a name -> (model, kernel mode) dict), runs
-    alternating, median of ``rounds``. Only meaningful on the machine's GPU."""
-    from mlx_lm.generate import generate_step
-
-    vocab = min(m.args.vocab_size for m, _ in models.values())
-    prompt = mx.array(np.random.default_rng(0).integers(0, vocab, prompt_tokens))
-    times = {name: [] for name in models}
-    for _ in range(rounds + 1):  # the first round warms up
-        for name, (model, mode) in models.items():
-            with kernels(mode):
-                steps = generate_step(prompt, model, max_tokens=tokens + 1)
-                next(steps)  # prefill and the first token
-                tic = time.perf_counter()
-                for _ in steps:
-                    pass
-                times[name].append(tokens / (time.perf_counter() - tic))
-    return {name: float(np.median(t[1:])) for name, t in times.items()}

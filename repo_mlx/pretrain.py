@@ -38,11 +38,10 @@ from .errors import LoadError, one_line
 from .positions import positions, summary
 from .trainer import Trainer, train as train_loop
 from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, pe_config, repo_layer_ids
-from .utils import (check_weight_files, get_model_path, load_config, safetensors_header,
+from .utils import (DTYPES, check_weight_files, get_model_path, load_config, safetensors_header,
                     save_standalone, set_position_blend, yarn_scaling)
 
 TRAIN_ONLY = ("all", "position", "position+lora")
-DTYPES = ("bfloat16", "float16", "float32")
 DEFAULTS = {
     "model": None, "data": None, "val_data": None, "val_share": 0.01, "val_batches": 8,
     "text_feature": "text", "data_split": "train", "save_path": "repo_model",

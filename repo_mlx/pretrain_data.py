@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
@@ -20,13 +19,10 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .errors import LoadError, one_line
+from .utils import is_hub_id
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 CACHE_VERSION = 1
-
-
-def _hub_id(path: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
 
 
 def data_files(path: str) -> List[Path]:
@@ -119,7 +115,7 @@ class Source:
         self.files = data_files(path)
         self.hub = None
         if not self.files:
-            if not _hub_id(path) or Path(path).suffix in TEXT_SUFFIXES:
+            if not is_hub_id(path) or Path(path).suffix in TEXT_SUFFIXES:
                 raise LoadError(f"Data {path} does not exist (a file, a folder or a Hub dataset id).")
             self.hub = _hub_dataset(path, split, text_key)
 

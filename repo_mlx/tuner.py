@@ -6,7 +6,6 @@ iteration), and adapter checkpoints that resume exactly on the shared loop.
 """
 
 import json
-import re
 import time
 import warnings
 from functools import partial
@@ -26,6 +25,7 @@ from .adapters import check_names
 from .errors import LoadError, one_line
 from .files import atomic_file
 from .trainer import Trainer, derived_seed
+from .utils import is_hub_id
 from .trainer import train as train_loop
 
 MASTER = "master/"  # state-file prefix of the float32 master weights
@@ -148,7 +148,7 @@ def load_data(args, tokenizer) -> Tuple[List[Example], List[Example], List[Examp
             raise LoadError(f"--data {folder} is a file; pass the folder holding train.jsonl.")
         return tuple(_load_split(folder / f"{name}.jsonl", name, args, tokenizer)
                      for name in ("train", "valid", "test"))
-    if not getattr(args, "hf_dataset", None) and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.data):
+    if not getattr(args, "hf_dataset", None) and not is_hub_id(args.data):
         raise LoadError(f"Data folder {args.data} does not exist.")
     from mlx_lm.tuner.datasets import load_dataset
 
