@@ -402,7 +402,7 @@ def write_viewer(cfg, out, folder, path):
     model, tok = load(str(folder))
     text = tasks.make_sample("niah_single", tok, cfg.seq_len, EVAL_SEED, 0).prompt
     data = viewer.compute(model, tok, text, cfg.seq_len, name="RePo arm, seed " + cfg.seeds.split(",")[0])
-    viewer.write_atomic(path, viewer.page(data))
+    path.write_text(viewer.page(data), encoding="utf-8")
 
 
 def write_demo(cfg, out, folder, dest):
