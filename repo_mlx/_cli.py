@@ -189,21 +189,53 @@ def add_prompt_flags(p, what: str = "the prompt", required: bool = False, defaul
     """--prompt (or -p; '-' reads stdin) and --prompt-file, one or the other."""
     src = p.add_mutually_exclusive_group(required=required)
     note = f" (default: {default!r})" if default is not None else ""
-    src.add_argument("--prompt", "-p", default=None, help=f"Text of {what}; '-' reads stdin{note}.")
+    src.add_argument("--prompt", "-p", type=text, default=None, help=f"Text of {what}; '-' reads stdin{note}.")
     src.add_argument("--prompt-file", type=existing_file, help=f"Read {what} from this file.")
 
 
 def read_prompt(args, default=None) -> str:
     """The text of ``add_prompt_flags``' flags, ``default`` if neither was given."""
     if args.prompt_file is not None:
-        try:
-            return args.prompt_file.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            why = getattr(e, "strerror", None) or e
-            raise LoadError(f"Cannot read --prompt-file {args.prompt_file}: {why}.") from None
+        return read_text(args.prompt_file, f"--prompt-file {args.prompt_file}")
     if args.prompt == "-":
-        return sys.stdin.read()
+        return decode(sys.stdin.buffer.read(), "stdin (--prompt -)")
     return args.prompt if args.prompt is not None else default
+
+
+# Text inputs (arguments, files, stdin, chat lines) are UTF-8; anything else is
+# refused in one line naming the input and the first bad byte, before any work.
+def decode(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LoadError(
+            f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "convert it to UTF-8, e.g. with iconv -f latin1 -t utf-8."
+        ) from None
+
+
+def read_text(path, what: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return decode(f.read(), what)
+    except OSError as e:
+        raise LoadError(f"Cannot read {what}: {e.strerror or e}.") from None
+
+
+def _text(s: str) -> str:
+    # Python hands bytes of argv that are not UTF-8 over as lone surrogates.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(s[e.start]) - 0xDC00 if 0xDC80 <= ord(s[e.start]) <= 0xDCFF else None
+        at = f"byte 0x{byte:02x} " if byte is not None else ""
+        raise argparse.ArgumentTypeError(
+            f"is not UTF-8 text ({at}at character {e.start})"
+        ) from None
+    return s
+
+
+text = _typed(_text, "text")
 
 
 def read_config(path, parser, known) -> dict:

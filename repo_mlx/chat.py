@@ -8,6 +8,8 @@ transcript is tokenized and only what the cache lacks is fed, so every reply
 is what ``repo_mlx.generate`` gives on the whole transcript.
 """
 
+import argparse
+import itertools
 import sys
 from typing import List, Optional
 
@@ -17,6 +19,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.server import convert_chat
 
 from . import _cli
+from .errors import LoadError
 from .generate import MIN_KV_SIZE, add_sampling_flags, sampler
 from .utils import add_model_flags, load_from_args, warn_if_too_long
 
@@ -119,6 +122,7 @@ def build_parser():
     p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
     p.add_argument(
         "--system-prompt",
+        type=_cli.text,
         default=None,
         help="A system message first in the conversation (a base model reads it as \"ASSISTANT's RULE: ...\").",
     )
@@ -139,12 +143,20 @@ def main(argv=None) -> None:
     def show(text):
         print(text, end="", flush=True)
 
-    while True:
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below
+        sys.stdin.reconfigure(errors="surrogateescape")
+    for number in itertools.count(1):
         try:
             line = input(">> " if tty else "")
         except EOFError:
             break
-        line = line.strip()
+        try:
+            line = _cli.text(line).strip()
+        except argparse.ArgumentTypeError as e:
+            if not tty:
+                raise LoadError(f"stdin line {number} {e}.") from None
+            print(f"error: that message {e}; type it again.", file=sys.stderr)
+            continue
         if not line:
             continue
         if line in ("/exit", "/quit"):

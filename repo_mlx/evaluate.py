@@ -198,10 +198,7 @@ def main(argv=None) -> None:
     if "perplexity" in names:
         if args.data is None:
             raise LoadError("--task perplexity needs --data FILE (plain text).")
-        try:
-            text = args.data.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise LoadError(f"Cannot read --data {args.data}: {getattr(e, 'strerror', None) or e}.") from None
+        text = _cli.read_text(args.data, f"--data {args.data}")
 
     model, tokenizer = load_from_args(args)
     context = context_length(model) or 4096

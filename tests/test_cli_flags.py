@@ -83,6 +83,8 @@ def bad_values(action):
         elif hi is not None:
             out.append(("above the range", str(hi + 1)))
         return out
+    if k == "text":  # bytes of argv that are not UTF-8 reach Python as lone surrogates
+        return [("not UTF-8", "caf\udce9")]
     if k == "file":
         return [("a folder", "{dir}"), ("missing", "{dir}/missing"), ("empty", "")]
     if k == "dir":
