@@ -28,7 +28,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from repo_mlx import synthetic, tuner
 from repo_mlx.adapters import POSITION_MODULE_CHOICES, setup_trainable
-from repo_mlx.kernel_checks import plain_olmo2
+from repo_mlx.kernel_checks import plain_twin
 from repo_mlx.repo_olmo2 import Model, ModelArgs
 
 SHAPES = {
@@ -56,7 +56,7 @@ def build(shape: str, dtype: str):
     cfg = SHAPES[shape]
     repo = Model(ModelArgs.from_dict(cfg))
     repo.set_dtype(getattr(mx, dtype))
-    plain = plain_olmo2(repo)
+    plain = plain_twin(repo)
     mx.eval(repo.parameters(), plain.parameters())
     return repo, plain
 

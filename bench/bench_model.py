@@ -24,8 +24,9 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from repo_mlx import synthetic
 from repo_mlx.benchmark import alternate
-from repo_mlx.kernel_checks import plain_olmo2
-from repo_mlx.repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, TransformerBlock
+from repo_mlx.kernel_checks import plain_twin
+from repo_mlx.rope import POSITION_WEIGHTS
+from repo_mlx.repo_olmo2 import Model, ModelArgs, TransformerBlock
 
 SHAPES = {
     "1b": synthetic.config_1b(),
@@ -43,7 +44,7 @@ def build(shape: str, dtype: str, layer: bool = False):
         repo = Model(ModelArgs.from_dict(cfg))
         repo.set_dtype(getattr(mx, dtype))
         mx.eval(repo.parameters())
-        return repo, plain_olmo2(repo)  # the very same arrays: no copy
+        return repo, plain_twin(repo)  # the very same arrays: no copy
     repo = TransformerBlock(ModelArgs.from_dict(cfg), repo=True)
     plain = olmo2.TransformerBlock(olmo2.ModelArgs.from_dict(cfg))
     repo.set_dtype(getattr(mx, dtype))

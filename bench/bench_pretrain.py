@@ -64,9 +64,9 @@ def one(a) -> dict:
     if a.one == "mlx-lm":
         from mlx_lm.tuner.trainer import TrainingArgs, train
 
-        from repo_mlx.kernel_checks import plain_olmo2
+        from repo_mlx.kernel_checks import plain_twin
 
-        plain = plain_olmo2(repo)
+        plain = plain_twin(repo)
         plain.set_dtype(dtype)
         del repo
         plain.unfreeze()

@@ -16,7 +16,8 @@ import numpy as np
 
 import repo_mlx
 from repo_mlx import synthetic
-from repo_mlx.repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs
+from repo_mlx.rope import POSITION_WEIGHTS
+from repo_mlx.repo_olmo2 import Model, ModelArgs
 
 
 def random_1b():

@@ -14,8 +14,9 @@ from mlx_lm.utils import quantize_model
 from .. import _cli
 from ..errors import LoadError
 from ..files import atomic_folder
-from ..repo_olmo2 import POSITION_WEIGHTS
-from ..utils import DTYPES, MODEL_FILE, get_model_path, load_model, load_tokenizer, save_standalone
+from ..rope import POSITION_WEIGHTS
+from ..utils import (DTYPES, architecture_name, get_model_path, load_model, load_tokenizer,
+                     save_standalone)
 
 def keep_unquantized(path: str, module) -> bool:
     """The position module stays in float: 4-bit positions drift (see README)."""
@@ -42,7 +43,7 @@ def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = N
         "tags:",
         "- mlx",
         "- repo",
-        "- olmo2",
+        f"- {config['model_type']}",
         *([f"base_model: {hf_path}"] if hub else []),
         *([f"license: {license}"] if license else []),
         "---",
@@ -58,10 +59,10 @@ def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = N
 # {name}
 
 A RePo model (["Language Models with Context Re-Positioning"](https://arxiv.org/abs/2512.14391),
-Sakana AI) in MLX format. RePo is OLMo-2 in which the upper layers carry a small
-position module (gate_map, content_map, final_map) that gives each token a learned,
-real-valued position per head; queries and keys are rotated by those positions
-instead of by the token index.
+Sakana AI) in MLX format. RePo is {architecture_name(config)} in which the upper layers carry
+a small position module (gate_map, content_map, final_map) that gives each token a learned,
+real-valued position per {"head" if config["model_type"] == "olmo2" else "key/value head"};
+queries and keys are rotated by those positions instead of by the token index.
 
 Converted from {source} with repo_mlx {_cli.version()}: {weights}.
 
@@ -81,7 +82,7 @@ print(generate(model, tokenizer, "The capital of France is", max_tokens=32))
 
 ## Run with stock mlx-lm
 
-The folder carries its model file (`{MODEL_FILE}`, named by `model_file` in
+The folder carries its model file (`{config["model_file"]}`, named by `model_file` in
 config.json), so mlx-lm runs it without repo_mlx once you allow that file to run:
 
 ```bash
@@ -96,7 +97,7 @@ model, tokenizer = load("{name}", trust_remote_code=True)
 print(generate(model, tokenizer, "The capital of France is", max_tokens=32))
 ```
 
-This is a base model: it continues text and has no chat template.
+{"This is a base model: it continues text and has no chat template." if config["model_type"] == "olmo2" else "It keeps the source model's tokenizer and chat template."}
 
 {license_line}
 """
@@ -177,7 +178,7 @@ def convert(
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.ArgumentParser(
         prog="python -m repo_mlx.convert",
-        description="Convert an official RePo-OLMo2 Hugging Face checkpoint to MLX "
+        description="Convert a RePo checkpoint (OLMo-2, Llama, Mistral or Qwen3) to MLX "
         "(float or quantized). The result loads in repo_mlx and in stock mlx-lm "
         "with --trust-remote-code.",
     )

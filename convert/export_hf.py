@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import make_shards
 
-from ..repo_olmo2 import _pe_setting
+from ..rope import pe_setting
 from ..errors import LoadError
 
 # Keys only MLX loaders understand; the official config has none of them.
@@ -34,7 +34,7 @@ def hf_config(config: dict, dtype: str) -> dict:
     if cfg.get("pe_config"):
         pe = dict(cfg["pe_config"])
         for name in ("pe_start_layer", "pe_layer_ids"):
-            value = _pe_setting(pe, name)
+            value = pe_setting(pe, name)
             if value is not None:
                 pe["dynamic_" + name] = pe["dynmaic_" + name] = value
         cfg["pe_config"] = pe
@@ -42,8 +42,19 @@ def hf_config(config: dict, dtype: str) -> dict:
     return dict(sorted(cfg.items()))
 
 
+def check_exportable(config: dict) -> None:
+    """Only RePo-OLMo2 has an official format (and PyTorch code that reads it)."""
+    if config.get("model_type") != "olmo2":
+        raise LoadError(
+            f"--export-hf writes the official RePo-OLMo2 format; no official format exists "
+            f"for a RePo {config.get('model_type')!r} model. Use the MLX folder (stock mlx-lm "
+            "loads it with --trust-remote-code)."
+        )
+
+
 def export_hf(dst: Path, model: nn.Module, tokenizer, config: dict, src: Path) -> None:
     """Write ``model`` (float, not quantized) and its tokenizer to folder ``dst``."""
+    check_exportable(config)
     if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
         raise LoadError("The Hugging Face format needs float weights; dequantize first.")
     weights = dict(tree_flatten(model.parameters()))

@@ -16,7 +16,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
 
 from .errors import LoadError, one_line
-from .repo_olmo2 import POSITION_WEIGHTS
+from .rope import POSITION_WEIGHTS
 
 POSITION_MODULE_CHOICES = ("frozen", "lora", "full")
 POSITION_KEYS = tuple(f"self_attn.{name}" for name in POSITION_WEIGHTS)

@@ -159,7 +159,7 @@ def main(argv=None) -> None:
         model, _, config = load(args.model, dtype=args.dtype, return_config=True)
         where = f"`{args.model}`"
     check_kv_bits(model, args.kv_bits, args.kv_group_size)
-    plain = kernel_checks.plain_olmo2(model)
+    plain = kernel_checks.plain_twin(model)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_position = n_params - sum(v.size for _, v in tree_flatten(plain.parameters()))
     dtype = str(model.model.norm.weight.dtype).replace("mlx.core.", "")

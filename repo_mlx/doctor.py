@@ -63,7 +63,7 @@ def speed(model, tokens: int, prompt_tokens: int = 64, trials: int = 3) -> list:
     models = {
         "RePo, kernels on": (model, "on"),
         "RePo, kernels off": (model, "off"),
-        "OLMo-2 (mlx-lm)": (kc.plain_olmo2(model), "off"),
+        "OLMo-2 (mlx-lm)": (kc.plain_twin(model), "off"),
     }
     prompt = mx.random.randint(0, model.args.vocab_size, (1, prompt_tokens), key=mx.random.key(0))
     # benchmark's timing: the first token ends the prefill, ``tokens`` more are decoded.

@@ -283,21 +283,21 @@ def check_model(device=None, fixture: Path = FIXTURE) -> List[Check]:
     return [Check(name, "pass" if ok else "fail", detail)]
 
 
-def plain_olmo2(model):
-    """mlx-lm's own OLMo-2 with the same weights minus the position module."""
-    from mlx_lm.models import olmo2
+def plain_twin(model):
+    """mlx-lm's own model of the same architecture (olmo2, llama or qwen3) with
+    the same weights minus the position module."""
+    import dataclasses
+    import importlib
 
-    from .repo_olmo2 import POSITION_WEIGHTS
+    from mlx_lm.utils import MODEL_REMAPPING
 
-    a = model.args
-    plain = olmo2.Model(olmo2.ModelArgs(
-        model_type="olmo2", hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
-        intermediate_size=a.intermediate_size, num_attention_heads=a.num_attention_heads,
-        num_key_value_heads=a.num_key_value_heads, rms_norm_eps=a.rms_norm_eps,
-        vocab_size=a.vocab_size, rope_theta=a.rope_theta, rope_scaling=a.rope_scaling,
-        max_position_embeddings=a.max_position_embeddings,
-        tie_word_embeddings=a.tie_word_embeddings,
-    ))  # fmt: skip
+    from .rope import POSITION_WEIGHTS
+
+    config = {f.name: getattr(model.args, f.name) for f in dataclasses.fields(model.args)}
+    config.pop("pe_config", None)
+    kind = MODEL_REMAPPING.get(config["model_type"], config["model_type"])
+    arch = importlib.import_module(f"mlx_lm.models.{kind}")
+    plain = arch.Model(arch.ModelArgs.from_dict(config))
     weights = tree_flatten(model.parameters())
     weights = [(k, v) for k, v in weights if k.split(".")[-2] not in POSITION_WEIGHTS]
     names = dict(weights)

@@ -24,7 +24,8 @@ from .files import atomic_file
 
 
 def positions(model: nn.Module, input_ids) -> Dict[int, mx.array]:
-    """The positions z [B, heads, N] (float32) that every RePo layer assigns."""
+    """The positions z [B, heads, N] (float32) that every RePo layer assigns
+    (per key/value head in a grouped-query model)."""
     ids = mx.array(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
@@ -34,7 +35,9 @@ def positions(model: nn.Module, input_ids) -> Dict[int, mx.array]:
     last = max(model.args.repo_layers, default=-1)
     for i, layer in enumerate(model.layers[: last + 1]):
         if layer.self_attn.repo:
-            out[i] = layer.self_attn.positions(h)
+            # The module reads what feeds q/k/v: the normed input in pre-norm blocks.
+            x = layer.input_layernorm(h) if hasattr(layer, "input_layernorm") else h
+            out[i] = layer.self_attn.positions(x)
         h = layer(h, mask)
     mx.eval(out)
     return out
@@ -85,7 +88,7 @@ def select(z: Dict[int, np.ndarray], layer: str, head: str) -> Dict[int, Dict[in
     """{layer: {head: positions [N]}} for the chosen layer(s) and head(s) of batch row 0."""
     layers = sorted(z)
     if not layers:
-        raise LoadError("This model has no RePo layers (plain OLMo-2): nothing to show.")
+        raise LoadError("This model has no RePo layers (a plain model): nothing to show.")
     if layer != "all":
         if not layer.lstrip("-").isdigit() or int(layer) not in z:
             raise LoadError(

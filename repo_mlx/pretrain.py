@@ -33,13 +33,14 @@ from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
 from . import _cli, adapters, pretrain_data
 from .files import atomic_file, atomic_folder, remove_stale
-from .convert.export_hf import export_hf
+from .convert.export_hf import check_exportable, export_hf
 from .errors import LoadError, one_line
 from .positions import positions, summary
 from .trainer import Trainer, train as train_loop
-from .repo_olmo2 import POSITION_WEIGHTS, Model, ModelArgs, pe_config, repo_layer_ids
-from .utils import (DTYPES, check_weight_files, get_model_path, load_config, safetensors_header,
-                    save_standalone, set_position_blend, yarn_scaling)
+from .rope import POSITION_WEIGHTS, pe_config, repo_layer_ids
+from .utils import (DTYPES, architecture_name, check_weight_files, get_model_path, load_config,
+                    model_file, safetensors_header, save_standalone, set_position_blend,
+                    yarn_scaling)
 
 TRAIN_ONLY = ("all", "position", "position+lora")
 DEFAULTS = {
@@ -72,14 +73,21 @@ rprint = partial(cli_ui.rprint, flush=True)  # rank 0 only; progress shows at on
 # --- the position module ----------------------------------------------------
 
 
-def init_position_weights(args: ModelArgs, seed: int) -> Dict[str, mx.array]:
+def default_start_layer(num_layers: int) -> int:
+    """The release's 5 of 16 at any depth: RePo from layer round(n * 5 / 16) on
+    (halves rounded up), the upper two thirds."""
+    return (5 * num_layers + 8) // 16
+
+
+def init_position_weights(args, seed: int) -> Dict[str, mx.array]:
     """New gate_map/content_map/final_map weights (HF names) for every RePo layer.
 
     The official trainer's init (init_fn normal, init_std 0.02, init_cutoff_factor 3):
-    a normal of std 0.02 truncated at +-3 std, so z starts near 0.
+    a normal of std 0.02 truncated at +-3 std, so z starts near 0. final_map gives
+    one position per key/value head (per head without grouped-query attention).
     """
-    d, heads = args.hidden_size, args.num_attention_heads
-    shapes = {"gate_map": (d // 8, d), "content_map": (d // 8, d), "final_map": (heads, d // 8)}
+    d, kv = args.hidden_size, args.num_key_value_heads
+    shapes = {"gate_map": (d // 8, d), "content_map": (d // 8, d), "final_map": (kv, d // 8)}
     key = mx.random.key(seed)
     out = {}
     for i in args.repo_layers:
@@ -90,7 +98,7 @@ def init_position_weights(args: ModelArgs, seed: int) -> Dict[str, mx.array]:
     return out
 
 
-def _inserting(seed: int):
+def _inserting(seed: int, Model):
     """The model class whose loading adds a freshly initialised position module."""
 
     class InsertedRePo(Model):
@@ -114,6 +122,9 @@ def prepare_model(args, log=rprint):
     src = get_model_path(args.model)
     config = load_config(src)
     check_weight_files(src)
+    arch, name = model_file(config), architecture_name(config)
+    if args.export_hf:
+        check_exportable(config)
     n = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
@@ -142,10 +153,10 @@ def prepare_model(args, log=rprint):
     ids = _layer_ids(args.repo_layer_ids)
     if getattr(args, "plain", False):
         if existing:
-            raise LoadError(f"--plain continues a plain OLMo-2, but {args.model} is a RePo model (RePo layers {existing}).")
+            raise LoadError(f"--plain continues a plain {name}, but {args.model} is a RePo model (RePo layers {existing}).")
         if args.repo_start_layer is not None or ids or args.position_warmup or args.train_only != "all":
             raise LoadError("--plain trains every weight of a plain model; drop --repo-start-layer, --repo-layer-ids, --position-warmup and --train-only.")
-        classes, new_layers = (Model, ModelArgs), []
+        classes, new_layers = (arch.Model, arch.ModelArgs), []
     elif existing:
         pe = config["pe_config"]
         if args.repo_start_layer is not None or ids:
@@ -156,16 +167,16 @@ def prepare_model(args, log=rprint):
                 raise LoadError(
                     f"{args.model} is already a RePo model with RePo layers {existing}; "
                     f"--repo-start-layer/--repo-layer-ids ask for {wanted}. Drop them to "
-                    "continue training its module, or start from a plain OLMo-2."
+                    f"continue training its module, or start from a plain {name}."
                 )
-        classes, new_layers = (Model, ModelArgs), []
+        classes, new_layers = (arch.Model, arch.ModelArgs), []
     else:
-        start = 5 if args.repo_start_layer is None else args.repo_start_layer
+        start = default_start_layer(n) if args.repo_start_layer is None else args.repo_start_layer
         if not 0 <= start < n:
             raise LoadError(
                 f"--repo-start-layer {start} is beyond the base's {n} layers (0..{n - 1})."
             )
-        if kv != heads:
+        if kv != heads and config["model_type"] == "olmo2":
             raise LoadError(
                 f"{args.model} uses grouped-query attention ({kv} key/value heads for "
                 f"{heads} query heads); RePo rotates head h's keys by query head h's "
@@ -179,7 +190,7 @@ def prepare_model(args, log=rprint):
         if not new_layers:
             raise LoadError(f"--repo-layer-ids {ids} has no layer >= --repo-start-layer {start}.")
         overrides["pe_config"] = pe
-        classes = (_inserting(args.seed), ModelArgs)
+        classes = (_inserting(args.seed, arch.Model), arch.ModelArgs)
     try:
         model, config = _mlx_lm_load_model(
             src, lazy=True, model_config=overrides, get_model_classes=lambda config: classes
@@ -193,7 +204,7 @@ def prepare_model(args, log=rprint):
     if tokenizer.eos_token_id is None:
         raise LoadError(f"The tokenizer in {src} has no EOS token to separate documents.")
     if getattr(args, "plain", False):
-        log("Plain OLMo-2: continuing without a position module (the RoPE control)")
+        log(f"Plain {name}: continuing without a position module (the RoPE control)")
     elif new_layers:
         log(f"Inserted the position module into layers {new_layers} (truncated normal, std 0.02)")
     else:
@@ -257,12 +268,15 @@ def build_optimizer(args):
 
 def count_parameters(config: dict, train_only: str, lora_rank: int = 8) -> Dict[str, int]:
     """Total and trainable parameter counts from a config (RePo layers included)."""
-    a = ModelArgs.from_dict(config)
+    a = model_file(config).ModelArgs.from_dict(config)
     d, f, v, h = a.hidden_size, a.intermediate_size, a.vocab_size, a.num_attention_heads
     hd = a.head_dim or d // h
     q, kv = h * hd, a.num_key_value_heads * hd
-    layer = d * q + 2 * d * kv + q * d + q + kv + 3 * d * f + 2 * d
-    position = 2 * d * (d // 8) + (d // 8) * h
+    # q/k norms: OLMo-2's span the projections, Qwen3's one head; Llama has none.
+    qk_norms = {"olmo2": q + kv, "qwen3": 2 * hd}.get(a.model_type, 0)
+    biases = (q + 2 * kv + d if a.attention_bias else 0) + (2 * f + d if getattr(a, "mlp_bias", False) else 0)
+    layer = d * q + 2 * d * kv + q * d + qk_norms + biases + 3 * d * f + 2 * d
+    position = 2 * d * (d // 8) + (d // 8) * a.num_key_value_heads
     n_repo = len(a.repo_layers)
     total = v * d * (1 if a.tie_word_embeddings else 2) + d + a.num_hidden_layers * layer + n_repo * position
     lora = a.num_hidden_layers * lora_rank * (
@@ -282,7 +296,7 @@ def estimate_memory(config: dict, s) -> Dict[str, float]:
     the attention matrices (MLX's attention backward materialises them), and
     the logits in float32 for the loss.
     """
-    a = ModelArgs.from_dict(config)
+    a = model_file(config).ModelArgs.from_dict(config)
     n = count_parameters(config, s.train_only, s.lora_rank)
     b = 4 if s.dtype == "float32" else 2
     q = config.get("quantization") or {}
@@ -302,7 +316,7 @@ def estimate_memory(config: dict, s) -> Dict[str, float]:
     qd, kvd = h * hd, a.num_key_value_heads * hd
     T = s.batch_size * s.seq_len
     per_token = b * (6 * d + 5 * qd + 4 * kvd + 4 * f) + 4 * (h * hd)  # + float32 cos/sin
-    repo_extra = b * 3 * (d // 8) + 4 * h
+    repo_extra = b * 3 * (d // 8) + 4 * a.num_key_value_heads
     attention = s.batch_size * 2 * h * s.seq_len ** 2 * 4
     layer = T * per_token + attention
     n_repo = len(a.repo_layers)
@@ -602,12 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cli.ArgumentParser(
         prog="python -m repo_mlx.pretrain",
         description="Continual pre-training into RePo: add the position module to a plain "
-        "OLMo-2 (or continue a RePo model) and train on packed text with the paper's recipe. "
+        "OLMo-2, Llama or Qwen3 (or continue a RePo model) and train on packed text with the paper's recipe. "
         "Every default is the official run's; -c config.yaml sets any option, a flag "
         "given here overrides it. Under mlx.launch the same command is data-parallel.",
     )
     a = p.add_argument
-    a("--model", help="BASE: plain OLMo-2 or RePo model, Hugging Face folder or Hub id, or an MLX float folder.")
+    a("--model", help="BASE: plain OLMo-2, Llama, Mistral or Qwen3, or a RePo model, Hugging Face folder or Hub id, or an MLX float folder.")
     a("--data", help="Training text: a .txt file (one document), a .jsonl file (one document per line, in --text-feature), a .parquet file (needs the data extra), a folder of such files, or a Hub dataset id (needs the data extra).")
     a("--val-data", help="Validation text, same forms as --data (default: hold out --val-share of --data).")
     a("--val-share", type=_cli.float_range(0, 1, hi_open=True), help="Share of the packed --data sequences held out for validation when there is no --val-data (default: 0.01, at least one sequence).")
@@ -618,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--force", action="store_true", default=None, help="Replace an existing OUT.")
     a("--resume", metavar="OUT", help="Continue the run in OUT from its newest checkpoint, exactly as if uninterrupted (its settings are reused; flags given here override them).")
     a("-c", "--config", help="YAML file of options (names with underscores, e.g. seq_len: 2048).")
-    a("--repo-start-layer", type=_cli.non_negative_int, help="Plain BASE: layers with index >= N get the position module (default: 5, as the release).")
+    a("--repo-start-layer", type=_cli.non_negative_int, help="Plain BASE: layers with index >= N get the position module (default: round(5/16 of the layers), the release's 5 of 16).")
     a("--repo-layer-ids", help="Plain BASE: comma-separated layers that may get the module (with the start-layer rule; default: all).")
     a("--plain", action="store_true", default=None, help="Continue a plain OLMo-2 as plain RoPE, without the position module: the same-recipe control the paper compares RePo against.")
     a("--position-warmup", type=_cli.non_negative_int, help="Blend positions from integers (so step 0 is the base model) to learned over K steps (default: 0, the paper's cold start; docs/pretrain.md measures both).")

@@ -7,7 +7,7 @@
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,10 +27,6 @@ except ImportError:  # a converted folder run by stock mlx-lm: use the copy besi
     )
     rope = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(rope)
-
-POSITION_MODES = ("swigluex_multihead",)
-POSITION_WEIGHTS = ("gate_map", "content_map", "final_map")
-
 
 @dataclass
 class ModelArgs(BaseModelArgs):
@@ -55,7 +51,7 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        self.repo_layers = repo_layer_ids(self.pe_config, self.num_hidden_layers)
+        self.repo_layers = rope.repo_layer_ids(self.pe_config, self.num_hidden_layers)
         if self.repo_layers and self.num_key_value_heads != self.num_attention_heads:
             raise ValueError(
                 "RePo needs num_key_value_heads == num_attention_heads (keys of head h "
@@ -90,7 +86,7 @@ class Attention(nn.Module):
             self.final_map = nn.Linear(d_p, n_heads, bias=False)
             self.position_blend = args.position_blend
             # Built once; private, so not a parameter.
-            self._inv_freq, self._attention_factor = rope_parameters(
+            self._inv_freq, self._attention_factor = rope.rope_parameters(
                 head_dim, args.rope_theta, args.rope_scaling
             )
         else:
@@ -211,102 +207,9 @@ class Model(nn.Module):
 
     def sanitize(self, weights):
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        # Stock loaders silently drop or ignore these weights; never load a
-        # checkpoint whose position modules disagree with its config.
-        found = {
-            int(k.split(".")[2])
-            for k in weights
-            if k.startswith("model.layers.") and k.split(".")[4] in POSITION_WEIGHTS
-        }
-        expected = set(self.args.repo_layers)
-        if extra := sorted(found - expected):
-            raise ValueError(
-                f"Layers {extra} have RePo position weights (gate_map/content_map/"
-                "final_map) but pe_config does not make them RePo layers; "
-                "fix pe_config or use the matching checkpoint."
-            )
-        for i in sorted(expected):
-            for name in POSITION_WEIGHTS:
-                key = f"model.layers.{i}.self_attn.{name}.weight"
-                if key not in weights:
-                    raise ValueError(
-                        f"pe_config makes layer {i} a RePo layer but the checkpoint "
-                        f"has no {key}; the weights are incomplete or the config is wrong."
-                    )
+        rope.check_position_weights(weights, self.args.repo_layers)
         return weights
 
     @property
     def layers(self):
         return self.model.layers
-
-
-# ------------------------------------------------------------ config parsing
-def rope_parameters(
-    head_dim: int, base: float, rope_scaling: Optional[dict]
-) -> Tuple[mx.array, float]:
-    """Inverse frequencies and cos/sin factor for a config's ``rope_scaling``."""
-    kind = (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type")
-    if kind in (None, "default"):
-        return rope.inv_frequencies(head_dim, base), 1.0
-    if kind == "yarn":
-        keys = ("original_max_position_embeddings", "beta_fast", "beta_slow")
-        extra = {k: rope_scaling[k] for k in keys if rope_scaling.get(k) is not None}
-        return rope.yarn_parameters(head_dim, base, rope_scaling["factor"], **extra)
-    raise ValueError(
-        f"rope_scaling type {kind!r} is not supported for RePo layers; "
-        "use 'yarn' (as the paper did) or none."
-    )
-
-
-def _pe_setting(pe_config: dict, name: str):
-    # The official code reads only the misspelled key; its converter writes both.
-    wrong, right = pe_config.get("dynmaic_" + name), pe_config.get("dynamic_" + name)
-    if wrong is not None and right is not None and wrong != right:
-        raise ValueError(
-            f"pe_config disagrees with itself: dynmaic_{name}={wrong!r} but "
-            f"dynamic_{name}={right!r}; make both spellings equal."
-        )
-    return wrong if wrong is not None else right
-
-
-def pe_config(start_layer: int = 1, layer_ids: str = "", mode="swigluex_multihead") -> dict:
-    """A ``pe_config`` as the official converter writes it (both spellings of each key)."""
-    return {
-        "dynamic_pe_mode": mode,
-        "dynamic_pe_start_layer": start_layer,
-        "dynmaic_pe_start_layer": start_layer,
-        "dynamic_pe_layer_ids": layer_ids,
-        "dynmaic_pe_layer_ids": layer_ids,
-        "dynamic_pe_init_pdrop": 1.0,
-        "dynamic_pe_dropout_anneal_step": 0,
-        "model_type": "",
-    }
-
-
-def repo_layer_ids(pe_config: Optional[dict], num_layers: int) -> List[int]:
-    """The layers that assign their own positions, from a HF ``pe_config``."""
-    if not pe_config:
-        return []
-    mode = pe_config.get("dynamic_pe_mode")
-    if mode in (None, "", "none"):
-        return []
-    if mode not in POSITION_MODES:
-        raise ValueError(
-            f"pe_config dynamic_pe_mode {mode!r} is not supported; "
-            f"supported: {', '.join(POSITION_MODES)} (or 'none' for plain OLMo-2)."
-        )
-    start = int(_pe_setting(pe_config, "pe_start_layer") or 0)
-    ids = _pe_setting(pe_config, "pe_layer_ids") or ""
-    if isinstance(ids, str):
-        try:
-            ids = [int(i) for i in ids.split(",") if i.strip()]
-        except ValueError:
-            raise ValueError(
-                f"pe_config layer ids {ids!r} must be comma-separated integers."
-            ) from None
-    bad = [i for i in ids if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(
-            f"pe_config names layers {bad} but the model has {num_layers} layers."
-        )
-    return [i for i in (ids or range(num_layers)) if i >= start]

@@ -399,7 +399,7 @@ def rope_parameters(
     )
 
 
-def _pe_setting(pe_config: dict, name: str):
+def pe_setting(pe_config: dict, name: str):
     # The official code reads only the misspelled key; its converter writes both.
     wrong, right = pe_config.get("dynmaic_" + name), pe_config.get("dynamic_" + name)
     if wrong is not None and right is not None and wrong != right:
@@ -408,6 +408,20 @@ def _pe_setting(pe_config: dict, name: str):
             f"dynamic_{name}={right!r}; make both spellings equal."
         )
     return wrong if wrong is not None else right
+
+
+def pe_config(start_layer: int = 1, layer_ids: str = "", mode="swigluex_multihead") -> dict:
+    """A ``pe_config`` as the official converter writes it (both spellings of each key)."""
+    return {
+        "dynamic_pe_mode": mode,
+        "dynamic_pe_start_layer": start_layer,
+        "dynmaic_pe_start_layer": start_layer,
+        "dynamic_pe_layer_ids": layer_ids,
+        "dynmaic_pe_layer_ids": layer_ids,
+        "dynamic_pe_init_pdrop": 1.0,
+        "dynamic_pe_dropout_anneal_step": 0,
+        "model_type": "",
+    }
 
 
 def repo_layer_ids(pe_config: Optional[dict], num_layers: int) -> List[int]:
@@ -420,8 +434,8 @@ def repo_layer_ids(pe_config: Optional[dict], num_layers: int) -> List[int]:
             f"pe_config dynamic_pe_mode {mode!r} is not supported; "
             f"supported: {', '.join(POSITION_MODES)} (or 'none' for the plain model)."
         )
-    start = int(_pe_setting(pe_config, "pe_start_layer") or 0)
-    ids = _pe_setting(pe_config, "pe_layer_ids") or ""
+    start = int(pe_setting(pe_config, "pe_start_layer") or 0)
+    ids = pe_setting(pe_config, "pe_layer_ids") or ""
     if isinstance(ids, str):
         try:
             ids = [int(i) for i in ids.split(",") if i.strip()]

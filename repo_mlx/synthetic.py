@@ -11,7 +11,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .repo_olmo2 import pe_config
+from .rope import pe_config
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -14,9 +14,8 @@ from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer as _mlx_lm_load_tokenizer
 from mlx_lm.utils import save
 
-from . import _cli, repo_olmo2, rope
+from . import _cli, repo_llama, repo_olmo2, rope
 from .errors import LoadError, one_line
-from .repo_olmo2 import Model, ModelArgs
 from .adapters import load_adapters
 
 DEFAULT_MODEL = "SakanaAI/RePo-OLMo2-1B-stage2-L5"
@@ -24,8 +23,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 DOWNLOAD_PATTERNS = ["*.json", "model*.safetensors", "*.py", "*.txt", "*.jinja"]
 # Any one of these is a tokenizer transformers can read without remote code.
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
-# The model file a saved folder carries and names in config.json's model_file.
-MODEL_FILE = "repo_olmo2.py"
+# The RePo model file of each model_type; a saved folder carries it and names it
+# in config.json's model_file.
+ARCHITECTURES = {"olmo2": repo_olmo2, **{t: repo_llama for t in repo_llama.MODEL_TYPES}}
+ARCHITECTURE_NAMES = {"olmo2": "OLMo-2", "llama": "Llama", "mistral": "Mistral", "qwen3": "Qwen3"}
+
+
+def model_file(config: dict):
+    """The module (repo_olmo2 or repo_llama) that builds ``config``'s architecture."""
+    return ARCHITECTURES[config["model_type"]]
+
+
+def architecture_name(model_or_config) -> str:
+    """'OLMo-2', 'Llama', 'Mistral' or 'Qwen3', for messages."""
+    args = getattr(model_or_config, "args", None)
+    kind = args.model_type if args is not None else model_or_config.get("model_type")
+    return ARCHITECTURE_NAMES.get(kind, str(kind))
 
 
 def is_hub_id(name: str) -> bool:
@@ -121,10 +134,10 @@ def load_config(path: Path) -> Dict[str, Any]:
         raise LoadError(f"{path} has no config.json; is it a model folder?") from None
     except json.JSONDecodeError as e:
         raise LoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    if config.get("model_type") != "olmo2":
+    if config.get("model_type") not in ARCHITECTURES:
         raise LoadError(
-            f"{path} holds a {config.get('model_type')!r} model; repo_mlx runs "
-            "RePo-OLMo2 (model_type 'olmo2') checkpoints."
+            f"{path} holds a {config.get('model_type')!r} model; repo_mlx runs RePo models "
+            f"of model_type {', '.join(map(repr, ARCHITECTURES))}."
         )
     return config
 
@@ -141,7 +154,7 @@ def load_model(
     blend = (model_config or {}).get("position_blend", 0.0)
     if not 0.0 <= blend <= 1.0:
         raise LoadError(f"position_blend must be in [0, 1], got {blend}.")
-    load_config(path)
+    arch = model_file(load_config(path))
     check_weight_files(path)
     # A converted folder names its own copy of the model file; use ours instead.
     overrides = {**(model_config or {}), "model_file": None}
@@ -150,7 +163,7 @@ def load_model(
             path,
             lazy=True,
             model_config=overrides,
-            get_model_classes=lambda config: (Model, ModelArgs),
+            get_model_classes=lambda config: (arch.Model, arch.ModelArgs),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise LoadError(f"Cannot load {path}: {one_line(e)}") from None
@@ -158,7 +171,8 @@ def load_model(
     if not model.args.repo_layers:
         # Same text for the same folder: Python's warning filter shows it once.
         warnings.warn(
-            f"{path} is plain OLMo-2, not RePo: its config has no RePo layers (pe_config), "
+            f"{path} is plain {architecture_name(model)}, not RePo: its config has no RePo "
+            "layers (pe_config), "
             "so every layer uses token-index positions."
         )
     if dtype is not None:
@@ -198,10 +212,11 @@ def save_standalone(folder: Path, src: Path, model, tokenizer, config: dict, don
     """mlx-lm's ``save`` plus the model file, named in config, so stock mlx-lm
     loads the folder without repo_mlx (and, on a Mac, with the Metal kernels:
     repo_rope.py looks for metal/ beside it)."""
-    config["model_file"] = MODEL_FILE
+    arch = model_file(config)
+    config["model_file"] = Path(arch.__file__).name
     save(folder, src, model, tokenizer, config, donate_model=donate_model)
     files = {
-        MODEL_FILE: repo_olmo2.__file__,
+        config["model_file"]: arch.__file__,
         "repo_rope.py": rope.__file__,
         "metal/rope.metal": rope.metal_source_path(),
     }

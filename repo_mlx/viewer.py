@@ -35,7 +35,7 @@ from .errors import LoadError, one_line
 from .files import atomic_file
 from .http_checks import RequestError
 from .positions import inlier_range, outliers, positions, select, summary, token_texts
-from .utils import add_model_flags, context_length, load_from_args, warn_if_too_long
+from .utils import add_model_flags, architecture_name, context_length, load_from_args, warn_if_too_long
 
 PAGE = Path(__file__).with_name("viewer.html")
 
@@ -256,7 +256,7 @@ def main(argv=None) -> None:
         print(f"loading {args.model}", file=sys.stderr, flush=True)
         model, tokenizer = load_from_args(args)
         if not model.args.repo_layers:
-            raise LoadError(f"{args.model} has no RePo layers (plain OLMo-2): there are no positions to show.")
+            raise LoadError(f"{args.model} has no RePo layers (plain {architecture_name(model)}): there are no positions to show.")
         limit = args.max_tokens or context_length(model) or 4096
         warn_if_too_long(model, limit)
 

@@ -228,7 +228,7 @@ def test_model_card(converted, fixture_path):
 
 
 def test_model_card_names_hub_source_and_license():
-    card = conv.model_card("me/repo-1b-4bit", "SakanaAI/RePo-OLMo2-1B", {"torch_dtype": "bfloat16"}, "apache-2.0")
+    card = conv.model_card("me/repo-1b-4bit", "SakanaAI/RePo-OLMo2-1B", {"torch_dtype": "bfloat16", "model_type": "olmo2", "model_file": "repo_olmo2.py"}, "apache-2.0")
     assert "base_model: SakanaAI/RePo-OLMo2-1B\n" in card and "license: apache-2.0\n" in card
     assert "[SakanaAI/RePo-OLMo2-1B](https://huggingface.co/SakanaAI/RePo-OLMo2-1B)" in card
     assert "bfloat16 weights, not quantized" in card

@@ -13,7 +13,7 @@ from mlx_lm.models import olmo2
 
 import repo_mlx
 from repo_mlx import synthetic
-from repo_mlx.repo_olmo2 import repo_layer_ids
+from repo_mlx.rope import repo_layer_ids
 from repo_mlx import LoadError
 
 
@@ -144,9 +144,9 @@ def test_missing_config(copy_of):
         repo_mlx.load(str(path))
 
 
-def test_not_olmo2(copy_of):
-    with pytest.raises(LoadError, match="'llama' model"):
-        repo_mlx.load(str(copy_of(model_type="llama")))
+def test_unsupported_architecture(copy_of):
+    with pytest.raises(LoadError, match="'gemma3' model; repo_mlx runs RePo models of model_type 'olmo2', 'llama'"):
+        repo_mlx.load(str(copy_of(model_type="gemma3")))
 
 
 def test_missing_weights(copy_of):

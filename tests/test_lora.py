@@ -22,7 +22,7 @@ import repo_mlx
 from repo_mlx import tuner
 from repo_mlx.adapters import setup_trainable
 from repo_mlx.convert import convert
-from repo_mlx.repo_olmo2 import POSITION_WEIGHTS
+from repo_mlx.rope import POSITION_WEIGHTS
 from repo_mlx import LoadError
 
 # (fine-tune type, position module, 4-bit base?)

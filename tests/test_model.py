@@ -76,7 +76,7 @@ def test_batch_equals_rows_alone(tiny, reference):
         assert rel_err(both[row], model(ids[row : row + 1])[0]) < 1e-5
 
 
-plain_olmo2 = kc.plain_olmo2
+plain_twin = kc.plain_twin
 
 # Operations (views not counted) of one decode step of a layer of the fixture,
 # built on the CPU (the pure rotation path). Before the leaner rotation and the
@@ -97,7 +97,7 @@ def test_decode_step_operation_count_does_not_grow(tiny):
 def test_position_blend_one_is_plain_rope(fixture_path, reference):
     model, _ = repo_mlx.load(str(fixture_path), model_config={"position_blend": 1.0})
     ids = mx.array(reference["input_ids"])
-    plain = plain_olmo2(model)
+    plain = plain_twin(model)
     assert rel_err(model(ids), plain(ids)) < 1e-5
     # ... and differs clearly from the learned positions.
     assert rel_err(model(ids), reference["logits"]) > 0.05
@@ -197,5 +197,5 @@ def test_rotating_kv_cache(fixture_path, tiny, reference):
     # Wrapped, with integer positions: the same tokens as mlx-lm's OLMo-2 with its rotating cache.
     rope, _ = repo_mlx.load(str(fixture_path), model_config={"position_blend": 1.0})
     wrapped = greedy(rope, prompt, 16, max_kv_size=28)
-    assert wrapped == greedy(plain_olmo2(rope), prompt, 16, max_kv_size=28)
+    assert wrapped == greedy(plain_twin(rope), prompt, 16, max_kv_size=28)
     assert wrapped != greedy(rope, prompt, 16)  # the window changed what the model saw

@@ -19,7 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from repo_mlx import repo_llama, rope
-from repo_mlx.repo_olmo2 import pe_config
+from repo_mlx.rope import pe_config
 
 # 6 query heads on 2 KV heads, Llama 3.1 frequency scaling (its smooth band hits
 # head_dim 16 with this short context), untied lm_head.
@@ -284,26 +284,3 @@ def test_stock_mlx_lm_loads_a_folder_carrying_the_files(arch, tmp_path):
     ]
     want = np.array(model(IDS[:1, :6]))
     assert np.abs(np.load(tmp_path / "logits.npy") - want).max() <= 1e-5 * np.abs(want).max()
-
-
-def test_shared_config_rules_agree_with_repo_olmo2():
-    """rope.py's layer ids and frequencies are repo_olmo2's rules (which should
-    import them from there once the loader serves these architectures)."""
-    from repo_mlx import repo_olmo2
-
-    configs = [None, {}, pe_config(5), pe_config(0, "1, 3,5"), pe_config(2, "0,1,3"),
-               {"dynamic_pe_mode": "swigluex_multihead", "dynamic_pe_start_layer": 4},
-               {"dynamic_pe_mode": "swigluex_multihead", "dynmaic_pe_start_layer": 4},
-               {**pe_config(3), "dynamic_pe_start_layer": 2}, pe_config(0, "2,x"),
-               pe_config(0, "9"), pe_config(mode="none"), pe_config(mode="nope")]  # fmt: skip
-    for config in configs:
-        outcomes = []
-        for rules in (rope, repo_olmo2):
-            try:
-                outcomes.append(rules.repo_layer_ids(config, 8))
-            except ValueError as e:
-                outcomes.append(str(e).split(";")[0])
-        assert outcomes[0] == outcomes[1], (config, outcomes)
-    for scaling in (None, {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16}):
-        (a, fa), (b, fb) = (r.rope_parameters(64, 5e5, scaling) for r in (rope, repo_olmo2))
-        assert fa == fb and mx.array_equal(a, b)
