@@ -136,8 +136,8 @@ def make_data(cfg, out):
     names = list(plays)
     heldout = names[::12]  # every 12th play, so held-out text is never trained on
     train = [n for n in names if n not in heldout]
-    if cfg.text_share < 1:  # smoke size: a slice of each play
-        plays = {n: t[: int(len(t) * cfg.text_share)] for n, t in plays.items()}
+    if cfg.text_share < 1:  # smoke size: a slice of each training play
+        plays.update({n: plays[n][: int(len(plays[n]) * cfg.text_share)] for n in train})
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     task_names = cfg.tasks.split(",")
@@ -333,6 +333,19 @@ def build_table(cfg, evals, seeds):
     return "\n".join(lines), rows
 
 
+def position_table(positions, seeds, seq_len):
+    """Per RePo layer, head means over every seed: spread (IQR), range, share of increasing steps."""
+    lines = ["| text | layer | IQR | min .. max | increasing |", "|---|---|---|---|---|",
+             f"| any (base, integer positions) | all | {(seq_len - 1) / 2:.1f} | 0 .. {seq_len - 1} | 100% |"]
+    for what in ("text", "niah_single"):
+        for layer in positions[f"repo-{seeds[0]}"][what]:
+            heads = [h for s in seeds for h in positions[f"repo-{s}"][what][layer]]
+            m = {k: float(np.mean([h[k] for h in heads])) for k in heads[0]}
+            lines.append(f"| {'held-out Shakespeare' if what == 'text' else 'a niah_single item'} | {layer} | "
+                         f"{m['iqr']:.2f} | {m['min']:.2f} .. {m['max']:.2f} | {100 * m['increasing']:.0f}% |")
+    return "\n".join(lines)
+
+
 def read_metrics(run):
     f = run / "metrics.jsonl"
     return [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.exists() else []
@@ -520,6 +533,11 @@ def main(argv=None):
             ["stage1"] + [f"{a}-{s}" for s in seeds for a in ("rope", "repo")]},
     }
     (report / "results.json").write_text(json.dumps(summary, indent=1))
+    def val(arm):
+        names = ["stage1"] if arm == "stage1" else [f"{arm}-{s}" for s in seeds]
+        v = [summary["final_losses"][n][0]["val_loss"] for n in names if summary["final_losses"][n]]
+        return f"{np.mean(v):.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
+
     tokens1 = cfg.stage1_iters * cfg.batch_size * cfg.seq_len
     tokens2 = cfg.arm_iters * cfg.batch_size * cfg.seq_len
     md = [
@@ -529,7 +547,13 @@ def main(argv=None):
         f"Arms: {tokens2:,} more tokens each, seeds {cfg.seeds}; RePo layers >= {cfg.repo_start_layer}. "
         f"{cfg.samples} items per task and setting; mean ± sd over seeds. 'beyond the seed spread': every seed "
         "of one arm beats every seed of the other.", "", table, "",
-        "![losses](loss.png)", "", "![positions](positions.png)", "",
+        "Validation loss on held-out Shakespeare at the end (mean ± sd over seeds): stage 1 "
+        f"{val('stage1')}, RoPE arm {val('rope')}, RePo arm {val('repo')}.", "",
+        "![losses](loss.png)", "",
+        f"Positions the RePo arm assigns ({cfg.seq_len} tokens; head means, all seeds):", "",
+        position_table(positions, seeds, cfg.seq_len), "", "![positions](positions.png)", "",
+        f"Wall time of the stages (s): {json.dumps(timing)}; BLAS preloaded: "
+        f"{', '.join(summary['ld_preload']) or 'no'}.", "",
     ]
     (report / "report.md").write_text("\n".join(md))
     log(f"done: {report / 'report.md'}")
