@@ -19,7 +19,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .errors import LoadError, one_line
-from .utils import is_hub_id
+from .utils import check_hub_reachable, is_hub_id
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 CACHE_VERSION = 1
@@ -95,6 +95,7 @@ def _hub_dataset(name: str, split: str, key: str):
     # Their retry warnings would bury the one-line error below.
     hub_logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
+    check_hub_reachable(f"--data {name}")
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:

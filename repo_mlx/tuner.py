@@ -25,7 +25,7 @@ from .adapters import check_names
 from .errors import LoadError, one_line
 from .files import atomic_file
 from .trainer import Trainer, derived_seed
-from .utils import is_hub_id
+from .utils import check_hub_reachable, is_hub_id
 from .trainer import train as train_loop
 
 MASTER = "master/"  # state-file prefix of the float32 master weights
@@ -152,6 +152,7 @@ def load_data(args, tokenizer) -> Tuple[List[Example], List[Example], List[Examp
         raise LoadError(f"Data folder {args.data} does not exist.")
     from mlx_lm.tuner.datasets import load_dataset
 
+    check_hub_reachable(f"--data {args.data}")
     try:
         splits = load_dataset(args, tokenizer)
     except Exception as e:

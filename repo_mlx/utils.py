@@ -46,12 +46,39 @@ def is_hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)) is not None
 
 
+def check_hub_reachable(what: str, timeout: float = 3.0) -> None:
+    """Fail at once, in one line, when the Hub cannot be reached: offline,
+    huggingface_hub and datasets retry for half a minute before their error.
+
+    With HF_HUB_OFFLINE set the libraries use their cache and fail fast themselves.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise LoadError(
+            f"{what} needs the Hugging Face Hub, which cannot be reached at {url.hostname} "
+            f"({e.strerror or e or 'timed out'}). Connect and retry, or set HF_HUB_OFFLINE=1 "
+            "to use what is already cached."
+        ) from None
+
+
 def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
     """A local folder as is; otherwise a Hub id, downloaded on first use."""
     path = Path(path_or_hf_repo).expanduser()
     if path.exists():
         if not path.is_dir():
+            if _is_gguf(path):
+                raise LoadError(GGUF_HELP.format(path=path))
             raise LoadError(f"{path} is a file; --model needs a model folder or a Hub id.")
+        check_regular_files(path)
         return path
     if not is_hub_id(path_or_hf_repo):
         raise LoadError(f"Model folder {path_or_hf_repo} does not exist.")
@@ -96,8 +123,12 @@ def safetensors_header(file: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LoadError(f"{file} has a corrupt safetensors header.") from None
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if not isinstance(header, dict):
+        raise LoadError(f"{file} has a corrupt safetensors header (not a mapping).")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise LoadError(f"{file} has a corrupt safetensors header: __metadata__ is not a mapping of strings.")
+    end = max((_check_tensor_entry(file, k, t) for k, t in header.items()), default=0)
     if 8 + n + end > size:
         raise LoadError(
             f"{file} is truncated ({size} bytes, needs {8 + n + end}); "
@@ -113,8 +144,12 @@ def check_weight_files(path: Path) -> None:
     if index_file.exists():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise LoadError(f"{index_file} is not a valid safetensors index.") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and Path(f).name == f for f in weight_map.values()
+        ):
+            raise LoadError(f"{index_file}: weight_map must map tensor names to file names in the folder.")
         missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
         if missing:
             raise LoadError(
@@ -122,9 +157,124 @@ def check_weight_files(path: Path) -> None:
                 "model.safetensors.index.json; download them again."
             )
     if not files:
+        if any(path.glob("*.gguf")):
+            raise LoadError(GGUF_HELP.format(path=next(path.glob("*.gguf"))))
         raise LoadError(f"{path} has no model*.safetensors weight files.")
     for file in files:
         safetensors_header(file)
+
+
+GGUF_HELP = (
+    "{path} is a GGUF file (llama.cpp's format), which repo_mlx does not read: pass the "
+    "Hugging Face folder it was made from (config.json, model*.safetensors), or its Hub id."
+)
+# Bytes per element of each safetensors dtype.
+ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+             "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def check_regular_files(path: Path) -> None:
+    """What the loaders read must be a regular file: a FIFO blocks the read
+    forever, a folder or a symlink loop fails deep in a library."""
+    for p in path.iterdir():
+        if p.suffix in (".json", ".safetensors", ".model", ".txt", ".jinja", ".py") and not p.is_file():
+            what = ("a folder" if p.is_dir() else "a FIFO" if p.is_fifo()
+                    else "a broken or looping symlink" if p.is_symlink() else "not a regular file")
+            raise LoadError(f"{p} is {what}; the model folder needs a regular file there.")
+
+
+def _check_tensor_entry(file: Path, key: str, t) -> int:
+    """A header entry's dtype, shape and offsets agree; returns its end offset."""
+    def bad(why):
+        raise LoadError(f"{file} has a corrupt safetensors header: tensor {key!r} {why}.")
+
+    if not isinstance(t, dict):
+        bad("is not a mapping")
+    dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
+    if dtype not in ST_DTYPES:
+        bad(f"has dtype {dtype!r}, not one of {', '.join(ST_DTYPES)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        bad(f"has shape {shape!r}, not a list of sizes")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        bad(f"has data_offsets {offsets!r}, not [begin, end]")
+    count = 1
+    for d in shape:
+        count *= d
+    if offsets[1] - offsets[0] != count * ST_DTYPES[dtype]:
+        bad(f"of shape {shape} {dtype} needs {count * ST_DTYPES[dtype]} bytes, its offsets hold {offsets[1] - offsets[0]}")
+    return offsets[1]
+
+
+# config.json keys every architecture reads, with the type and range they must have
+# (mlx-lm's model arguments of OLMo-2, Llama, Mistral and Qwen3). MLX sizes are int32.
+MAX_SIZE = 2**31 - 1
+_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+_MAPPINGS = ("rope_scaling", "pe_config")
+
+
+def check_config(config: dict, where) -> None:
+    """Types and ranges of the keys the model is built from, before it is built."""
+    def bad(key, want):
+        raise LoadError(f"{where}: {key} must be {want}, got {json.dumps(config[key])[:60]}.")
+
+    def size(v):
+        return type(v) is int and 1 <= v <= MAX_SIZE
+
+    for key in _SIZES:
+        if key not in config:
+            raise LoadError(f"{where} has no {key}; is it a model's config?")
+    for key in _SIZES + _OPTIONAL_SIZES:
+        if key in config and not (size(config[key]) or (key in _OPTIONAL_SIZES and config[key] is None)):
+            bad(key, f"an integer from 1 to {MAX_SIZE}")
+    for key in _FLAGS:
+        if key in config and type(config[key]) is not bool:
+            bad(key, "true or false")
+    for key in _MAPPINGS:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            bad(key, "an object or null")
+    eps = config.get("rms_norm_eps", 1e-6)
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1):
+        bad("rms_norm_eps", "a number between 0 and 1")
+    theta = config.get("rope_theta", 10000.0)
+    if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and 1 < theta < float("inf")):
+        bad("rope_theta", "a finite number above 1")
+    factor = (config.get("rope_scaling") or {}).get("factor", 1.0)
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor < float("inf")):
+        raise LoadError(f"{where}: rope_scaling.factor must be a positive number, got {factor!r}.")
+    eos = config.get("eos_token_id")
+    ids = [eos] if type(eos) is int else eos if isinstance(eos, list) else [None] if eos is not None else []
+    if not all(type(e) is int and 0 <= e < config["vocab_size"] for e in ids):
+        bad("eos_token_id", f"a token id below vocab_size {config['vocab_size']}, a list of them, or null")
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv:
+        raise LoadError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}.")
+    if config.get("head_dim") is None and config["hidden_size"] % heads:
+        raise LoadError(f"{where}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads {heads}.")
+
+
+def check_layer_count(path: Path, config: dict) -> None:
+    """More layers than the weights hold would build (and allocate) them all first."""
+    n = config["num_hidden_layers"]
+    layers = set()
+    for file in sorted(path.glob("model*.safetensors")):
+        for key in safetensors_header(file):
+            m = re.match(r"(?:model\.)?layers\.(\d+)\.", key)
+            if m:
+                layers.add(int(m[1]))
+    if layers and n != len(layers):
+        raise LoadError(
+            f"{path / 'config.json'}: num_hidden_layers is {n}, the weights hold {len(layers)} layers."
+        )
 
 
 def load_config(path: Path) -> Dict[str, Any]:
@@ -132,13 +282,16 @@ def load_config(path: Path) -> Dict[str, Any]:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
         raise LoadError(f"{path} has no config.json; is it a model folder?") from None
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    if config.get("model_type") not in ARCHITECTURES:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path / 'config.json'} is not valid JSON: {one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{path / 'config.json'} must hold a JSON object, not {type(config).__name__}.")
+    if not isinstance(config.get("model_type"), str) or config["model_type"] not in ARCHITECTURES:
         raise LoadError(
             f"{path} holds a {config.get('model_type')!r} model; repo_mlx runs RePo models "
             f"of model_type {', '.join(map(repr, ARCHITECTURES))}."
         )
+    check_config(config, path / "config.json")
     return config
 
 
@@ -156,6 +309,7 @@ def load_model(
         raise LoadError(f"position_blend must be in [0, 1], got {blend}.")
     arch = model_file(load_config(path))
     check_weight_files(path)
+    check_layer_count(path, load_config(path))
     # A converted folder names its own copy of the model file; use ours instead.
     overrides = {**(model_config or {}), "model_file": None}
     try:
@@ -204,6 +358,7 @@ def load(
             raise LoadError(f"{adapter_path} has no adapter_config.json.")
         model = load_adapters(model, adapter_path)
         model.eval()
+    warn_if_not_finite(model, path)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
@@ -306,6 +461,19 @@ def warn_if_too_long(model: nn.Module, num_tokens: int) -> None:
             f"{limit}; output past it may degrade (see YaRN scaling in the README).",
             stacklevel=3,
         )
+
+
+def warn_if_not_finite(model: nn.Module, path) -> bool:
+    """Warn (once per folder) when the model's output on a few tokens is NaN or
+    infinite: its weights are broken, and everything it generates is noise."""
+    logits = model(mx.zeros((1, 4), dtype=mx.int32))
+    if mx.isfinite(logits).all().item():
+        return True
+    warnings.warn(
+        f"{path}: the model's output is NaN or infinite, so its text is meaningless; "
+        "its weights (or dtype: try --dtype float32) are broken."
+    )
+    return False
 
 
 def set_position_blend(model: nn.Module, blend: float) -> None:
