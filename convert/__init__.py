@@ -23,6 +23,22 @@ def keep_unquantized(path: str, module) -> bool:
     return path.split(".")[-1] not in POSITION_WEIGHTS
 
 
+def check_group_size(model, group_size: int) -> None:
+    """mlx-lm skips, silently, a layer whose width the group size does not divide."""
+    widths = sorted({
+        m.weight.shape[-1] for path, m in model.named_modules()
+        if hasattr(m, "to_quantized") and keep_unquantized(path, m)
+    })
+    bad = [w for w in widths if w % group_size]
+    if bad:
+        fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)]
+        fix = f"pick --q-group-size {' or '.join(map(str, fits))}" if fits else "no group size fits this model"
+        raise LoadError(
+            f"--q-group-size {group_size} does not divide the width {bad[0]} of this model's "
+            f"layers, which would stay float; {fix}."
+        )
+
+
 def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = None) -> str:
     """The converted folder's README.md: what RePo is and how to run it, with
     mlx-lm's front matter (mlx-lm's own card is an empty stub, and its upload
@@ -154,6 +170,7 @@ def convert(
         config["torch_dtype"] = dtype
         model.set_dtype(getattr(mx, dtype))
     if quantize:
+        check_group_size(model, q_group_size)
         print(f"[INFO] Quantizing to {q_bits} bits, group size {q_group_size}")
         model, config = quantize_model(
             model, config, q_group_size, q_bits, quant_predicate=keep_unquantized

@@ -9,7 +9,13 @@ warnings.filterwarnings(
     "ignore", r"'repo_mlx\.\w+' found in sys\.modules", RuntimeWarning, "runpy"
 )
 
-from .errors import LoadError
+from . import errors
+
+# Started as a command, Ctrl-C during the imports below exits 130 in one line
+# (no traceback); _cli.run hands SIGINT back to Python once the command runs.
+errors.quiet_interrupt_while_starting()
+
+from .errors import LoadError  # noqa: E402
 from .generate import generate, stream_generate
 from .positions import positions
 from .rope import continuous_rope, continuous_rope_qk

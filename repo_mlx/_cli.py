@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from mlx_lm.lora import yaml_loader
 
-from .errors import LoadError, one_line
+from .errors import LoadError, _interrupted, one_line
 
 
 def version() -> str:
@@ -267,6 +267,8 @@ def run(main, argv=None) -> None:
     warnings.formatwarning = lambda msg, cat, *args, **kw: f"[WARNING] {msg}\n"
     # A kill runs the same cleanup as an error: no half-written output is left.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if signal.getsignal(signal.SIGINT) is _interrupted:  # set while the command's imports ran
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main(argv)
     except LoadError as e:

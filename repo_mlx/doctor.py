@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from . import _cli, benchmark, kernel_checks as kc, rope
 from .kernel_checks import Check
+from .errors import LoadError
 from .files import atomic_file
 
 
@@ -135,6 +136,11 @@ def main(argv=None) -> None:
     from .utils import load
 
     args = build_parser().parse_args(argv)
+    if args.fixture != kc.FIXTURE and not (args.fixture / "reference.npz").is_file():
+        raise LoadError(
+            f"--fixture {args.fixture} has no reference.npz (the official outputs it is "
+            "checked against); pass the folder that holds it, or leave --fixture out."
+        )
     model = None
     if args.model is not None:  # bad input fails now, not after the checks
         model, _ = load(args.model)

@@ -18,7 +18,7 @@ from typing import Dict, List
 from . import _cli
 from .errors import LoadError, one_line
 from .evaluate import column_name, parse_blends
-from .utils import add_model_flags, load_from_args, set_position_blend
+from .utils import add_model_flags, check_hub_reachable, load_from_args, set_position_blend
 from .files import atomic_file
 
 try:
@@ -125,9 +125,13 @@ def main(argv=None) -> None:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise LoadError("--tasks names no task; give e.g. arc_easy,hellaswag.")
+    if args.log_samples and args.output_dir is None:
+        raise LoadError("--log-samples needs --output-dir: the samples are written there, not printed.")
     blends = parse_blends(args.position_blend)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    if not args.include_path:  # tasks of your own may need no Hub
+        check_hub_reachable("lm-eval's tasks' data")
     manager = load_tasks(names, args.include_path)  # before the model: fail fast
 
     model, tokenizer = load_from_args(args)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,79 @@ def test_chat_refuses_a_piped_line_that_is_not_utf8(fixture_path):
     err = r.stderr.decode()
     assert r.returncode == 2 and err.strip().splitlines()[-1].startswith("error: stdin line 2 is not UTF-8"), err
     assert "Traceback" not in err
+
+
+# --- model folders ---------------------------------------------------------------
+
+
+def test_corrupted_model_folders():
+    """bench/fuzz_models.py in small: every fifth case, each class of fault kept."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import fuzz_models
+
+    rows = fuzz_models.run_cases(fuzz_models.cases()[::5], timeout=60)
+    bad = [r for r in rows if r[1] not in ("clean", "ran")]
+    assert len(rows) >= 95 and not bad, bad
+    assert sum(r[1] == "clean" for r in rows) > 0.9 * len(rows)
+
+
+def test_gguf_and_nan_are_named(fixture_path, tmp_path, capsys):
+    import json
+
+    from repo_mlx import LoadError, load, utils
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(LoadError, match="is a GGUF file .* does not read"):
+        load(str(tmp_path / "m.gguf"))
+    model, _ = load(str(fixture_path))
+    model.model.norm.weight[:] = float("nan")
+    with pytest.warns(UserWarning, match="output is NaN or infinite"):
+        assert not utils.warn_if_not_finite(model, fixture_path)
+    config = json.loads((fixture_path / "config.json").read_text())
+    for key, value in [("rope_theta", -1), ("rms_norm_eps", float("nan")), ("num_hidden_layers", 10**18),
+                       ("pe_config", 5), ("hidden_size", True)]:
+        with pytest.raises(LoadError, match=key):
+            utils.check_config({**config, key: value}, "config.json")
+
+
+# --- Ctrl-C while a command starts ---------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["-m repo_mlx.generate", "-m repo_mlx generate", "console script"])
+def test_ctrl_c_during_imports_exits_130_quietly(entry):
+    script = Path(sys.executable).with_name("repo_mlx.generate")
+    cmd = [str(script)] if entry == "console script" else [sys.executable, *entry.split()]
+    if entry == "console script" and not script.exists():
+        pytest.skip("console scripts not installed")
+    p = subprocess.Popen([*cmd, "--model", "missing", "-p", "x"], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # well inside the imports (mlx, mlx-lm, transformers: seconds)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "interrupted\n", err
+
+
+def test_library_users_keep_keyboard_interrupt():
+    r = subprocess.run([sys.executable, "-c", "import signal, repo_mlx; print(signal.getsignal(signal.SIGINT).__name__)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "default_int_handler", r.stderr
+
+
+# --- the Hub out of reach ------------------------------------------------------------
+
+HUB_INPUTS = {  # the commands that fetch data by Hub id, with that id
+    "lora": ["--train", "--data", "owner/dataset", "--iters", "1"],
+    "pretrain": ["--data", "owner/dataset", "--iters", "1"],
+    "lm_eval": ["--tasks", "arc_easy"],
+}
+
+
+@pytest.mark.parametrize("name", HUB_INPUTS)
+def test_unreachable_hub_fails_fast(name, fixture_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(f"repo_mlx.{name}")
+    start = time.monotonic()
+    err = one_line_exit_2(module, ["--model", str(fixture_path), *HUB_INPUTS[name]], capsys)
+    assert "needs the Hugging Face Hub, which cannot be reached" in err
+    assert time.monotonic() - start < 20

@@ -8,7 +8,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from repo_mlx import doctor, kernel_checks as kc, rope
+from repo_mlx import LoadError, doctor, kernel_checks as kc, rope
 
 
 def test_doctor_off_mac_report_and_exit_status(tmp_path):
@@ -59,8 +59,13 @@ def test_doctor_bad_model_is_a_one_line_error(tmp_path):
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
-def test_doctor_without_fixture_skips_the_model(tmp_path, capsys):
-    doctor.main(["--fixture", str(tmp_path)])
+def test_doctor_without_fixture_skips_the_model(tmp_path, monkeypatch, capsys):
+    # A --fixture without the official outputs is a mistake, refused before any check.
+    with pytest.raises(LoadError, match="has no reference.npz"):
+        doctor.main(["--fixture", str(tmp_path)])
+    # An install that lost its packaged fixture still runs the other checks.
+    monkeypatch.setattr(kc, "FIXTURE", tmp_path)
+    doctor.main([])
     report = capsys.readouterr().out
     assert "| model vs official fixture | skipped | fixture not found" in report
     assert "| operations and speed | skipped | no model" in report
