@@ -3,7 +3,9 @@
 
 import ipaddress
 import json
+import logging
 import socket
+import sys
 import warnings
 from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -12,6 +14,12 @@ from . import _cli
 from .errors import LoadError
 
 DRAIN_BYTES = 64 << 20  # an oversized body up to this size is read and dropped
+MAX_JSON_DEPTH = 64  # nesting of a request body; OpenAI's requests need under 20
+TOO_DEEP = f"The JSON body nests lists and objects more than {MAX_JSON_DEPTH} levels deep."
+# Connections waiting to be accepted; the kernel caps it (Linux net.core.somaxconn,
+# macOS kern.ipc.somaxconn). socketserver's 5 resets a burst of clients.
+LISTEN_BACKLOG = 1024
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
 class RequestError(ValueError):
@@ -65,9 +73,27 @@ def read_json(handler, paths, limit: int, allowed, what: str):
     check_origin(handler, allowed, what)
     try:
         # Standard JSON only: Python's parser would also take NaN and Infinity.
-        return path, json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+        body = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise RequestError(f"The body is not valid JSON: {e}.") from None
+    except RecursionError:  # deeper than Python's parser goes
+        raise RequestError(TOO_DEEP) from None
+    if depth(body) > MAX_JSON_DEPTH:
+        raise RequestError(TOO_DEEP)
+    return path, body
+
+
+def depth(value) -> int:
+    """How deeply lists and objects nest in ``value``, without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, level = todo.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, level)
+            if deepest > MAX_JSON_DEPTH:
+                break
+            todo.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def no_constant(name):
@@ -92,6 +118,14 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
     class Server(ThreadingHTTPServer):
         address_family = info[0]
         daemon_threads = True
+        request_queue_size = LISTEN_BACKLOG
+
+        def handle_error(self, request, client_address):
+            # A client that leaves early is routine: one line, not a traceback.
+            if isinstance(sys.exc_info()[1], CLIENT_GONE):
+                logging.info("client %s disconnected", client_address[0])
+            else:
+                super().handle_error(request, client_address)
 
     try:
         return Server(info[4], None)

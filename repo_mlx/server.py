@@ -47,7 +47,7 @@ from mlx_lm.server import (
 from . import _cli, cache_prompt, http_checks
 from .errors import LoadError, one_line
 from .http_checks import RequestError
-from .utils import add_model_flags, context_length, load
+from .utils import add_model_flags, context_length, load_from_args
 
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 # Where mlx-lm's plain chat transcript (convert_chat's default role mapping)
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a RePo-OLMo2 model over an OpenAI-compatible HTTP API "
         "(/v1/models, /v1/completions, /v1/chat/completions) built on mlx-lm's server.",
     )
-    add_model_flags(p, required=True)
+    add_model_flags(p, yarn=True, required=True)
     http_checks.add_flags(p, 8080, "server", "http://localhost:3000")
     p.add_argument("--max-tokens", type=_cli.positive_int, default=512, help="max_tokens of requests that give none (default: 512).")
     p.add_argument(
@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Refuse requests asking for more tokens than this "
         "(default: the model's context length, 4096 for the released models).",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=_cli.positive_int,
+        default=None,
+        help="Refuse prompts longer than this many tokens, the --prompt-cache-file document "
+        "included (default: the model's context, with --yarn's factor). Processing a long "
+        "prompt pauses every other request until it is done.",
     )
     p.add_argument("--prompt-cache-size", type=_cli.positive_int, default=10, help="KV caches of recent prompts kept for reuse (default: 10).")
     p.add_argument(
@@ -109,6 +117,7 @@ def mlx_lm_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(
         model=args.model,
         adapter_path=args.adapter_path,
+        yarn=args.yarn,
         draft_model=None,
         num_draft_tokens=3,
         trust_remote_code=False,
@@ -146,10 +155,9 @@ class RePoModelProvider(ModelProvider):
         # Runs on mlx-lm's generation thread, so the model lives on its stream.
         try:
             a = self.cli_args
-            model, tokenizer = load(a.model, dtype=a.dtype, adapter_path=a.adapter_path)
-            self.model, self.tokenizer = model, tokenizer
+            self.model, self.tokenizer = load_from_args(a)
             self.processor = self.draft_model = None
-            self.is_batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+            self.is_batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
             self.model_key = (a.model, a.adapter_path, None)
         except Exception as e:
             self.load_error = e
@@ -357,15 +365,26 @@ class RePoResponseGenerator(ResponseGenerator):
         return eos_only, text_sm
 
     def generate(self, request, args, progress_callback=None):
-        ctx, responses = super().generate(request, args, progress_callback)
+        try:
+            ctx, responses = super().generate(request, args, progress_callback)
+        except RequestError as e:  # a prompt over --max-prompt-tokens
+            raise Refused(str(e)) from None
         return ctx, cut_at_stop(responses, args.stop_words)
 
     document = []  # tokens of --prompt-cache-file, before every prompt
+    max_prompt_tokens = None
 
     def _tokenize(self, tokenizer, request, args):
         prompt, segments, *rest = super()._tokenize(tokenizer, request, args)
         if self.document:  # its cache is in the prompt cache: mlx-lm reuses it
             prompt, segments = self.document + prompt, [self.document + segments[0], *segments[1:]]
+        if self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
+            document = f" ({len(self.document)} of them the cached document)" if self.document else ""
+            # Raised on the generation thread, which hands it to the request's handler.
+            raise RequestError(
+                f"The prompt is {len(prompt)} tokens{document}, more than this server's limit of "
+                f"{self.max_prompt_tokens} (--max-prompt-tokens): shorten it."
+            )
         return (prompt, segments, *rest)
 
 
@@ -495,14 +514,6 @@ class Handler(APIHandler):
             out.append({**entry(token, lp), "top_logprobs": [entry(t["id"], t["logprob"]) for t in top]})
         return out
 
-    def handle_completion(self, request, stop_words):
-        try:
-            super().handle_completion(request, stop_words)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            # The client left mid-reply; mlx-lm's handler has stopped its generation.
-            logging.info("client %s disconnected", self.address_string())
-            self.close_connection = True
-
     def do_GET(self):
         path = urlsplit(self.path).path
         try:
@@ -546,8 +557,12 @@ def completion_logprobs(entries, n: int, offset: int) -> dict:
     }
 
 
-class Refused(Exception):
-    """A request mlx-lm's own checks refuse (not a ValueError: mlx-lm would catch it)."""
+class Refused(BaseException):
+    """A request refused inside mlx-lm's handler, answered 400 by ``Handler.do_POST``.
+
+    Not an Exception: mlx-lm's handler would catch it and answer in its own shape
+    (a ValueError from its checks as 400, an Exception from generation as 404).
+    """
 
 
 def main(argv=None) -> None:
@@ -567,6 +582,7 @@ def main(argv=None) -> None:
         limit = args.max_tokens_limit or context
         if args.max_tokens > limit:
             raise LoadError(f"--max-tokens {args.max_tokens} is above the limit of {limit} tokens.")
+        generator.max_prompt_tokens = args.max_prompt_tokens or context
         if args.prompt_cache_file is not None:
             cache, generator.document = cache_prompt.load_for(args.prompt_cache_file, model)
             generator.prompt_cache.insert_cache(provider.model_key, generator.document, cache)

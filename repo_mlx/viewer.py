@@ -222,7 +222,7 @@ def build_parser():
         "the text coloured by position. Serves the page locally, or writes it as one "
         "static file with --html. Needs plotly: pip install 'repo-mlx[viewer]'.",
     )
-    add_model_flags(p, adapter=False)
+    add_model_flags(p, yarn=True, adapter=False)
     p.add_argument(
         "--max-tokens",
         type=_cli.positive_int,

@@ -6,6 +6,7 @@ import re
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -253,6 +254,9 @@ BAD = {
     "n above 1": ({"prompt": "x", "n": 2}, 400),
     "adapters": ({"prompt": "x", "adapters": "elsewhere"}, 400),
     "numeric model": ({"prompt": "x", "model": 3}, 400),
+    "JSON nested 65 deep": ({"prompt": "x", "user": json.loads("[" * 64 + "]" * 64)}, 400),
+    "JSON nested past Python's parser": (b'{"prompt": "x", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400),
+    "prompt over the context": ({"prompt": "word " * 1000}, 400),
 }
 BAD_CHAT = {
     "messages not a list": ({"messages": "hi"}, 400),
@@ -347,7 +351,57 @@ def test_eight_concurrent_requests(server, tiny):
     assert results == expected
 
 
+def test_burst_of_200_health_checks(server):
+    """All answered: with socketserver's listen backlog of 5, most timed out or were reset."""
+    start, statuses = threading.Barrier(200), []
+
+    def run():
+        start.wait(TIMEOUT)
+        conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=20)
+        try:
+            conn.request("GET", "/health")
+            statuses.append(conn.getresponse().status)
+        except OSError as e:
+            statuses.append(type(e).__name__)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert statuses == [200] * 200
+
+
+def test_prompt_over_the_limit_is_refused_before_prefill(server):
+    status, reply = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 1000}], "stream": True})
+    message = reply["error"]["message"]
+    assert status == 400 and "more than this server's limit of 4096 (--max-prompt-tokens)" in message
+    # Nesting up to the limit is served.
+    status, reply = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "user": json.loads("[" * 63 + "]" * 63)})
+    assert status == 200
+
+
+def test_yarn_raises_the_prompt_limit(fixture_path, tmp_path):
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc, port = start_server("--model", str(fixture_path), "--yarn", "2", "--max-tokens", "1", stderr=err)
+        try:
+            status, reply = post({"port": port}, "/v1/completions", {"prompt": "word " * 1700})
+            assert status == 400 and "limit of 8192" in reply["error"]["message"]
+        finally:
+            stop_server(proc)
+
+
+def log_lines_with(server, text: str, at_least: int) -> int:
+    deadline = time.time() + TIMEOUT
+    while (n := server["log"].read_text().count(text)) < at_least and time.time() < deadline:
+        time.sleep(0.2)
+    return n
+
+
 def test_client_disconnect_mid_stream(server, tiny):
+    before = server["log"].read_text().count("disconnected")
     with socket.create_connection(("127.0.0.1", server["port"]), timeout=TIMEOUT) as s:
         body = json.dumps({"prompt": PROMPT, "max_tokens": 4000, "stream": True}).encode()
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -357,10 +411,14 @@ def test_client_disconnect_mid_stream(server, tiny):
             assert chunk, "the server closed the stream"
             seen += chunk
     # The server notices and stops generating for the client that left.
-    deadline = time.time() + TIMEOUT
-    while "disconnected" not in server["log"].read_text() and time.time() < deadline:
-        time.sleep(0.2)
-    assert "disconnected" in server["log"].read_text()
+    assert log_lines_with(server, "disconnected", before + 1) > before
+    # Clients that reset the connection before the reply: one line each, no traceback.
+    for head in (b"GET /health HTTP/1.1\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\nContent-Length: 9\r\n\r\n{"):
+        with socket.create_connection(("127.0.0.1", server["port"]), timeout=TIMEOUT) as s:
+            s.sendall(head)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert log_lines_with(server, "disconnected", before + 3) == before + 3
+    assert "Traceback" not in server["log"].read_text()
     text, _ = reference(tiny, PROMPT, 8)
     status, reply = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 8})
     assert status == 200 and choice(reply)["text"] == text

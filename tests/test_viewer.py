@@ -523,6 +523,7 @@ BAD = {
     "NaN": (b'{"text": NaN}', 400, "not valid JSON"),
     "not UTF-8": (b'{"text": "\xff"}', 400, "not valid JSON"),
     "too large": ({"text": "a" * MAX_BYTES}, 413, f"larger than {MAX_BYTES} bytes"),
+    "nested too deep": (b"[" * 900 + b"]" * 900, 400, "levels deep"),
 }
 
 
@@ -594,6 +595,15 @@ def test_allowed_origins_flag():
     try:
         assert post(url, {"text": TEXT}, headers={"Origin": "http://app.example:3000"})[0] == 200
         assert post(url, {"text": TEXT}, headers={"Origin": "http://app.example"})[0] == 403
+    finally:
+        stop(proc)
+
+
+def test_yarn_flag_extends_the_context():
+    proc, url = start_viewer("--yarn", "2")
+    try:
+        status, data = post(url, {"text": TEXT})
+        assert status == 200 and data["limit"] == 8192
     finally:
         stop(proc)
 
