@@ -15,7 +15,10 @@ app need on top of it:
 - OpenAI's completions forms mlx-lm lacks: ``logprobs`` as the number of top
   tokens (reply with ``tokens``, ``token_logprobs``, ``top_logprobs``,
   ``text_offset``) and ``prompt`` as a list (one choice per prompt); chat
-  logprobs name the chosen token, with its top alternatives;
+  logprobs name the chosen token, with its top alternatives; streamed events
+  carry the logprobs of their tokens (mlx-lm's carry none);
+- prompts longer than ``--max-prompt-tokens`` are refused before prefill,
+  which pauses every other request;
 - safe defaults: 127.0.0.1, no cross-origin browser access, a body size limit.
 
 Chat with a base model (no chat template) uses mlx-lm's plain transcript,
@@ -395,7 +398,8 @@ class Handler(APIHandler):
 
     def __init__(self, response_generator, settings, *args, **kwargs):
         self.settings = settings
-        super().__init__(response_generator, *args, **kwargs)
+        self.unsent = []  # a stream's Responses whose logprobs no event has carried yet
+        super().__init__(Recording(response_generator, self.unsent), *args, **kwargs)
 
     def log_message(self, format, *args):
         logging.info("%s %s", self.address_string(), format % args)
@@ -440,6 +444,7 @@ class Handler(APIHandler):
         self.choice_index = index
         self.completion_logprobs = body.get("top_logprobs") if self.path == "/v1/completions" and body.get("logprobs") else None
         self.prompt_chars = len(body.get("prompt", ""))
+        self.unsent.clear()
         original, self.rfile = self.rfile, BytesIO(raw := json.dumps(body).encode())
         self.headers.replace_header("Content-Length", str(len(raw)))
         try:
@@ -488,12 +493,19 @@ class Handler(APIHandler):
         )
         choice = response["choices"][0]
         choice["index"] = self.choice_index
-        if "logprobs" in choice:
+        if self.stream and self.logprobs:
+            # mlx-lm's stream events carry no logprobs: each carries those of its tokens.
+            tokens = [r.token for r in self.unsent]
+            token_logprobs = [r.logprob for r in self.unsent]
+            top_tokens = [r.top_tokens for r in self.unsent]
+            self.unsent.clear()
+        if "logprobs" in choice or self.stream and self.logprobs:
             entries = self.token_logprobs(tokens, token_logprobs, top_tokens)
             if self.completion_logprobs is None:
                 choice["logprobs"] = {"content": entries}
             else:
                 choice["logprobs"] = completion_logprobs(entries, self.completion_logprobs, self.prompt_chars)
+                self.prompt_chars += sum(len(e["token"]) for e in entries)  # a stream's next offset
         self.reply = response
         return response
 
@@ -540,6 +552,26 @@ class Handler(APIHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+class Recording:
+    """The shared generator as one handler sees it: the Responses it yields are also
+    appended to ``unsent``, for the handler's stream events to carry their logprobs."""
+
+    def __init__(self, generator, unsent: list):
+        self.generator, self.unsent = generator, unsent
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
+
+    def generate(self, request, args, progress_callback=None):
+        ctx, responses = self.generator.generate(request, args, progress_callback)
+        return ctx, self._record(responses)
+
+    def _record(self, responses):
+        for r in responses:
+            self.unsent.append(r)
+            yield r
 
 
 def completion_logprobs(entries, n: int, offset: int) -> dict:

@@ -56,6 +56,11 @@ def test_completion_logprobs_are_openai_s_integer_form(client, tiny):
     assert sorted(lp.top_logprobs[0].values(), reverse=True) == pytest.approx(sorted(want)[::-1][:2], abs=1e-4)
     zero = client.completions.create(model="m", prompt=PROMPT, max_tokens=3, logprobs=0).choices[0].logprobs
     assert len(zero.token_logprobs) == 3 and zero.top_logprobs is None
+    # Streamed, the events carry the same logprobs, each those of its own tokens.
+    events = [c.choices[0] for c in client.completions.create(model="m", prompt=PROMPT, max_tokens=6, logprobs=2, stream=True)]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert sum((getattr(e.logprobs, key) for e in events), []) == getattr(lp, key)
+    assert all("".join(e.logprobs.tokens) == e.text for e in events)
 
 
 def test_prompt_list_gives_one_choice_per_prompt(client, tiny):
@@ -82,6 +87,8 @@ def test_chat_whole_streamed_and_logprobs(client, tiny):
         assert c.logprob == pytest.approx(tops[0])  # greedy: the chosen token is the top one
     chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=6, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    chunks = client.chat.completions.create(model="m", messages=messages, max_tokens=6, logprobs=True, top_logprobs=3, stream=True)
+    assert [t for c in chunks for t in c.choices[0].logprobs.content] == content
 
 
 def test_seeded_sampling(client, tiny):
