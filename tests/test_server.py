@@ -22,13 +22,16 @@ import repo_mlx
 from repo_mlx.server import Limits, RequestError, check_request, cut_at_stop
 
 TIMEOUT = 120  # seconds; the CPU may be shared with other jobs
-README = Path(__file__).parents[1] / "README.md"
+DOCS = Path(__file__).parents[1] / "docs"
 
 
 def app_section() -> str:
-    """The README's "Use it from an app" section, whose examples must run."""
-    text = README.read_text()
-    return text[text.index("## Use it from an app") :].split("\n## ")[0]
+    """The docs' examples for apps (docs/usage.md's Python API, docs/server.md's
+    curl calls), which must run."""
+    usage = (DOCS / "usage.md").read_text()
+    return usage[usage.index("## Use it from an app") :] + (DOCS / "server.md").read_text()
+
+
 PROMPT = "Hello world"
 
 
@@ -529,7 +532,7 @@ def test_bad_command_lines_are_one_line_errors(fixture_path, tmp_path):
             assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr
 
 
-# --- README: "Use it from an app" -------------------------------------------
+# --- docs: "Use it from an app" ---------------------------------------------
 
 
 def test_apps_doc_python_example_runs(fixture_path, tiny):
