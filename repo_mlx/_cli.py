@@ -124,6 +124,9 @@ def _all_or_positive(s: str) -> int:
 all_or_positive = _typed(_all_or_positive, "int", -1, None, excluded=(0,))
 positive_int = int_range(1)
 non_negative_int = int_range(0)
+# A count of tokens: MLX sizes and positions are int32; check_tokens_fit bounds it by memory.
+MAX_TOKENS = 2**31 - 1
+token_count = int_range(1, MAX_TOKENS)
 positive_float = float_range(0, lo_open=True)
 non_negative_float = float_range(0)
 probability = float_range(0, 1)

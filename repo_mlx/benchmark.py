@@ -25,7 +25,7 @@ from . import _cli, kernel_checks, synthetic
 from .errors import LoadError
 from .generate import KV_BITS, KV_GROUP_SIZES, check_kv_bits
 from .repo_olmo2 import Model, ModelArgs
-from .utils import DTYPES, load
+from .utils import DTYPES, check_tokens_fit, load
 
 SHAPES = {"1b": synthetic.config_1b(), "tiny": synthetic.config()}
 SHAPE_NAMES = {"1b": "the released 1B's shape (16 layers of 2048, RePo from layer 5)", "tiny": "the tiny test shape"}
@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="Model folder or Hub id (default: a random model, see --shape; no download).")
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="Shape of the random model without --model (default: 1b, the released model's).")
-    p.add_argument("--prompt-tokens", "-p", type=_cli.positive_int, default=512, help="Prompt length in tokens (default: 512).")
-    p.add_argument("--generation-tokens", "-g", type=_cli.int_range(2), default=128, help="Tokens to generate, at least 2 (default: 128).")
+    p.add_argument("--prompt-tokens", "-p", type=_cli.token_count, default=512, help="Prompt length in tokens (default: 512).")
+    p.add_argument("--generation-tokens", "-g", type=_cli.int_range(2, _cli.MAX_TOKENS), default=128, help="Tokens to generate, at least 2 (default: 128).")
     p.add_argument("--batch-size", "-b", type=_cli.positive_int, default=1, help="Prompts generated together (mlx-lm's batch_generate) (default: 1).")
     p.add_argument("--num-trials", "-n", type=_cli.positive_int, default=5, help="Timed trials per model after a warm-up (default: 5).")
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache from the first token, batch size 1 only (default: off).")
@@ -159,6 +159,7 @@ def main(argv=None) -> None:
         model, _, config = load(args.model, dtype=args.dtype, return_config=True)
         where = f"`{args.model}`"
     check_kv_bits(model, args.kv_bits, args.kv_group_size)
+    check_tokens_fit(model, args.prompt_tokens + args.generation_tokens, "--prompt-tokens", args.batch_size)
     plain = kernel_checks.plain_twin(model)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_position = n_params - sum(v.size for _, v in tree_flatten(plain.parameters()))

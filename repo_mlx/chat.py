@@ -21,7 +21,7 @@ from mlx_lm.server import convert_chat
 from . import _cli
 from .errors import LoadError
 from .generate import MIN_KV_SIZE, add_sampling_flags, sampler
-from .utils import add_model_flags, load_from_args, warn_if_too_long
+from .utils import add_model_flags, check_tokens_fit, load_from_args, warn_if_too_long
 
 NEXT_USER_TURN = "\nUSER:"  # as in repo_mlx.server
 HELP = "Type a message; /reset starts a new conversation, /exit (or Ctrl-D) quits."
@@ -117,7 +117,7 @@ def build_parser():
         "conversation's KV cache between turns. " + HELP,
     )
     add_model_flags(p)
-    p.add_argument("--max-tokens", "-m", type=_cli.positive_int, default=256, help="Most tokens per reply (default: 256).")
+    p.add_argument("--max-tokens", "-m", type=_cli.token_count, default=256, help="Most tokens per reply (default: 256).")
     add_sampling_flags(p)
     p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
     p.add_argument(
@@ -133,6 +133,7 @@ def build_parser():
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     model, tokenizer = load_from_args(args)
+    check_tokens_fit(model, args.max_kv_size or args.max_tokens, "--max-tokens")
     if args.seed is not None:  # after loading: building the model draws random numbers
         mx.random.seed(args.seed)
     chat = Chat(model, tokenizer, args.system_prompt, args.max_kv_size)

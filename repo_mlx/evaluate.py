@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import _cli, tasks
 from .errors import LoadError
-from .utils import add_model_flags, context_length, load_from_args, set_position_blend
+from .utils import add_model_flags, check_tokens_fit, context_length, load_from_args, set_position_blend
 from .files import atomic_file
 
 SYNTHETIC = tasks.TASKS
@@ -114,7 +114,7 @@ def run_samples(model, tokenizer, samples: List[tasks.Sample], progress=None) ->
 
 def parse_length(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", text)
-    if not m or int(m.group(1)) < 1:
+    if not m or not 1 <= int(m.group(1)) * (1024 if m.group(2) else 1) <= _cli.MAX_TOKENS:
         raise LoadError(f"Bad context length {text!r}; use numbers such as 1024 or 4K.")
     return int(m.group(1)) * (1024 if m.group(2) else 1)
 
@@ -201,6 +201,7 @@ def main(argv=None) -> None:
         text = _cli.read_text(args.data, f"--data {args.data}")
 
     model, tokenizer = load_from_args(args)
+    check_tokens_fit(model, max(lengths), "--lengths")
     context = context_length(model) or 4096
     window = args.window or context
     stride = args.stride or window

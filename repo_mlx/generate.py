@@ -5,6 +5,7 @@ prompt is longer than the model's context.
 """
 
 import argparse
+import warnings
 from typing import List, Union
 
 import mlx.core as mx
@@ -14,7 +15,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import _cli, cache_prompt
 from .errors import LoadError
-from .utils import add_model_flags, load_from_args, warn_if_too_long
+from .utils import add_model_flags, check_tokens_fit, context_length, load_from_args, warn_if_too_long
 
 DEFAULT_PROMPT = "The key idea of positional encoding in transformers is"
 KV_BITS = [2, 3, 4, 6, 8]
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_flags(p, yarn=True)
     _cli.add_prompt_flags(p, default=DEFAULT_PROMPT)
-    p.add_argument("--max-tokens", "-m", type=_cli.positive_int, default=100, help="Tokens to generate (default: 100).")
+    p.add_argument("--max-tokens", "-m", type=_cli.token_count, default=100, help="Tokens to generate (default: 100).")
     add_sampling_flags(p)
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache to this many bits (default: off); needs a head_dim divisible by 32.")
     p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64, help="Group size for --kv-bits; must divide head_dim (default: 64).")
@@ -114,6 +115,13 @@ def main(argv=None) -> None:
     prompt = tokenizer.encode(prompt, add_special_tokens=cache is None)
     if not prompt:
         raise LoadError("The prompt encodes to no tokens; give some text.")
+    check_tokens_fit(model, len(prompt) + args.max_tokens, "--max-tokens")
+    limit = context_length(model)
+    if limit and len(prompt) <= limit < len(prompt) + args.max_tokens:
+        warnings.warn(
+            f"--max-tokens {args.max_tokens} after a prompt of {len(prompt)} tokens runs past the "
+            f"model's context of {limit}; text past it may degrade (see --yarn)."
+        )
     if args.seed is not None:  # after loading: building the model draws random numbers
         mx.random.seed(args.seed)
     text = generate(

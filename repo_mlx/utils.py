@@ -463,6 +463,24 @@ def warn_if_too_long(model: nn.Module, num_tokens: int) -> None:
         )
 
 
+def check_tokens_fit(model: nn.Module, tokens: int, flag: str, batch: int = 1) -> None:
+    """The real bound of a length: its KV cache (keys and values of every layer)
+    must fit in this machine's memory; past the context is only a warning."""
+    import os
+
+    a = model.args
+    heads = getattr(a, "num_key_value_heads", None) or a.num_attention_heads
+    head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
+    need = 2 * len(model.layers) * heads * head_dim * model.layers[0].self_attn.o_proj.weight.dtype.size
+    need *= tokens * batch
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise LoadError(
+            f"{flag}: {tokens} tokens{f' x {batch}' if batch > 1 else ''} need {need / 2**30:.3g} GiB of "
+            f"KV cache, more than this machine's {memory / 2**30:.3g} GiB of memory."
+        )
+
+
 def warn_if_not_finite(model: nn.Module, path) -> bool:
     """Warn (once per folder) when the model's output on a few tokens is NaN or
     infinite: its weights are broken, and everything it generates is noise."""

@@ -147,3 +147,34 @@ def test_unreachable_hub_fails_fast(name, fixture_path, tmp_path, monkeypatch, c
     err = one_line_exit_2(module, ["--model", str(fixture_path), *HUB_INPUTS[name]], capsys)
     assert "needs the Hugging Face Hub, which cannot be reached" in err
     assert time.monotonic() - start < 20
+
+
+# --- sizes ----------------------------------------------------------------------------
+
+SIZES = {  # a length each command accepts while parsing and cannot hold in memory
+    "generate": ["-p", "hi", "--max-tokens", "2000000000"],
+    "chat": ["--max-tokens", "2000000000"],
+    "benchmark": ["--prompt-tokens", "2000000000"],
+    "evaluate": ["--task", "niah_single", "--lengths", "2000000000"],
+}
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_lengths_past_memory_are_refused(name, fixture_path, capsys):
+    module = importlib.import_module(f"repo_mlx.{name}")
+    argv = SIZES[name]
+    err = one_line_exit_2(module, ["--model", str(fixture_path), *argv], capsys)
+    assert argv[-2] in err and "GiB of KV cache, more than this machine's" in err
+
+
+def test_generation_past_the_context_warns(fixture_path, tmp_path, capsys):
+    import json
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(fixture_path, short, ignore=shutil.ignore_patterns("*.npz"))
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8}))
+    module = importlib.import_module("repo_mlx.generate")
+    with pytest.warns(UserWarning, match="runs past the model's context of 8"):
+        _cli.run(module.main, ["--model", str(short), "-p", "hi", "-m", "10", "--verbose", "0"])
