@@ -9,8 +9,10 @@ derive the values they must refuse.
 
 import argparse
 import math
+import os
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -178,6 +180,12 @@ def _out(want_dir: bool):
         base = _nearest_existing(p.parent)
         if not base.is_dir():
             return f"cannot be created: {base} is a file, not a folder"
+        try:  # the one sure test that it can be written, before any work
+            fd, probe = tempfile.mkstemp(dir=base, prefix=".repo_mlx-probe-")
+        except OSError as e:
+            return f"cannot be created: {base} is not writable ({e.strerror})"
+        os.close(fd)
+        os.unlink(probe)
 
     return check
 
@@ -259,9 +267,10 @@ def read_config(path, parser, known) -> dict:
     for k, v in config.items():
         if k in types and v is not None and not isinstance(v, (list, dict, bool)):
             try:
-                config[k] = types[k](str(v))
+                v = types[k](str(v))
             except (argparse.ArgumentTypeError, ValueError) as e:
                 raise LoadError(f"{path}: {k} {e}.") from None
+            config[k] = str(v) if isinstance(v, Path) else v  # checked; kept as written
     return config
 
 

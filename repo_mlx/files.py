@@ -54,9 +54,10 @@ def remove_stale(folder) -> list:
 def atomic_file(path) -> Iterator[Path]:
     """Yield a scratch path that becomes ``path`` only if the block succeeds."""
     path = Path(path)
-    remove_stale(path.parent)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path.parent)
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
@@ -73,11 +74,11 @@ def atomic_folder(dst, force: bool) -> Iterator[Path]:
         raise LoadError(f"{dst} already exists; pass --force to replace it.")
     if dst.exists() and not dst.is_dir():
         raise LoadError(f"{dst} exists and is not a folder.")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(dst.parent)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(dst.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
         yield tmp
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
@@ -86,5 +87,7 @@ def atomic_folder(dst, force: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             tmp.rename(dst)
+    except OSError as e:
+        raise LoadError(f"Cannot write {dst}: {e.strerror or e}.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -112,7 +112,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
         config = _cli.read_config(args["config"], build_parser(), set(CONFIG_DEFAULTS) | set(args))
         for k, v in config.items():
             if args.get(k) is None:
-                args[k] = str(v) if isinstance(v, Path) else v
+                args[k] = v
     for k, v in CONFIG_DEFAULTS.items():
         if args.get(k) is None:
             args[k] = v

@@ -12,6 +12,7 @@ data-parallel.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -628,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val-batches", type=_cli.all_or_positive, help="Validation batches per evaluation; -1 for all (default: 8).")
     a("--text-feature", help="Field holding the text in .jsonl/.parquet/Hub data (default: text).")
     a("--data-split", help="Split of a Hub dataset (default: train).")
-    a("--save-path", help="Output folder OUT: the final model (loads in repo_mlx and mlx-lm --trust-remote-code), checkpoints/, metrics.jsonl (default: repo_model). The token cache goes beside it, in OUT.tokens.")
+    a("--save-path", type=_cli.output_dir, help="Output folder OUT: the final model (loads in repo_mlx and mlx-lm --trust-remote-code), checkpoints/, metrics.jsonl (default: repo_model). The token cache goes beside it, in OUT.tokens.")
     a("--force", action="store_true", default=None, help="Replace an existing OUT.")
     a("--resume", metavar="OUT", help="Continue the run in OUT from its newest checkpoint, exactly as if uninterrupted (its settings are reused; flags given here override them).")
     a("-c", "--config", help="YAML file of options (names with underscores, e.g. seq_len: 2048).")
@@ -656,14 +657,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-every", type=_cli.positive_int, help="Checkpoint every N steps (default: 100).")
     a("--keep-checkpoints", type=_cli.positive_int, help="Keep the newest N checkpoints (default: 1).")
     a("--yarn-factor", type=_cli.float_range(1), help="Apply YaRN with this factor to all layers, for --seq-len beyond the base's context.")
-    a("--plot", help="Write a PNG of the loss curve and the position spread over steps here at the end.")
-    a("--export-hf", help="Also write the official Hugging Face format to this folder at the end.")
+    a("--plot", type=_cli.output_file, help="Write a PNG of the loss curve and the position spread over steps here at the end.")
+    a("--export-hf", type=_cli.output_dir, help="Also write the official Hugging Face format to this folder at the end.")
     a("--dry-run", action="store_true", default=None, help="Print the estimated peak memory and stop before any training.")
     return p
 
 
 def parse_args(argv=None) -> types.SimpleNamespace:
-    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    # Paths as strings: pretrain_args.json records them.
+    given = {k: str(v) if isinstance(v, Path) else v
+             for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     args = {}
     if given.get("resume"):
         saved = Path(given["resume"]) / ARGS_FILE
@@ -697,6 +700,8 @@ def parse_args(argv=None) -> types.SimpleNamespace:
         raise LoadError(f"dtype must be one of {', '.join(DTYPES)}.")
     if args["batch_size"] % mx.distributed.init().size():
         raise LoadError(f"--batch-size {args['batch_size']} must be divisible by the number of processes ({mx.distributed.init().size()}).")
+    if args["plot"] and importlib.util.find_spec("matplotlib") is None:
+        raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]' (or drop --plot).")
     args["repo_layer_ids"] = _layer_ids(args["repo_layer_ids"])
     return types.SimpleNamespace(**args)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from repo_mlx import _cli
+from repo_mlx import LoadError, _cli
 from repo_mlx.__main__ import COMMANDS
 
 from test_cli_flags import flag_name, kind, parsers, value_flags
@@ -178,3 +178,24 @@ def test_generation_past_the_context_warns(fixture_path, tmp_path, capsys):
     module = importlib.import_module("repo_mlx.generate")
     with pytest.warns(UserWarning, match="runs past the model's context of 8"):
         _cli.run(module.main, ["--model", str(short), "-p", "hi", "-m", "10", "--verbose", "0"])
+
+
+def test_outputs_are_written_whole_into_new_folders_and_errors_are_one_line(tmp_path):
+    """The rule behind every output flag: a file is replaced whole (its folder made
+    if needed), a folder only with --force, and a write that fails is a LoadError."""
+    from repo_mlx.files import atomic_file, atomic_folder
+
+    target = tmp_path / "new" / "deeper" / "out.json"
+    with atomic_file(target) as tmp:
+        tmp.write_text("one")
+    with atomic_file(target) as tmp:
+        tmp.write_text("two")
+    assert target.read_text() == "two" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(LoadError, match="already exists; pass --force"):
+        with atomic_folder(tmp_path / "folder", force=False):
+            pass
+    if Path("/proc/self").is_dir():
+        with pytest.raises(LoadError, match=r"^Cannot write /proc/x/out"):
+            with atomic_folder(Path("/proc/x/out"), force=False):
+                pass

@@ -89,10 +89,12 @@ def bad_values(action):
         return [("a folder", "{dir}"), ("missing", "{dir}/missing"), ("empty", "")]
     if k == "dir":
         return [("a file", "{file}"), ("missing", "{dir}/missing"), ("empty", "")]
+    # A place no one can write, even root (Linux): refused while parsing, not after the work.
+    unwritable = [("not writable", "/proc/repo-mlx-out/x")] if Path("/proc/self").is_dir() else []
     if k == "output_dir":
-        return [("an existing file", "{file}"), ("under a file", "{file}/out"), ("empty", "")]
+        return [("an existing file", "{file}"), ("under a file", "{file}/out"), ("empty", ""), *unwritable]
     if k == "output_file":
-        return [("an existing folder", "{dir}"), ("under a file", "{file}/out"), ("empty", "")]
+        return [("an existing folder", "{dir}"), ("under a file", "{file}/out"), ("empty", ""), *unwritable]
     return []
 
 
@@ -135,6 +137,15 @@ def test_bad_value_is_one_line_exit_2(name, flag, what, value, tmp_path, monkeyp
     assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
     assert "Traceback" not in err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_one_rule_for_outputs():
+    """An existing output folder is replaced only with --force; output files are
+    replaced whole (atomically). lm_eval --output-dir only adds result files."""
+    for name, parser in parsers():
+        folders = [flag_name(a) for a in value_flags(parser) if kind(a) == "output_dir"]
+        if [f for f in folders if f != "--output-dir"]:
+            assert "--force" in parser._option_string_actions, f"{name} replaces {folders} without --force"
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
