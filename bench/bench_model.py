@@ -1,4 +1,5 @@
-"""RePo's cost over plain OLMo-2: prefill and decode tokens/s and peak memory.
+"""RePo's cost over the plain model (mlx-lm's olmo2, llama or qwen3): prefill and
+decode tokens/s and peak memory.
 
 Both models share the same base weights (random, same shapes); repo_mlx adds
 the position module and the continuous rotation in the RePo layers. Each
@@ -8,6 +9,8 @@ medians are printed, and the ratio repo_mlx / mlx-lm (1.0 = no cost) is the
 median of the per-run ratios.
 
     python bench/bench_model.py --shape 1b --runs 6
+    python bench/bench_model.py --shape smollm2     # grouped-query attention, 9/3 heads
+    python bench/bench_model.py --shape qwen3-0.6b  # 16/8 heads, per-head q/k norms
 
 --layer times one RePo layer against mlx-lm's layer instead (prefill only):
 many quick runs, for when whole-model timings are noisier than the effect.
@@ -26,7 +29,9 @@ from repo_mlx import synthetic
 from repo_mlx.benchmark import alternate
 from repo_mlx.kernel_checks import plain_twin
 from repo_mlx.rope import POSITION_WEIGHTS
-from repo_mlx.repo_olmo2 import Model, ModelArgs, TransformerBlock
+from repo_mlx.repo_olmo2 import ModelArgs, TransformerBlock
+from repo_mlx.rope import pe_config
+from repo_mlx.utils import model_file
 
 SHAPES = {
     "1b": synthetic.config_1b(),
@@ -34,14 +39,26 @@ SHAPES = {
         hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
         intermediate_size=2048, vocab_size=32000, start_layer=2,
     ),
+    # Grouped-query shapes; RePo from round(5/16 of the layers), pretrain's default.
+    "smollm2": dict(
+        model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, pe_config=pe_config(9),
+    ),
+    "qwen3-0.6b": dict(
+        model_type="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, pe_config=pe_config(9),
+    ),
 }
 
 
 def build(shape: str, dtype: str, layer: bool = False):
-    """repo_mlx and mlx-lm's olmo2 (or one layer of each), sharing base weights."""
-    cfg = {**SHAPES[shape], "tie_word_embeddings": False}
+    """repo_mlx and mlx-lm's model (or one OLMo-2 layer of each), sharing base weights."""
+    cfg = {"tie_word_embeddings": False, **SHAPES[shape]}
     if not layer:
-        repo = Model(ModelArgs.from_dict(cfg))
+        arch = model_file(cfg)
+        repo = arch.Model(arch.ModelArgs.from_dict(cfg))
         repo.set_dtype(getattr(mx, dtype))
         mx.eval(repo.parameters())
         return repo, plain_twin(repo)  # the very same arrays: no copy
@@ -90,9 +107,11 @@ def main():
     p.add_argument("--runs", type=int, default=5, help="Measured runs per model, alternating (default: 5).")
     p.add_argument("--layer", action="store_true", help="Time one RePo layer against mlx-lm's layer (prefill).")
     args = p.parse_args()
+    if args.layer and SHAPES[args.shape]["model_type"] != "olmo2":
+        p.error("--layer times an OLMo-2 layer; pick an OLMo-2 shape (1b or small).")
 
     repo, plain = build(args.shape, args.dtype, args.layer)
-    models = {"repo_mlx": repo, "mlx-lm olmo2": plain}
+    models = {"repo_mlx": repo, f"mlx-lm {SHAPES[args.shape].get('model_type', 'olmo2')}": plain}
     n = sum(v.size for _, v in tree_flatten(repo.parameters()))
     extra = n - sum(v.size for _, v in tree_flatten(plain.parameters()))
     print(f"shape {args.shape}{' (one RePo layer)' if args.layer else ''}, {n / 1e6:.1f}M "

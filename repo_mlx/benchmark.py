@@ -25,7 +25,7 @@ from . import _cli, kernel_checks, synthetic
 from .errors import LoadError
 from .generate import KV_BITS, KV_GROUP_SIZES, check_kv_bits
 from .repo_olmo2 import Model, ModelArgs
-from .utils import DTYPES, check_tokens_fit, load
+from .utils import DTYPES, architecture_name, check_tokens_fit, load
 
 SHAPES = {"1b": synthetic.config_1b(), "tiny": synthetic.config()}
 SHAPE_NAMES = {"1b": "the released 1B's shape (16 layers of 2048, RePo from layer 5)", "tiny": "the tiny test shape"}
@@ -103,14 +103,15 @@ def machine() -> dict:
 
 
 def report(args, where: str, n_params: int, n_position: int, dtype: str, medians, ratio) -> str:
-    rows = [("RePo (repo_mlx)", medians["RePo"]), ("OLMo-2 (mlx-lm, same weights)", medians["OLMo-2"])]
+    plain = next(k for k in medians if k != "RePo")  # the architecture's name
+    rows = [("RePo (repo_mlx)", medians["RePo"]), (f"{plain} (mlx-lm, same weights)", medians[plain])]
     lines = [
         "### repo_mlx benchmark",
         "",
         "| model | prompt tok/s | generation tok/s | peak memory (GB) |",
         "|---|---:|---:|---:|",
         *(f"| {name} | {p:.1f} | {g:.1f} | {m:.3f} |" for name, (p, g, m) in rows),
-        f"| **ratio RePo / OLMo-2** | {ratio[0]:.3f} | {ratio[1]:.3f} | {ratio[2]:.3f} |",
+        f"| **ratio RePo / {plain}** | {ratio[0]:.3f} | {ratio[1]:.3f} | {ratio[2]:.3f} |",
         "",
     ]
     kv = f"{args.kv_bits}-bit (group {args.kv_group_size})" if args.kv_bits else "not quantized"
@@ -168,7 +169,8 @@ def main(argv=None) -> None:
     mx.random.seed(0)
     prompt = mx.random.randint(0, model.args.vocab_size, (args.batch_size, args.prompt_tokens))
     run = run_single if args.batch_size == 1 else run_batch
-    medians, ratio = alternate({"RePo": model, "OLMo-2": plain}, lambda m: run(m, prompt, args), args.num_trials)
+    models = {"RePo": model, architecture_name(model): plain}
+    medians, ratio = alternate(models, lambda m: run(m, prompt, args), args.num_trials)
     print(report(args, where, n_params, n_position, dtype, medians, ratio))
 
 
