@@ -80,6 +80,8 @@ def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path
             raise LoadError(f"{path} is a file; --model needs a model folder or a Hub id.")
         check_regular_files(path)
         return path
+    if path_or_hf_repo == "demo":  # built in: a small RePo trained by experiments/repo_vs_rope.py
+        return Path(__file__).parent / "demo"
     if not is_hub_id(path_or_hf_repo):
         raise LoadError(f"Model folder {path_or_hf_repo} does not exist.")
     from huggingface_hub import snapshot_download
