@@ -265,6 +265,28 @@ def evaluate_model(cfg, out, folder, blend):
     return results
 
 
+def answer_losses(cfg, out, folder, blend):
+    """Mean loss (nats per token) of each item's answer, teacher-forced after its prompt.
+
+    Exact match stays at 0 until a model retrieves reliably; this shows progress before that.
+    """
+    from repo_mlx import evaluate, tasks
+    from repo_mlx.utils import load, set_position_blend, yarn_scaling
+
+    results = {}
+    for label, length, yarn in eval_settings(cfg):
+        mc = yarn_scaling(yarn, cfg.seq_len) if yarn else {"max_position_embeddings": length}
+        model, tok = load(str(folder), model_config=mc)
+        set_position_blend(model, blend)
+        for task in cfg.tasks.split(","):
+            losses = []
+            for s in tasks.make_samples(task, tok, length, cfg.samples, EVAL_SEED):
+                prompt, answer = tok.encode(s.prompt), tok.encode(" " + ", ".join(s.answers))
+                losses.append(evaluate.window_nll(model, prompt + answer, len(prompt)) / len(answer))
+            results[f"{task} answer loss|{label}"] = {"value": float(np.mean(losses)), "items": losses}
+    return results
+
+
 def position_stats(cfg, out, folder):
     """Per RePo layer and head: position summary over held-out text and one task item."""
     from repo_mlx import tasks
@@ -290,8 +312,12 @@ def agg(values):
             "min": float(v.min()), "max": float(v.max()), "n": len(v), "values": [float(x) for x in v]}
 
 
+def lower_is_better(task):
+    return task == "perplexity" or task.endswith("answer loss")
+
+
 def fmt(a, task):
-    if task == "perplexity":
+    if lower_is_better(task):
         s = f"{a['mean']:.2f}"
         return s + (f" ± {a['sd']:.2f}" if a["n"] > 1 else "")
     s = f"{100 * a['mean']:.0f}%"
@@ -300,12 +326,15 @@ def fmt(a, task):
 
 def compare(rope, repo, task):
     """'RePo' or 'RoPE' when every seed of one arm beats every seed of the other, else ''."""
-    better = (lambda a, b: a < b) if task == "perplexity" else (lambda a, b: a > b)
     if rope["n"] < 2:
         return ""
-    if better(repo["max"] if task == "perplexity" else repo["min"], rope["min"] if task == "perplexity" else rope["max"]):
+    low = lower_is_better(task)
+    worst = (lambda a: a["max"]) if low else (lambda a: a["min"])
+    best = (lambda a: a["min"]) if low else (lambda a: a["max"])
+    better = (lambda a, b: a < b) if low else (lambda a, b: a > b)
+    if better(worst(repo), best(rope)):
         return "RePo"
-    if better(rope["max"] if task == "perplexity" else rope["min"], repo["min"] if task == "perplexity" else repo["max"]):
+    if better(worst(rope), best(repo)):
         return "RoPE"
     return ""
 
@@ -315,7 +344,7 @@ def build_table(cfg, evals, seeds):
     head = "| task | length | base | RoPE arm | RePo arm | RePo arm, blend 1 | beyond the seed spread |"
     lines += [head, "|---|---|---|---|---|---|---|"]
     keys = list(evals["base"])
-    order = ["perplexity"] + cfg.tasks.split(",")
+    order = ["perplexity"] + cfg.tasks.split(",") + [t + " answer loss" for t in cfg.tasks.split(",")]
     keys.sort(key=lambda k: (order.index(k.split("|")[0]), [s[0] for s in eval_settings(cfg)].index(k.split("|")[1])))
     for key in keys:
         task, label = key.split("|")
@@ -325,7 +354,11 @@ def build_table(cfg, evals, seeds):
         blend1 = agg([evals[f"repo-{s}@blend1"][key]["value"] for s in seeds])
         verdict = compare(rope, repo, task)
         length = {l: n for l, n, _ in eval_settings(cfg)}[label]
-        what = "perplexity (lower is better)" if task == "perplexity" else task
+        what = {"perplexity": "perplexity (lower is better)"}.get(task, task)
+        if task.endswith("answer loss"):
+            what += " (nats/token, lower is better)"
+        elif task != "perplexity":
+            what += " (exact match)"
         lines.append(f"| {what} | {length}{' YaRN' if 'YaRN' in label else ''} | {fmt(base, task)} | "
                      f"{fmt(rope, task)} | {fmt(repo, task)} | {fmt(blend1, task)} | {verdict and verdict + ' better'} |")
         rows.append({"task": task, "setting": label, "length": length, "base": base, "rope": rope,
@@ -523,6 +556,11 @@ def main(argv=None):
             f.write_text(json.dumps(r, indent=1))
             info[f"eval {name}"] = {"seconds": round(time.time() - t, 1)}
         evals[name] = json.loads(f.read_text())
+        f = out / "eval" / f"{name}.answer-loss.json"
+        if not f.exists():
+            log(f"answer losses of {name}")
+            f.write_text(json.dumps(answer_losses(cfg, out, out / folder, blend), indent=1))
+        evals[name].update(json.loads(f.read_text()))
     report = out / "report"
     report.mkdir(exist_ok=True)
     positions = stage("positions", lambda: {f"repo-{s}": position_stats(cfg, out, out / f"repo-{s}") for s in seeds})

@@ -38,8 +38,8 @@ def test_smoke_run_writes_the_report_and_resumes(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = out / "report"
     results = json.loads((report / "results.json").read_text())
-    # Rows: perplexity and each task, at 1x, 2x, 2x YaRN, 4x, 4x YaRN; every column filled.
-    assert len(results["table"]) == 3 * 5
+    # Rows: perplexity, each task (exact match) and its answer loss, at 1x, 2x, 2x YaRN, 4x, 4x YaRN.
+    assert len(results["table"]) == 5 * 5
     for row in results["table"]:
         for col in ("base", "rope", "repo", "repo_blend1"):
             assert np.isfinite(row[col]["mean"])
@@ -57,7 +57,7 @@ def test_smoke_run_writes_the_report_and_resumes(tmp_path):
     # Rerunning resumes: nothing trains again, the same numbers come back.
     r = run("--preset", "smoke", "--text", str(text), "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "training" not in r.stdout and "evaluating" not in r.stdout
+    assert not any(w in r.stdout for w in ("training", "evaluating", "answer losses"))
     assert json.loads((report / "results.json").read_text())["table"] == results["table"]
     # ... and refuses other settings in the same folder.
     r = run("--preset", "smoke", "--seq-len", "320", "--text", str(text), "--out", str(out))
@@ -72,17 +72,29 @@ def test_missing_text_is_one_clear_error(tmp_path):
 
 
 def test_demo_model_generates_and_has_learned_positions():
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     import repo_mlx
     from repo_mlx.positions import positions
+    from repo_mlx.pretrain import init_position_weights
+    from repo_mlx.utils import get_model_path
 
     model, tokenizer = repo_mlx.load("demo")
+    assert get_model_path("demo").parent == Path(repo_mlx.__file__).parent
     assert model.args.repo_layers
     text = repo_mlx.generate(model, tokenizer, prompt="KING.\nWhat say you", max_tokens=12)
     assert len(tokenizer.encode(text)) > 0
-    z = positions(model, tokenizer.encode("ROMEO.\nBut soft, what light through yonder window breaks?"))
-    for layer, v in z.items():
+    ids = tokenizer.encode("ROMEO.\nBut soft, what light through yonder window breaks?")
+    for layer, v in positions(model, ids).items():
         v = np.array(v[0])
-        # Learned, not integer positions: spread out, and not the token index.
-        assert np.ptp(v) > 0.5
+        # Real-valued, one per token and head: not integers, not the token index.
+        assert np.ptp(v, axis=-1).min() > 0
         assert not np.allclose(v, np.round(v))
         assert not np.allclose(v, np.arange(v.shape[-1]))
+    # Trained: the module moved away from its official init (the demo is the arm of seed 0),
+    # by more than bfloat16 rounding.
+    init = init_position_weights(model.args, 0)
+    params = dict(tree_flatten(model.parameters()))
+    moved = [np.abs(np.array(params[k].astype(mx.float32)) - np.array(v)).mean() for k, v in init.items()]
+    assert min(moved) > 1e-3
