@@ -1,6 +1,7 @@
 """Loading RePo checkpoints (official Hugging Face folders or converted MLX ones)."""
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -10,6 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer as _mlx_lm_load_tokenizer
 from mlx_lm.utils import save
@@ -468,12 +470,12 @@ def warn_if_too_long(model: nn.Module, num_tokens: int) -> None:
 def check_tokens_fit(model: nn.Module, tokens: int, flag: str, batch: int = 1) -> None:
     """The real bound of a length: its KV cache (keys and values of every layer)
     must fit in this machine's memory; past the context is only a warning."""
-    import os
-
     a = model.args
     heads = getattr(a, "num_key_value_heads", None) or a.num_attention_heads
     head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
-    need = 2 * len(model.layers) * heads * head_dim * model.layers[0].self_attn.o_proj.weight.dtype.size
+    # The cache holds activations: the dtype of the float weights (norms stay float when quantized).
+    dtype = next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    need = 2 * len(model.layers) * heads * head_dim * dtype.size
     need *= tokens * batch
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > memory:

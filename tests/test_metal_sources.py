@@ -371,8 +371,8 @@ def test_model_runs_through_harness_kernels(harness_kernels, fixture_path, refer
     _, pure_grads = nn.value_and_grad(model, loss)(model)
     assert sorted(calls) == sorted(KERNELS)  # each kernel built once ...
     # ... and run: one first-use check each, then once per RePo layer (3) for the
-    # logits, the loss and its backward pass.
-    assert runs.count("repo_rope_forward") == 1 + 3 + 3
+    # loader's finite-output check, the logits, the loss and its backward pass.
+    assert runs.count("repo_rope_forward") == 1 + 3 + 3 + 3
     assert runs.count("repo_rope_backward") == 1 + 3
     pure = dict(tree_flatten(pure_grads))
     gate = [(k, g) for k, g in tree_flatten(kernel_grads) if "gate_map" in k]
