@@ -61,13 +61,12 @@ def dequantized(weights: dict, name: str) -> mx.array:
     return mx.dequantize(w, scales, biases, group_size=32, bits=bits).astype(mx.float32)
 
 
-def to_hf_folder(gguf: Path, out: Path, layers: int = None) -> Path:
-    """config.json, model.safetensors (float32) and the tokenizer files in ``out``;
-    ``layers`` keeps only the first ones (a shorter model for quick training tests)."""
+def to_hf_folder(gguf: Path, out: Path) -> Path:
+    """config.json, model.safetensors (float32) and the tokenizer files in ``out``."""
     weights, meta = mx.load(str(gguf), return_metadata=True)
     num = lambda key: meta[f"llama.{key}"].item()  # noqa: E731
     heads, kv_heads = num("attention.head_count"), num("attention.head_count_kv")
-    layers = layers or num("block_count")
+    layers = num("block_count")
     d = num("embedding_length")
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
@@ -96,6 +95,21 @@ def to_hf_folder(gguf: Path, out: Path, layers: int = None) -> Path:
     mx.save_safetensors(str(out / "model.safetensors"), hf, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(meta, out)
+    return out
+
+
+def first_layers(src: Path, out: Path, layers: int) -> Path:
+    """A copy of the folder ``src`` keeping its first ``layers`` layers: real
+    weights in a shorter (and much weaker) model, for quick training tests."""
+    out.mkdir(parents=True, exist_ok=True)
+    weights = mx.load(str(src / "model.safetensors"))
+    keep = lambda k: not k.startswith("model.layers.") or int(k.split(".")[2]) < layers  # noqa: E731
+    mx.save_safetensors(str(out / "model.safetensors"), {k: w for k, w in weights.items() if keep(k)},
+                        metadata={"format": "pt"})  # fmt: skip
+    config = json.loads((src / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((src / name).read_bytes())
     return out
 
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -28,29 +27,31 @@ from repo_mlx.rope import pe_config
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base(request, tmp_path_factory):
-    """The plain SmolLM2 as a Hugging Face folder (float32 from the 4-bit GGUF)."""
+    """The plain SmolLM2 as a Hugging Face folder (float32 from the 4-bit GGUF),
+    dequantized once a session."""
     store = getattr(request.config, "cache", None)  # pytest's cache, kept between runs
     cache = Path(store.mkdir("smollm2")) if store else tmp_path_factory.mktemp("download")
     try:
         gguf = smollm2.download(cache)
     except RuntimeError as e:  # loud: these are the only tests on real weights
         pytest.fail(f"SmolLM2 weights unavailable, the real-weight tests cannot run: {e}")
-    return gguf, smollm2.to_hf_folder(gguf, tmp_path_factory.mktemp("smollm2") / "plain")
+    return smollm2.to_hf_folder(gguf, tmp_path_factory.mktemp("smollm2") / "plain")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def short(base, tmp_path_factory):
-    """Its first 8 layers, for training in seconds: real weights, a weaker model."""
-    return smollm2.to_hf_folder(base[0], tmp_path_factory.mktemp("smollm2") / "short", layers=8)
+    """Its first 4 layers, for training in seconds: real weights, a weaker model.
+    The 49152-token vocabulary dominates the cost of a token at any depth."""
+    return smollm2.first_layers(base, tmp_path_factory.mktemp("smollm2") / "short", 4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stock(base):
     from mlx_lm import load
 
-    return load(str(base[1]))
+    return load(str(base))
 
 
 def greedy(model, ids, n=8):
@@ -71,18 +72,21 @@ def test_gguf_rows_are_unpermuted_and_the_model_knows_paris(stock):
     model, tokenizer = stock
     ids = tokenizer.encode(PROMPT)
     assert tokenizer.decode(greedy(model, ids, 1)) == " Paris"
-    # Real text is predictable (2.2 nats a token; 5.1 with llama.cpp's row order kept).
-    assert loss(model, mx.array([tokenizer.encode(real_text())[:200]])) < 3.0
+    # Real text is predictable: 3.4 nats a token on its first 32 tokens, 4.6 with
+    # llama.cpp's row order kept (2.2 and 5.1 on 200 tokens).
+    assert loss(model, mx.array([tokenizer.encode(real_text())[:32]])) < 4.0
 
 
 def test_blend_one_is_mlx_lm_llama_on_real_weights(base, stock, tmp_path):
     """A RePo config (random module in the default layers) at position blend 1."""
     repo = tmp_path / "repo"
-    shutil.copytree(base[1], repo)
-    config = json.loads((repo / "config.json").read_text())
+    repo.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, repo)
+    config = json.loads((base / "config.json").read_text())
     config["pe_config"] = pe_config(pretrain.default_start_layer(config["num_hidden_layers"]))
     (repo / "config.json").write_text(json.dumps(config))
-    weights = mx.load(str(repo / "model.safetensors"))
+    weights = mx.load(str(base / "model.safetensors"))
     args = repo_mlx.repo_llama.ModelArgs.from_dict(config)
     assert args.repo_layers == list(range(9, 30))
     new = pretrain.init_position_weights(args, seed=0)
@@ -98,8 +102,8 @@ def test_blend_one_is_mlx_lm_llama_on_real_weights(base, stock, tmp_path):
     assert mx.abs(got - want).max().item() < 1e-3 * mx.abs(want).max().item()
     assert greedy(ours, ids) == greedy(model, ids)
     assert tokenizer.decode(greedy(ours, ids, 1)) == " Paris"
-    learned, _ = repo_mlx.load(str(repo))  # the module's own positions change the logits
-    assert mx.abs(learned(mx.array([ids])) - want).max().item() > 1e-2 * mx.abs(want).max().item()
+    repo_mlx.set_position_blend(ours, 0.0)  # the module's own positions change the logits
+    assert mx.abs(ours(mx.array([ids])) - want).max().item() > 1e-2 * mx.abs(want).max().item()
 
 
 STOCK = """
@@ -130,23 +134,23 @@ def test_pretrain_inserts_the_module_and_trains_on_real_text(short, tmp_path):
     data.write_text(real_text())
     out = tmp_path / "out"
     code, stdout, err = run_cli(
-        "--model", short, "--data", data, "--save-path", out, "--seq-len", "32", "--batch-size", "2",
-        "--dtype", "float32", "--iters", "4", "--position-warmup", "1", "--learning-rate", "1e-3",
+        "--model", short, "--data", data, "--save-path", out, "--seq-len", "16", "--batch-size", "1",
+        "--dtype", "float32", "--iters", "3", "--position-warmup", "1", "--learning-rate", "1e-3",
         "--steps-per-report", "1", "--steps-per-eval", "100", "--val-share", "0.1", "--val-batches", "1",
     )  # fmt: skip
     assert code == 0, err
-    assert "Inserted the position module into layers [3, 4, 5, 6, 7]" in stdout  # round(8 * 5/16)
+    assert "Inserted the position module into layers [1, 2, 3]" in stdout  # round(4 * 5/16)
 
     model, tokenizer = load(str(short))
     trained, _ = repo_mlx.load(str(out))
-    assert trained.args.repo_layers == [3, 4, 5, 6, 7]
+    assert trained.args.repo_layers == [1, 2, 3]
     params = dict(tree_flatten(trained.parameters()))
-    assert params["model.layers.7.self_attn.final_map.weight"].shape == (3, 72)
+    assert params["model.layers.3.self_attn.final_map.weight"].shape == (3, 72)
     # Step 0 (blend 1) is the base model, up to float32 rounding.
     args = pretrain.parse_args(["--model", str(short), "--data", str(data), "--dtype", "float32"])
     inserted = pretrain.prepare_model(args, log=lambda *a: None).model
     repo_mlx.set_position_blend(inserted, 1.0)
-    ids = mx.array([tokenizer.encode(real_text())[:128]])
+    ids = mx.array([tokenizer.encode(real_text())[:32]])
     want = model(ids)
     assert mx.abs(inserted(ids) - want).max().item() < 1e-4 * mx.abs(want).max().item()
     # Training lowers the loss of the RePo model (learned positions, blend 0).
