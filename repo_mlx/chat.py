@@ -113,7 +113,7 @@ class Chat:
 def build_parser():
     p = _cli.ArgumentParser(
         prog="python -m repo_mlx.chat",
-        description="Chat with a RePo-OLMo2 model in the terminal, keeping the "
+        description="Chat with a RePo model (OLMo-2, Llama or Qwen3) in the terminal, keeping the "
         "conversation's KV cache between turns. " + HELP,
     )
     add_model_flags(p)

@@ -43,7 +43,7 @@ def stream_generate(model, tokenizer, prompt, **kwargs):
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.ArgumentParser(
         prog="python -m repo_mlx.generate",
-        description="Generate text with a RePo-OLMo2 model, streaming it to stdout.",
+        description="Generate text with a RePo model (OLMo-2, Llama or Qwen3), streaming it to stdout.",
     )
     add_model_flags(p, yarn=True)
     _cli.add_prompt_flags(p, default=DEFAULT_PROMPT)

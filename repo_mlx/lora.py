@@ -63,7 +63,7 @@ def build_parser():
     p = _cli.ArgumentParser(
         prog="python -m repo_mlx.lora",
         description="LoRA, QLoRA (on a 4-bit converted model), DoRA or full fine-tuning of a "
-        "RePo-OLMo2 model, with the position module frozen, LoRA-adapted or fully "
+        "RePo model (OLMo-2, Llama or Qwen3), with the position module frozen, LoRA-adapted or fully "
         "trained. Flags, data formats and -c config.yaml as in mlx_lm.lora; a flag "
         "given on the command line overrides the config file.",
         parents=[_mlx_lm_lora.build_parser()],
@@ -84,7 +84,7 @@ def build_parser():
     _set_help(p, "--resume-adapter-file", "Continue from this checkpoint (adapters.safetensors or NNNNNNN_adapters.safetensors): weights, and from its .state.safetensors file the optimizer state and iteration, so the run goes on exactly as if uninterrupted.")
     _set_help(p, "--save-every", "Save a checkpoint every N iterations (default: 100).")
     _set_help(p, "--seed", "Seed for LoRA initialisation, data order and dropout (default: 0).")
-    _set_help(p, "--trust-remote-code", "Accepted as in mlx_lm.lora, and has no effect: repo_mlx carries the RePo model code and the OLMo-2 tokenizer needs none.")
+    _set_help(p, "--trust-remote-code", "Accepted as in mlx_lm.lora, and has no effect: repo_mlx carries the RePo model code.")
     p.add_argument(
         "--force",
         action="store_true",

@@ -1,9 +1,10 @@
 """Continual pre-training into RePo: ``python -m repo_mlx.pretrain --model BASE --data PATH``.
 
-The paper's recipe (arXiv 2512.14391; docs/pretrain.md): take a plain OLMo-2,
-add the position module (gate_map, content_map, final_map) to its upper
-layers, initialised as the official trainer does, and continue pre-training
-all parameters on packed text. A RePo BASE keeps its module and continues.
+The paper's recipe (arXiv 2512.14391; docs/pretrain.md): take a plain OLMo-2
+(or Llama, Mistral, Qwen3: one position per key/value head, docs/gqa.md), add
+the position module (gate_map, content_map, final_map) to its upper layers,
+initialised as the official trainer does, and continue pre-training all
+parameters on packed text. A RePo BASE keeps its module and continues.
 
 Half precision computes with float32 master weights and optimizer state:
 at lr 7e-5 a bfloat16 weight's rounding step swallows most updates.
@@ -635,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("-c", "--config", help="YAML file of options (names with underscores, e.g. seq_len: 2048).")
     a("--repo-start-layer", type=_cli.non_negative_int, help="Plain BASE: layers with index >= N get the position module (default: round(5/16 of the layers), the release's 5 of 16).")
     a("--repo-layer-ids", help="Plain BASE: comma-separated layers that may get the module (with the start-layer rule; default: all).")
-    a("--plain", action="store_true", default=None, help="Continue a plain OLMo-2 as plain RoPE, without the position module: the same-recipe control the paper compares RePo against.")
+    a("--plain", action="store_true", default=None, help="Continue a plain BASE as plain RoPE, without the position module: the same-recipe control the paper compares RePo against.")
     a("--position-warmup", type=_cli.non_negative_int, help="Blend positions from integers (so step 0 is the base model) to learned over K steps (default: 0, the paper's cold start; docs/pretrain.md measures both).")
     a("--train-only", choices=TRAIN_ONLY, help="What trains: all parameters (default, the paper), the position module only, or it plus LoRA on every other linear (lora_parameters from -c) - the last two fit a 16 GB Mac.")
     a("--iters", type=_cli.positive_int, help="Optimizer steps; the learning rate reaches 0 at the last one (default: 1000).")

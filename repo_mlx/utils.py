@@ -425,7 +425,7 @@ def load_tokenizer(path: Path, eos_token_ids=None):
     blames sentencepiece or tiktoken instead)."""
     if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
         raise LoadError(
-            f"{path} has no tokenizer.json (OLMo-2's tokenizer file); copy it, with "
+            f"{path} has no tokenizer.json (the Hugging Face tokenizer file); copy it, with "
             "tokenizer_config.json, from the source checkpoint."
         )
     try:

@@ -167,7 +167,7 @@ def test_missing_tokenizer_json_is_named(fixture_path, tmp_path):
     shutil.copytree(fixture_path, tmp_path / "m")
     (tmp_path / "m" / "tokenizer.json").unlink()
     r = generate("--model", str(tmp_path / "m"), "-m", "2")
-    one_line_error(r, f"error: {tmp_path / 'm'} has no tokenizer.json (OLMo-2's tokenizer file)")
+    one_line_error(r, f"error: {tmp_path / 'm'} has no tokenizer.json (the Hugging Face tokenizer file)")
 
 
 def test_plain_olmo2_gets_one_notice(tmp_path):
