@@ -2,13 +2,15 @@
 
 Throughput: repo_mlx.pretrain's trainer (--train-only all, the paper's AdamW,
 clip, z-loss, the inserted position module) against mlx-lm's full fine-tuning
-of the plain OLMo-2 of the same shape, same batch and sequence length, each
+of the plain model of the same shape (OLMo-2, or with bench_model.py's smollm2
+and qwen3-0.6b shapes mlx-lm's llama and qwen3), same batch and sequence length, each
 run in its own process, alternating; tokens/s over the steps after the first
 window (which pays for compilation). Memory: measured peak of each
 --train-only setting with and without --grad-checkpoint, next to the
 estimate --dry-run prints.
 
     python bench/bench_pretrain.py --shape tiny --seq-len 256 --batch-size 2 --runs 3
+    python bench/bench_pretrain.py --shape smollm2 --seq-len 32 --batch-size 1 --iters 3 --report 1 --no-memory
 
 ``--spike`` instead measures what --position-warmup does to the early loss
 spike: it pre-trains a small plain OLMo-2 on text whose structure needs
@@ -31,12 +33,24 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from bench_model import SHAPES as MODEL_SHAPES
+
 SHAPES = {
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                   intermediate_size=2048, vocab_size=32000, start_layer=2),
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                  intermediate_size=1024, vocab_size=4096, start_layer=1),
+    # Grouped-query attention, RePo layers as pretrain inserts them (from round(5n/16)).
+    "smollm2": MODEL_SHAPES["smollm2"],
+    "qwen3-0.6b": MODEL_SHAPES["qwen3-0.6b"],
 }
+
+
+def config(shape: str) -> dict:
+    from repo_mlx import synthetic
+
+    cfg = SHAPES[shape]
+    return dict(cfg) if "model_type" in cfg else synthetic.config(**cfg)
 
 
 def trainer_args(a, **kw):
@@ -52,13 +66,14 @@ def trainer_args(a, **kw):
 
 def one(a) -> dict:
     """One measurement in this process: steps/s and peak memory."""
-    from repo_mlx import pretrain, pretrain_data, synthetic
-    from repo_mlx.repo_olmo2 import Model, ModelArgs
+    from repo_mlx import pretrain, pretrain_data
+    from repo_mlx.utils import model_file
 
-    cfg = synthetic.config(**SHAPES[a.shape])
+    cfg = config(a.shape)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg["vocab_size"], 16 * a.batch_size * a.seq_len).astype(np.uint32)
-    repo = Model(ModelArgs.from_dict(cfg))
+    arch = model_file(cfg)
+    repo = arch.Model(arch.ModelArgs.from_dict(cfg))
     dtype = getattr(mx, a.dtype)
     times = []
     if a.one == "mlx-lm":
