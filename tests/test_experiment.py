@@ -46,7 +46,7 @@ def test_smoke_run_writes_the_report_and_resumes(tmp_path):
     assert results["data"]["heldout_plays"] == ["alpha_gut"]
     assert "repo-0" in results["positions"]
     md = (report / "report.md").read_text()
-    assert "| niah_multikey | 1024 YaRN |" in md
+    assert "| niah_multikey (exact match) | 1024 YaRN |" in md
     for f in ("loss.png", "positions.png"):
         assert (report / f).read_bytes()[:4] == b"\x89PNG"
     assert "plotly" in (report / "viewer.html").read_text()[:2_000_000].lower()
