@@ -22,14 +22,11 @@ import time
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models import olmo2
 from mlx_lm.models.cache import make_prompt_cache
 
 from repo_mlx import synthetic
 from repo_mlx.benchmark import alternate
 from repo_mlx.kernel_checks import plain_twin
-from repo_mlx.rope import POSITION_WEIGHTS
-from repo_mlx.repo_olmo2 import ModelArgs, TransformerBlock
 from repo_mlx.rope import pe_config
 from repo_mlx.utils import model_file
 
@@ -54,21 +51,16 @@ SHAPES = {
 
 
 def build(shape: str, dtype: str, layer: bool = False):
-    """repo_mlx and mlx-lm's model (or one OLMo-2 layer of each), sharing base weights."""
+    """repo_mlx's and mlx-lm's model (or their first layer, a RePo layer), sharing base weights."""
     cfg = {"tie_word_embeddings": False, **SHAPES[shape]}
-    if not layer:
-        arch = model_file(cfg)
-        repo = arch.Model(arch.ModelArgs.from_dict(cfg))
-        repo.set_dtype(getattr(mx, dtype))
-        mx.eval(repo.parameters())
-        return repo, plain_twin(repo)  # the very same arrays: no copy
-    repo = TransformerBlock(ModelArgs.from_dict(cfg), repo=True)
-    plain = olmo2.TransformerBlock(olmo2.ModelArgs.from_dict(cfg))
+    if layer:  # a one-layer model whose layer is a RePo layer
+        cfg.update(num_hidden_layers=1, pe_config=pe_config(0))
+    arch = model_file(cfg)
+    repo = arch.Model(arch.ModelArgs.from_dict(cfg))
     repo.set_dtype(getattr(mx, dtype))
-    base = [(k, v) for k, v in tree_flatten(repo.parameters()) if k.split(".")[-2] not in POSITION_WEIGHTS]
-    plain.load_weights(base)
     mx.eval(repo.parameters())
-    return repo, plain
+    plain = plain_twin(repo)  # the very same arrays: no copy
+    return (repo.layers[0], plain.layers[0]) if layer else (repo, plain)
 
 
 def measure(model, prompt, gen_tokens):
@@ -107,8 +99,6 @@ def main():
     p.add_argument("--runs", type=int, default=5, help="Measured runs per model, alternating (default: 5).")
     p.add_argument("--layer", action="store_true", help="Time one RePo layer against mlx-lm's layer (prefill).")
     args = p.parse_args()
-    if args.layer and SHAPES[args.shape]["model_type"] != "olmo2":
-        p.error("--layer times an OLMo-2 layer; pick an OLMo-2 shape (1b or small).")
 
     repo, plain = build(args.shape, args.dtype, args.layer)
     models = {"repo_mlx": repo, f"mlx-lm {SHAPES[args.shape].get('model_type', 'olmo2')}": plain}
@@ -119,11 +109,12 @@ def main():
 
     if args.layer:
         x = mx.random.normal((1, args.prompt_tokens, SHAPES[args.shape]["hidden_size"])).astype(getattr(mx, args.dtype))
-        med, ratio = alternate(models, lambda m: measure_layer(m, x), args.runs)
+        med, ratio, spread = alternate(models, lambda m: measure_layer(m, x), args.runs)
         print(f"{'':14s} {'prefill tok/s':>14s}")
         for name, (pre,) in med.items():
             print(f"{name:14s} {pre:14.2f}")
         print(f"{'ratio':14s} {ratio[0]:14.3f}")
+        print(f"{'runs':14s} {spread[0][0]:6.3f}..{spread[0][1]:.3f}")
         module = statistics.median(
             1 / measure_layer(lambda h, _: repo.self_attn.positions(h), x)[0] for _ in range(args.runs)
         ) * x.shape[1]
@@ -133,11 +124,12 @@ def main():
         return
 
     prompt = mx.random.randint(0, 1000, (args.prompt_tokens,))
-    med, ratio = alternate(models, lambda m: measure(m, prompt, args.gen_tokens), args.runs)
+    med, ratio, spread = alternate(models, lambda m: measure(m, prompt, args.gen_tokens), args.runs)
     print(f"{'':14s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'peak GB':>8s}")
     for name, (pre, dec, mem) in med.items():
         print(f"{name:14s} {pre:14.2f} {dec:13.2f} {mem:8.3f}")
     print(f"{'ratio':14s} {ratio[0]:14.3f} {ratio[1]:13.3f} {ratio[2]:8.3f}")
+    print(f"{'runs':14s} {spread[0][0]:6.3f}..{spread[0][1]:.3f} {spread[1][0]:6.3f}..{spread[1][1]:.3f}")
 
 
 if __name__ == "__main__":

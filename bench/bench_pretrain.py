@@ -1,11 +1,14 @@
 """Pre-training speed and memory: repo_mlx.pretrain vs ``mlx_lm.lora --fine-tune-type full``.
 
 Throughput: repo_mlx.pretrain's trainer (--train-only all, the paper's AdamW,
-clip, z-loss, the inserted position module) against mlx-lm's full fine-tuning
-of the plain model of the same shape (OLMo-2, or with bench_model.py's smollm2
-and qwen3-0.6b shapes mlx-lm's llama and qwen3), same batch and sequence length, each
-run in its own process, alternating; tokens/s over the steps after the first
-window (which pays for compilation). Memory: measured peak of each
+the inserted position module) against mlx-lm's full fine-tuning of the plain
+model of the same shape (OLMo-2, or with bench_model.py's smollm2 and
+qwen3-0.6b shapes mlx-lm's llama and qwen3), same batch and sequence length,
+each run in its own process, alternating; tokens/s over the steps after the
+first window (which pays for compilation). Twice: with mlx-lm's work (no
+gradient clipping, no z-loss), which isolates RePo's and the trainer's cost,
+and with the paper's recipe (clip 1.0, z-loss 1e-5; the global norm needs every
+gradient before any update). Memory: measured peak of each
 --train-only setting with and without --grad-checkpoint, next to the
 estimate --dry-run prints.
 
@@ -93,7 +96,10 @@ def one(a) -> dict:
 
         class Recorder:
             def on_train_loss_report(self, info):
-                times.append(info["iterations_per_second"])
+                # mlx-lm divides --report steps by the window's time, also for a
+                # shorter last window: keep each window's time and true step count.
+                done = info["iteration"] - sum(n for n, _ in times)
+                times.append((done, a.report / info["iterations_per_second"]))
 
             def on_val_loss_report(self, info):
                 pass
@@ -102,13 +108,15 @@ def one(a) -> dict:
         mx.eval(plain.parameters())
         mx.reset_peak_memory()
         train(plain, opt, data, None, targs, training_callback=Recorder())
-        steps_per_s = statistics.mean(times[1:])
+        steps_per_s = sum(n for n, _ in times[1:]) / sum(t for _, t in times[1:])
         estimate = None
     else:
         # The pretrain command's model and trainer, minus loading from disk.
         init = pretrain.init_position_weights(repo.args, 0)
         repo.load_weights(list(init.items()), strict=False)
         args = trainer_args(a, train_only=a.train_only, learning_rate=1e-5)
+        if a.one == "repo-as-mlx-lm":
+            args.grad_clip, args.z_loss = None, 0.0
         master = None
         if a.dtype != "float32":
             master = {k: v.astype(mx.float32) for k, v in tree_flatten(repo.parameters())}
@@ -147,17 +155,18 @@ def measure(a, who: str, train_only="all", checkpoint=False) -> dict:
 def throughput(a) -> None:
     print(f"shape {a.shape}, {a.dtype}, batch {a.batch_size} x {a.seq_len} tokens, "
           f"{a.iters} steps ({a.report} dropped), {a.runs} alternating runs, device {mx.default_device()}")
-    res = {"mlx-lm": [], "repo": []}
+    res = {"mlx-lm": [], "repo-as-mlx-lm": [], "repo": []}
     for i in range(a.runs):
-        for who in ("mlx-lm", "repo")[:: 1 if i % 2 == 0 else -1]:
+        for who in list(res)[:: 1 if i % 2 == 0 else -1]:
             res[who].append(measure(a, who))
-    ratios = [r["tokens_per_second"] / b["tokens_per_second"] for r, b in zip(res["repo"], res["mlx-lm"])]
     for who in res:
         tps = statistics.median(r["tokens_per_second"] for r in res[who])
         peak = statistics.median(r["peak_gb"] for r in res[who])
-        print(f"{who:<8} tokens/s {tps:10.1f}  peak {peak:.4f} GB")
-    print(f"tokens/s ratio repo/mlx-lm: median {statistics.median(ratios):.3f} "
-          f"(runs: {', '.join(f'{x:.3f}' for x in ratios)})")
+        print(f"{who:<15} tokens/s {tps:10.1f}  peak {peak:.4f} GB")
+    for who, what in (("repo-as-mlx-lm", "same work (no clip, no z-loss)"), ("repo", "paper's recipe")):
+        ratios = [r["tokens_per_second"] / b["tokens_per_second"] for r, b in zip(res[who], res["mlx-lm"])]
+        print(f"tokens/s ratio {who}/mlx-lm, {what}: median {statistics.median(ratios):.3f} "
+              f"(runs: {', '.join(f'{x:.3f}' for x in ratios)})")
     if a.no_memory:
         return
     print("\nmemory of repo_mlx.pretrain settings (measured peak vs --dry-run estimate):")
@@ -254,7 +263,7 @@ def main():
     p.add_argument("--no-memory", action="store_true", help="Skip the memory table of the --train-only settings.")
     p.add_argument("--grad-checkpoint", action="store_true", help="With --one: checkpoint layers.")
     p.add_argument("--train-only", default="all", help="With --one: repo_mlx.pretrain's --train-only.")
-    p.add_argument("--one", choices=["repo", "mlx-lm"], help="Internal: run one measurement and print JSON.")
+    p.add_argument("--one", choices=["repo", "repo-as-mlx-lm", "mlx-lm"], help="Internal: run one measurement and print JSON.")
     p.add_argument("--tmp", help="Internal: scratch folder.")
     p.add_argument("--spike", action="store_true", help="Measure the early loss spike, cold start vs --position-warmup.")
     p.add_argument("--base-steps", type=int, default=400, help="With --spike: plain pre-training steps (default: 400).")

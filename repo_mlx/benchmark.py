@@ -1,10 +1,11 @@
 """Speed and memory to paste into a bug report: ``python -m repo_mlx.benchmark``.
 
 Like ``mlx_lm.benchmark`` (random prompt tokens, no early stop, a warm-up, then
-timed trials), for the RePo model and for mlx-lm's plain OLMo-2 built on the
-very same weights (the position module left out), alternating ABBA. Prints
-medians, the ratio RePo / OLMo-2 (median of the per-trial ratios, 1.0 = no
-cost) and the machine, as Markdown. Without ``--model`` the model is random
+timed trials), for the RePo model and for mlx-lm's plain model of its
+architecture (olmo2, llama or qwen3) built on the very same weights (the
+position module left out), alternating ABBA. Prints medians, the ratio RePo /
+plain (median of the per-trial ratios, 1.0 = no cost, with their range) and the
+machine, as Markdown. Without ``--model`` the model is random
 with the released 1B's shapes: no download.
 """
 
@@ -74,7 +75,8 @@ def run_batch(model, prompt, args):
 
 def alternate(models: dict, run, trials: int):
     """A warm-up each, then ABBA trials (order reversed every other trial): medians
-    per model, and the median per-trial ratios of the first model to the second."""
+    per model, the median per-trial ratios of the first model to the second, and
+    their spread (lowest, highest) per column: a ratio is only as sure as that."""
     for name, model in models.items():
         print(f"warm-up: {name}", file=sys.stderr, flush=True)
         run(model)
@@ -86,7 +88,8 @@ def alternate(models: dict, run, trials: int):
     medians = {k: [statistics.median(col) for col in zip(*v)] for k, v in results.items()}
     first, second = list(results.values())[:2]
     ratios = [[a / b for a, b in zip(r, p)] for r, p in zip(first, second)]
-    return medians, [statistics.median(col) for col in zip(*ratios)]
+    columns = list(zip(*ratios))
+    return medians, [statistics.median(c) for c in columns], [(min(c), max(c)) for c in columns]
 
 
 def machine() -> dict:
@@ -102,7 +105,7 @@ def machine() -> dict:
     }
 
 
-def report(args, where: str, n_params: int, n_position: int, dtype: str, medians, ratio) -> str:
+def report(args, where: str, n_params: int, n_position: int, dtype: str, medians, ratio, spread) -> str:
     plain = next(k for k in medians if k != "RePo")  # the architecture's name
     rows = [("RePo (repo_mlx)", medians["RePo"]), (f"{plain} (mlx-lm, same weights)", medians[plain])]
     lines = [
@@ -121,6 +124,7 @@ def report(args, where: str, n_params: int, n_position: int, dtype: str, medians
         f"- run: prompt {args.prompt_tokens} tokens, {args.generation_tokens} generated, batch {args.batch_size}, "
         f"KV cache {kv}, prefill step {args.prefill_step_size}; {args.num_trials} trial{'s' * (args.num_trials > 1)} after a warm-up, "
         "ABBA order, medians; ratio = median of per-trial ratios",
+        f"- per-trial ratios: prompt {spread[0][0]:.3f} to {spread[0][1]:.3f}, generation {spread[1][0]:.3f} to {spread[1][1]:.3f}",
         f"- machine: {m['chip']}, {m['memory']}, {m['os']}",
         f"- software: Python {platform.python_version()}, mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, "
         f"repo_mlx {_cli.version()}",
@@ -132,8 +136,8 @@ def report(args, where: str, n_params: int, n_position: int, dtype: str, medians
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.ArgumentParser(
         prog="python -m repo_mlx.benchmark",
-        description="Prompt and generation tokens/s and peak memory of a RePo model and of plain "
-        "OLMo-2 (mlx-lm) on the same weights, with the machine, as Markdown to paste into a bug report.",
+        description="Prompt and generation tokens/s and peak memory of a RePo model and of the plain "
+        "model of its architecture (mlx-lm) on the same weights, with the machine, as Markdown to paste into a bug report.",
     )
     p.add_argument("--model", default=None, help="Model folder or Hub id (default: a random model, see --shape; no download).")
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="Shape of the random model without --model (default: 1b, the released model's).")
@@ -170,8 +174,8 @@ def main(argv=None) -> None:
     prompt = mx.random.randint(0, model.args.vocab_size, (args.batch_size, args.prompt_tokens))
     run = run_single if args.batch_size == 1 else run_batch
     models = {"RePo": model, architecture_name(model): plain}
-    medians, ratio = alternate(models, lambda m: run(m, prompt, args), args.num_trials)
-    print(report(args, where, n_params, n_position, dtype, medians, ratio))
+    medians, ratio, spread = alternate(models, lambda m: run(m, prompt, args), args.num_trials)
+    print(report(args, where, n_params, n_position, dtype, medians, ratio, spread))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from . import _cli, benchmark, kernel_checks as kc, rope
 from .kernel_checks import Check
 from .errors import LoadError
 from .files import atomic_file
+from .utils import architecture_name, load
 
 
 def _version(package: str) -> str:
@@ -57,14 +58,15 @@ def environment() -> list:
 
 
 def speed(model, tokens: int, prompt_tokens: int = 64, trials: int = 3) -> list:
-    """Decode tokens/s: RePo with kernels on and off, and mlx-lm's OLMo-2 on the
-    same weights (the position module and rotation are RePo's whole cost)."""
+    """Decode tokens/s: RePo with kernels on and off, and mlx-lm's plain model of the
+    same architecture on the same weights (the position module and rotation are
+    RePo's whole cost)."""
     if why := kc.kernels_unavailable():
         return [Check("speed", "skip", f"{why}: speed is measured on a Metal GPU only")]
     models = {
         "RePo, kernels on": (model, "on"),
         "RePo, kernels off": (model, "off"),
-        "OLMo-2 (mlx-lm)": (kc.plain_twin(model), "off"),
+        f"{architecture_name(model)} (mlx-lm)": (kc.plain_twin(model), "off"),
     }
     prompt = mx.random.randint(0, model.args.vocab_size, (1, prompt_tokens), key=mx.random.key(0))
     # benchmark's timing: the first token ends the prefill, ``tokens`` more are decoded.
@@ -75,7 +77,7 @@ def speed(model, tokens: int, prompt_tokens: int = 64, trials: int = 3) -> list:
         with kc.kernels(mode):
             return benchmark.run_single(m, prompt, settings)
 
-    medians, _ = benchmark.alternate(models, run, trials)
+    medians, *_ = benchmark.alternate(models, run, trials)
     on = medians["RePo, kernels on"][1]
     return [
         Check(f"speed: {name}", "info", f"{tps:.1f} decode tokens/s ({tps / on:.2f} x kernels on)")
@@ -133,8 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from .utils import load
-
     args = build_parser().parse_args(argv)
     if args.fixture != kc.FIXTURE and not (args.fixture / "reference.npz").is_file():
         raise LoadError(

@@ -361,7 +361,7 @@ def make_trainer(model, args, master: Optional[dict] = None) -> Trainer:
     --grad-accumulation-steps batches, clipped, z-loss, position warm-up."""
     accum = args.grad_accumulation_steps
     return Trainer(model, build_optimizer(args), partial(loss_fn, z_loss=args.z_loss),
-                   seed=args.seed, micro_batches=accum, accumulate=accum, grad_clip=args.grad_clip,
+                   seed=args.seed, micro_batches=accum, accumulate=accum, grad_clip=args.grad_clip or None,
                    grad_checkpoint=args.grad_checkpoint, position_warmup=args.position_warmup,
                    master=master)
 
@@ -568,7 +568,7 @@ def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerpri
         rate = (step - start) / (time.perf_counter() - tic)
         record = {
             "step": step, "loss": metrics[0] / n, "z_loss": metrics[1] / n,
-            "learning_rate": lr, "grad_norm": norm,
+            "learning_rate": lr, "grad_norm": norm if args.grad_clip else None,  # only clipping computes it
             "tokens_per_second": steps * args.batch_size * args.grad_accumulation_steps * args.seq_len / seconds,
             "trained_tokens": step * args.batch_size * args.grad_accumulation_steps * args.seq_len,
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
@@ -577,7 +577,7 @@ def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerpri
         }
         rprint(
             f"Step {step}/{args.iters}: loss {record['loss']:.4f}, z-loss {record['z_loss']:.2e}, "
-            f"lr {lr:.3e}, grad norm {norm:.3f}, tokens/s "
+            f"lr {lr:.3e}, {f'grad norm {norm:.3f}, ' if args.grad_clip else ''}tokens/s "
             f"{record['tokens_per_second']:.0f}, peak mem {record['peak_memory_gb']:.3f} GB, "
             f"ETA {record['eta_seconds'] / 60:.1f} min"
         )
@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--betas", type=_cli.float_range(0, 1, hi_open=True), nargs=2, help="AdamW betas (default: 0.9 0.95).")
     a("--weight-decay", type=_cli.non_negative_float, help="AdamW weight decay, not applied to the embeddings (default: 0.1).")
     a("--adam-eps", type=_cli.positive_float, help="AdamW epsilon (default: 1e-8).")
-    a("--grad-clip", type=_cli.positive_float, help="Clip the global gradient norm to this (default: 1.0).")
+    a("--grad-clip", type=_cli.non_negative_float, help="Clip the global gradient norm to this; 0 turns clipping off, which saves a pass over every gradient and the memory of holding them all at once (docs/gqa.md measures both) (default: 1.0).")
     a("--z-loss", type=_cli.non_negative_float, help="Weight of the z-loss, mean logsumexp(logits)^2 (default: 1e-5).")
     a("--dtype", choices=DTYPES, help="Compute dtype; half precision keeps float32 master weights and optimizer state (default: bfloat16).")
     a("--grad-checkpoint", action="store_true", default=None, help="Recompute each layer's activations in the backward pass: less memory, one more forward pass per layer.")

@@ -30,6 +30,21 @@ def test_figures_come_from_the_clock(monkeypatch, capsys):
         assert (prompt, generation) == (16.0, 4.0) and memory > 0
     assert figures(out.out, "**ratio RePo / OLMo-2**")[:2] == [1.0, 1.0]
     assert out.err.count("trial ") == 3 and "warm-up: RePo" in out.err  # progress on stderr only
+    assert "- per-trial ratios: prompt 1.000 to 1.000, generation 1.000 to 1.000" in out.out
+
+
+def test_alternate_gives_median_ratio_and_its_range():
+    # A takes 2, 4, 8 (after a warm-up of 1), B always 4: ratios 0.5, 1, 2 in ABBA order.
+    values = {"A": iter([1.0, 2.0, 4.0, 8.0]), "B": itertools.repeat(4.0)}
+    order = []
+
+    def run(name):
+        order.append(name)
+        return (next(values[name]),)
+
+    medians, ratio, spread = benchmark.alternate({"A": "A", "B": "B"}, run, 3)
+    assert order == ["A", "B", "A", "B", "B", "A", "A", "B"]
+    assert medians == {"A": [4.0], "B": [4.0]} and ratio == [1.0] and spread == [(0.5, 2.0)]
 
 
 def test_report_of_a_loaded_model_in_batches(fixture_path):
