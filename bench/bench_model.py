@@ -53,8 +53,8 @@ SHAPES = {
 def build(shape: str, dtype: str, layer: bool = False):
     """repo_mlx's and mlx-lm's model (or their first layer, a RePo layer), sharing base weights."""
     cfg = {"tie_word_embeddings": False, **SHAPES[shape]}
-    if layer:  # a one-layer model whose layer is a RePo layer
-        cfg.update(num_hidden_layers=1, pe_config=pe_config(0))
+    if layer:  # a one-layer model whose layer is a RePo layer; the layer needs no real vocabulary
+        cfg.update(num_hidden_layers=1, pe_config=pe_config(0), vocab_size=256)
     arch = model_file(cfg)
     repo = arch.Model(arch.ModelArgs.from_dict(cfg))
     repo.set_dtype(getattr(mx, dtype))
