@@ -49,7 +49,7 @@ DEFAULTS = {
     "model": None, "data": None, "val_data": None, "val_share": 0.01, "val_batches": 8,
     "text_feature": "text", "data_split": "train", "save_path": "repo_model",
     "repo_start_layer": None, "repo_layer_ids": None, "position_warmup": 0,
-    "plain": False, "train_only": "all", "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+    "plain": False, "nope": False, "train_only": "all", "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
     # The official run (configs/official-0425/...-SEXMH-L5.yaml of the RePo release).
     "iters": 1000, "batch_size": 4, "grad_accumulation_steps": 1, "seq_len": 4096,
     "learning_rate": 7.4487e-5, "warmup": 0, "betas": [0.9, 0.95], "weight_decay": 0.1,
@@ -62,7 +62,7 @@ POSITIVE = ("iters", "batch_size", "grad_accumulation_steps", "seq_len", "steps_
             "steps_per_eval", "save_every", "keep_checkpoints")
 # Settings a resumed run must share with the original to continue it exactly.
 RUN_DEFINING = ("model", "data", "val_data", "val_share", "text_feature", "data_split",
-                "repo_start_layer", "repo_layer_ids", "plain", "train_only", "lora_parameters",
+                "repo_start_layer", "repo_layer_ids", "plain", "nope", "train_only", "lora_parameters",
                 "batch_size", "grad_accumulation_steps", "seq_len", "learning_rate", "warmup",
                 "betas", "weight_decay", "adam_eps", "grad_clip", "z_loss", "dtype", "seed",
                 "position_warmup", "yarn_factor", "iters")
@@ -81,12 +81,13 @@ def default_start_layer(num_layers: int) -> int:
     return (5 * num_layers + 8) // 16
 
 
-def init_position_weights(args, seed: int) -> Dict[str, mx.array]:
+def init_position_weights(args, seed: int, nope: bool = False) -> Dict[str, mx.array]:
     """New gate_map/content_map/final_map weights (HF names) for every RePo layer.
 
     The official trainer's init (init_fn normal, init_std 0.02, init_cutoff_factor 3):
     a normal of std 0.02 truncated at +-3 std, so z starts near 0. final_map gives
     one position per key/value head (per head without grouped-query attention).
+    ``nope``: final_map is 0, so every position is 0 (no rotation: NoPE).
     """
     d, kv = args.hidden_size, args.num_key_value_heads
     shapes = {"gate_map": (d // 8, d), "content_map": (d // 8, d), "final_map": (kv, d // 8)}
@@ -96,17 +97,20 @@ def init_position_weights(args, seed: int) -> Dict[str, mx.array]:
         for name in POSITION_WEIGHTS:
             key, sub = mx.random.split(key)
             w = 0.02 * mx.random.truncated_normal(-3.0, 3.0, shapes[name], key=sub)
+            if nope and name == "final_map":
+                w = mx.zeros_like(w)
             out[f"model.layers.{i}.self_attn.{name}.weight"] = w
     return out
 
 
-def _inserting(seed: int, Model):
+def _inserting(seed: int, Model, nope: bool = False):
     """The model class whose loading adds a freshly initialised position module."""
 
     class InsertedRePo(Model):
         def sanitize(self, weights):
             dtype = weights["model.norm.weight"].dtype  # float even in a quantized base
-            new = {k: v.astype(dtype) for k, v in init_position_weights(self.args, seed).items()}
+            init = init_position_weights(self.args, seed, nope)
+            new = {k: v.astype(dtype) for k, v in init.items()}
             # The loader's own config/weight cross-check then runs on the result.
             return super().sanitize({**new, **weights})
 
@@ -153,6 +157,13 @@ def prepare_model(args, log=rprint):
             f"{math.ceil(args.seq_len / context)} (YaRN, as the paper did for 8K/16K)."
         )
     ids = _layer_ids(args.repo_layer_ids)
+    if args.plain and args.nope:
+        raise LoadError("--plain and --nope are two different controls; pass one of them.")
+    if args.nope and (existing or args.train_only != "all"):
+        raise LoadError(
+            "--nope inserts a position module fixed at 0 into a plain base and trains every "
+            f"other weight; {'drop --train-only' if not existing else f'{args.model} is already a RePo model'}."
+        )
     if getattr(args, "plain", False):
         if existing:
             raise LoadError(f"--plain continues a plain {name}, but {args.model} is a RePo model (RePo layers {existing}).")
@@ -192,7 +203,7 @@ def prepare_model(args, log=rprint):
         if not new_layers:
             raise LoadError(f"--repo-layer-ids {ids} has no layer >= --repo-start-layer {start}.")
         overrides["pe_config"] = pe
-        classes = (_inserting(args.seed, arch.Model), arch.ModelArgs)
+        classes = (_inserting(args.seed, arch.Model, args.nope), arch.ModelArgs)
     try:
         model, config = _mlx_lm_load_model(
             src, lazy=True, model_config=overrides, get_model_classes=lambda config: classes
@@ -207,6 +218,8 @@ def prepare_model(args, log=rprint):
         raise LoadError(f"The tokenizer in {src} has no EOS token to separate documents.")
     if getattr(args, "plain", False):
         log(f"Plain {name}: continuing without a position module (the RoPE control)")
+    elif new_layers and args.nope:
+        log(f"NoPE control: layers {new_layers} get a position module fixed at 0 (no rotation), frozen")
     elif new_layers:
         log(f"Inserted the position module into layers {new_layers} (truncated normal, std 0.02)")
     else:
@@ -234,10 +247,13 @@ def to_compute_dtype(prep, dtype: str) -> Optional[dict]:
     return master
 
 
-def setup_trainable(model, train_only: str, lora_parameters: Optional[dict]) -> Optional[dict]:
-    """all: every parameter; position: gate/content/final maps; position+lora: plus LoRA."""
+def setup_trainable(model, train_only: str, lora_parameters: Optional[dict], nope: bool = False) -> Optional[dict]:
+    """all: every parameter; position: gate/content/final maps; position+lora: plus LoRA.
+    ``nope``: every parameter but the position module, which keeps positions at 0."""
     if train_only == "all":
         model.unfreeze()
+        for m in adapters.position_maps(model.layers) if nope else []:
+            m.freeze()
         return None
     if train_only == "position+lora":
         return adapters.setup_trainable(model, "lora", -1, lora_parameters, "full")
@@ -251,7 +267,8 @@ def setup_trainable(model, train_only: str, lora_parameters: Optional[dict]) -> 
 
 
 def build_optimizer(args):
-    """AdamW with linear decay to 0 (after optional warm-up); no decay on embeddings.
+    """torch's AdamW (bias-corrected) with linear decay to 0 (after optional
+    warm-up); no decay on embeddings.
 
     The official run decays norms too (decay_norm_and_bias: true) but not the
     embeddings (decay_embeddings: false).
@@ -261,7 +278,9 @@ def build_optimizer(args):
     if args.warmup:
         ramp = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
         lr = optim.join_schedules([ramp, lr], [args.warmup])
-    kw = dict(learning_rate=lr, betas=list(args.betas), eps=args.adam_eps)
+    # bias_correction: torch's AdamW, which the official trainer uses, always corrects;
+    # MLX's default would move every weight by (1 - b1) / sqrt(1 - b2) x lr at step 1.
+    kw = dict(learning_rate=lr, betas=list(args.betas), eps=args.adam_eps, bias_correction=True)
     return optim.MultiOptimizer(
         [optim.AdamW(weight_decay=0.0, **kw), optim.AdamW(weight_decay=args.weight_decay, **kw)],
         [lambda path, _: path.startswith("model.embed_tokens")],
@@ -637,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--repo-start-layer", type=_cli.non_negative_int, help="Plain BASE: layers with index >= N get the position module (default: round(5/16 of the layers), the release's 5 of 16).")
     a("--repo-layer-ids", help="Plain BASE: comma-separated layers that may get the module (with the start-layer rule; default: all).")
     a("--plain", action="store_true", default=None, help="Continue a plain BASE as plain RoPE, without the position module: the same-recipe control the paper compares RePo against.")
+    a("--nope", action="store_true", default=None, help="Plain BASE: the NoPE control. The RePo layers get a position module fixed at 0 (frozen), so they rotate nothing; the rest trains as with RePo. RePo must beat both --plain and --nope to show it re-positions (docs/experiment.md).")
     a("--position-warmup", type=_cli.non_negative_int, help="Blend positions from integers (so step 0 is the base model) to learned over K steps (default: 0, the paper's cold start; docs/pretrain.md measures both).")
     a("--train-only", choices=TRAIN_ONLY, help="What trains: all parameters (default, the paper), the position module only, or it plus LoRA on every other linear (lora_parameters from -c) - the last two fit a 16 GB Mac.")
     a("--iters", type=_cli.positive_int, help="Optimizer steps; the learning rate reaches 0 at the last one (default: 1000).")
@@ -772,6 +792,8 @@ def run(args, on_step=None):
     rank_batch = args.batch_size // world.size()
     rank = (args.lora_parameters or {}).get("rank", 8)
     counts = count_parameters(prep.config, args.train_only, rank)
+    if args.nope:
+        counts["trainable"] -= counts["position"]
     settings = types.SimpleNamespace(**{**vars(args), "batch_size": rank_batch, "lora_rank": rank,
                                         "dtype": prep.stored_dtype if prep.quantized else args.dtype})
     if prep.quantized and args.dtype != prep.stored_dtype:
@@ -790,7 +812,7 @@ def run(args, on_step=None):
             shutil.rmtree(cache, ignore_errors=True)
         raise
     mx.random.seed(args.seed)  # LoRA initialisation
-    setup_trainable(prep.model, args.train_only, args.lora_parameters)
+    setup_trainable(prep.model, args.train_only, args.lora_parameters, args.nope)
     master = to_compute_dtype(prep, args.dtype)
     trainer = make_trainer(prep.model, args, master)
     del master  # the trainer holds what it needs

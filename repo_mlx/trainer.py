@@ -121,11 +121,16 @@ class Trainer:
         k = self.position_warmup
         return max(0.0, 1.0 - step / k) if k else 0.0
 
-    def train_step(self, next_batch: Callable[[], tuple]):
-        """One step on the next batches; returns (summed metrics, grad norm or 0)."""
+    def set_blend(self) -> float:
+        """Put the model at the blend of the next step (evaluations see the model as it trains)."""
         blend = self.blend(self.step)
         if self.position_warmup:
             set_position_blend(self.model, blend)
+        return blend
+
+    def train_step(self, next_batch: Callable[[], tuple]):
+        """One step on the next batches; returns (summed metrics, grad norm or 0)."""
+        blend = self.set_blend()
         # The blend is a Python constant inside the graph: compile once it is fixed at 0.
         if blend == 0.0 and self._compiled is None:
             self._compiled = mx.compile(self._micro_step, inputs=self.state, outputs=self.state)
@@ -197,6 +202,7 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
     try:
         trainer.model.train()
         if trainer.step == 0:
+            trainer.set_blend()
             evaluate(0)
             trainer.model.train()
         window, steps, seconds = None, 0, 0.0
@@ -217,6 +223,7 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
                 report(step, summed, norm.item(), steps, seconds)
                 window, steps, seconds = None, 0, 0.0
             if step % steps_per_eval == 0 or step == iters:
+                trainer.set_blend()
                 evaluate(step)
                 trainer.model.train()
             on_boundary = trainer.seen == 0

@@ -471,3 +471,22 @@ def test_help_names_muon_and_minus_one():
     text = lora.build_parser().format_help()
     assert "muon" in text.split("--optimizer")[-1].split("--mask-prompt")[0]
     assert "-1 for all" in text.split("--num-layers NUM_LAYERS")[-1]
+
+
+def test_torch_adamw_is_one_config_line_away(tmp_path):
+    """lora keeps mlx-lm's uncorrected Adam by default (step 1 moves a weight by
+    (1 - 0.9) / sqrt(1 - 0.999) = 3.16 lr); optimizer_config turns on torch's bias
+    correction (pretrain's), and step 1 then moves it by lr."""
+    from repo_mlx import lora
+
+    (tmp_path / "c.yaml").write_text("optimizer: adamw\noptimizer_config:\n  adamw: {bias_correction: true, weight_decay: 0.0}\n")
+    for config, moved in ((None, 3.162), (tmp_path / "c.yaml", 1.0)):
+        args = lora.parse_args(["--learning-rate", "1e-3"] + (["-c", str(config)] if config else []))
+        if config is None:
+            args.optimizer, args.optimizer_config = "adamw", {"adamw": {"weight_decay": 0.0}}
+        layer = nn.Linear(4, 4)
+        opt = tuner.build_optimizer(args)
+        before = layer.weight
+        opt.update(layer, {"weight": mx.ones((4, 4)), "bias": mx.ones((4,))})
+        step = mx.abs(layer.weight - before).mean().item() / 1e-3
+        assert abs(step - moved) < 2e-3, (config, step)

@@ -505,8 +505,11 @@ def test_two_processes_match_one_on_the_combined_batch(plain, tmp_path):
                 assert abs(a[k] - b[k]) < 1e-4 * abs(a[k]), (k, a, b)
     x = mx.load(str(one / "checkpoints" / "step-0000003" / "trainable.safetensors"))
     y = mx.load(str(two / "checkpoints" / "step-0000003" / "trainable.safetensors"))
+    # atol 1% of one step (lr 1e-3): torch's bias-corrected first Adam step moves a weight
+    # by lr * g / (|g| + 1e-8), so a gradient near 1e-8 turns summation-order rounding
+    # into up to 3e-6 (seen in 1 of 8192 elements).
     for k in x:
-        assert mx.allclose(x[k], y[k], rtol=1e-4, atol=1e-6).item(), k
+        assert mx.allclose(x[k], y[k], rtol=1e-4, atol=1e-5).item(), k
 
 
 # --- token cache --------------------------------------------------------------------------
@@ -693,3 +696,64 @@ def test_sigkill_at_random_moments_resumes_bit_identical():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "pretrain: kill 3 during the final write" in r.stdout, r.stdout
     assert r.stdout.count("bit-identical: True; scratch left: []") == 2, r.stdout
+
+
+# --- the recipe, exactly --------------------------------------------------------------
+
+
+def test_first_step_is_torch_adamw_with_bias_correction(plain):
+    """torch's AdamW corrects its moments: step 1 moves a weight by lr * g / (|g| + eps).
+
+    MLX's default (no correction) moves it by (1 - 0.9) / sqrt(1 - 0.95) = 0.447 x that.
+    """
+    base, _, _ = plain
+    prep = pretrain.prepare_model(settings(model=str(base), plain=True, dtype="float32"), log=lambda *a: None)
+    pretrain.setup_trainable(prep.model, "all", None)
+    args = settings(learning_rate=1e-3, weight_decay=0.0, grad_clip=0.0, z_loss=0.0, iters=10)
+    trainer = pretrain.make_trainer(prep.model, args)
+    batch = (mx.array(np.random.default_rng(0).integers(0, 318, (2, 16))),)
+    before = dict(tree_flatten(prep.model.parameters()))
+    _, grad = nn.value_and_grad(prep.model, lambda m, b: pretrain.loss_fn(m, b, 0.0))(prep.model, *batch)
+    mx.eval(before, grad)
+    trainer.train_step(lambda: batch)
+    after = dict(tree_flatten(prep.model.parameters()))
+    for k, g in tree_flatten(grad):
+        want = before[k] - 1e-3 * g / (mx.abs(g) + 1e-8)
+        assert mx.allclose(after[k], want, rtol=0, atol=1e-6).item(), k
+    moved = mx.abs(after["lm_head.weight"] - before["lm_head.weight"]) / 1e-3
+    assert np.median(np.array(moved)) > 0.99  # 0.447 without the correction
+
+
+def test_warmup_logs_step_zero_as_the_base_it_starts_from(plain, tmp_path):
+    """With --position-warmup the step-0 model is the base (blend 1): its validation
+    loss is the plain control's, not that of the cold module."""
+    base, data, _ = plain
+    plain_small = SMALL[: SMALL.index("--repo-start-layer")]
+    losses = {}
+    for name, extra in (("warm", [*SMALL, "--position-warmup", "4"]), ("cold", SMALL), ("plain", [*plain_small, "--plain"])):
+        code, _, err = run_cli("--model", base, "--data", data, *extra, "--iters", "1", "--save-path", tmp_path / name)
+        assert code == 0, err
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = next(r["val_loss"] for r in records if r.get("step") == 0 and "val_loss" in r)
+    assert abs(losses["warm"] - losses["plain"]) < 1e-4, losses
+    assert abs(losses["cold"] - losses["plain"]) > 1e-3, losses  # the cold module does move it
+
+
+def test_nope_control_keeps_positions_at_zero(plain, tmp_path):
+    """--nope: the RePo layers' module is fixed at 0 and frozen; everything else trains."""
+    base, data, _ = plain
+    code, stdout, err = run_cli("--model", base, "--data", data, "--save-path", tmp_path / "o",
+                                "--nope", *SMALL, "--iters", "2")
+    assert code == 0, err
+    assert "NoPE control" in stdout
+    weights = mx.load(str(tmp_path / "o" / "model.safetensors"))
+    finals = [v for k, v in weights.items() if "final_map" in k]
+    assert len(finals) == 3 and all(mx.all(v == 0).item() for v in finals)
+    model, tok = repo_mlx.load(str(tmp_path / "o"))
+    z = repo_mlx.positions(model, mx.array([[1, 2, 3, 4, 5]]))
+    assert sorted(z) == [1, 2, 3] and all(mx.all(v == 0).item() for v in z.values())
+    before = mx.load(str(base / "model.safetensors"))
+    assert any(not mx.array_equal(weights[k], before[k]) for k in before)
+    code, _, err = run_cli("--model", base, "--data", data, "--save-path", tmp_path / "p",
+                           "--nope", "--plain", *SMALL, "--iters", "1")
+    assert code == 2 and "two different controls" in err
