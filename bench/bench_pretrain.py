@@ -112,7 +112,7 @@ def one(a) -> dict:
         estimate = None
     else:
         # The pretrain command's model and trainer, minus loading from disk.
-        init = pretrain.init_position_weights(repo.args, 0)
+        init = pretrain.init_position_weights(repo, 0)
         repo.load_weights(list(init.items()), strict=False)
         args = trainer_args(a, train_only=a.train_only, learning_rate=1e-5)
         if a.one == "repo-as-mlx-lm":

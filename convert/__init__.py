@@ -15,8 +15,9 @@ from .. import _cli
 from ..errors import LoadError
 from ..files import atomic_folder
 from ..rope import POSITION_WEIGHTS
-from ..utils import (DTYPES, architecture_name, get_model_path, load_model, load_tokenizer,
-                     save_standalone)
+from ..loader import (DTYPES, architecture_name, get_model_path, load_model, load_tokenizer,
+                      save_standalone)
+
 
 def keep_unquantized(path: str, module) -> bool:
     """The position module stays in float: 4-bit positions drift (see README)."""
@@ -212,8 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     del args.trust_remote_code
     convert(**vars(args))
     print(f"[INFO] Done: {args.mlx_path}")
+
+
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)

@@ -1,4 +1,3 @@
-from .. import _cli
 from . import main
 
-_cli.run(main)
+main()

@@ -243,7 +243,7 @@ def eval_settings(cfg):
 def evaluate_model(cfg, out, folder, blend):
     """Every task at every setting, and held-out perplexity, for one model and position blend."""
     from repo_mlx import evaluate, tasks
-    from repo_mlx.utils import load, set_position_blend, yarn_scaling
+    from repo_mlx import load, set_position_blend, yarn_scaling
 
     text = (out / "data" / "heldout.txt").read_text()
     results = {}
@@ -271,7 +271,7 @@ def answer_losses(cfg, out, folder, blend):
     Exact match stays at 0 until a model retrieves reliably; this shows progress before that.
     """
     from repo_mlx import evaluate, tasks
-    from repo_mlx.utils import load, set_position_blend, yarn_scaling
+    from repo_mlx import load, set_position_blend, yarn_scaling
 
     results = {}
     for label, length, yarn in eval_settings(cfg):
@@ -290,8 +290,9 @@ def answer_losses(cfg, out, folder, blend):
 def position_stats(cfg, out, folder):
     """Per RePo layer and head: position summary over held-out text and one task item."""
     from repo_mlx import tasks
-    from repo_mlx.positions import positions, summary
-    from repo_mlx.utils import load
+    from repo_mlx import positions
+    from repo_mlx.position_stats import summary
+    from repo_mlx import load
 
     model, tok = load(str(folder))
     text_ids = tok.encode((out / "data" / "heldout.txt").read_text())[: cfg.seq_len]
@@ -416,8 +417,8 @@ def plot_positions(cfg, out, folder, path):
     import matplotlib.pyplot as plt
 
     from repo_mlx import tasks
-    from repo_mlx.positions import positions
-    from repo_mlx.utils import load
+    from repo_mlx import positions
+    from repo_mlx import load
 
     model, tok = load(str(folder))
     ids = tok.encode(tasks.make_sample("niah_single", tok, cfg.seq_len, EVAL_SEED, 0).prompt)
@@ -443,7 +444,7 @@ def plot_positions(cfg, out, folder, path):
 
 def write_viewer(cfg, out, folder, path):
     from repo_mlx import tasks, viewer
-    from repo_mlx.utils import load
+    from repo_mlx import load
 
     model, tok = load(str(folder))
     text = tasks.make_sample("niah_single", tok, cfg.seq_len, EVAL_SEED, 0).prompt

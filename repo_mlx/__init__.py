@@ -1,25 +1,13 @@
-"""repo_mlx: RePo (context re-positioning) OLMo-2 models in MLX."""
+"""repo_mlx: RePo (context re-positioning) models in MLX: OLMo-2, Llama and Qwen3."""
 
-import warnings
-
-# As in mlx-lm, ``generate`` and ``positions`` are both functions of the API and
-# commands; runpy warns that ``python -m repo_mlx.generate`` runs a module the
-# package already imported, which is harmless here.
-warnings.filterwarnings(
-    "ignore", r"'repo_mlx\.\w+' found in sys\.modules", RuntimeWarning, "runpy"
-)
-
-from . import errors
-
-# Started as a command, Ctrl-C during the imports below exits 130 in one line
-# (no traceback); _cli.run hands SIGINT back to Python once the command runs.
-errors.quiet_interrupt_while_starting()
-
-from .errors import LoadError  # noqa: E402
-from .generate import generate, stream_generate
-from .positions import positions
-from .rope import continuous_rope, continuous_rope_qk
-from .utils import DEFAULT_MODEL, load, set_position_blend
+# ``generate`` and ``positions`` are functions here and commands (packages, so that
+# ``python -m`` runs their __main__). The commands load first: importing a package
+# later would rebind its name here from the function to the package.
+from . import generate, positions  # noqa: F401
+from .errors import LoadError
+from .generation import generate, stream_generate
+from .loader import DEFAULT_MODEL, load, yarn_scaling
+from .rope import continuous_rope, continuous_rope_qk, positions, set_position_blend
 
 __version__ = "0.1.0"
 
@@ -34,4 +22,5 @@ __all__ = [
     "positions",
     "set_position_blend",
     "stream_generate",
+    "yarn_scaling",
 ]

@@ -8,6 +8,7 @@ derive the values they must refuse.
 """
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -17,9 +18,9 @@ import warnings
 from pathlib import Path
 
 import yaml
-from mlx_lm.lora import yaml_loader
 
-from .errors import LoadError, _interrupted, one_line
+from .errors import LoadError, one_line
+from .loader import DEFAULT_MODEL, DTYPES, load, yarn_scaling
 
 
 def version() -> str:
@@ -136,6 +137,33 @@ probability = float_range(0, 1)
 seed = int_range(0, 2**32 - 1)
 
 
+def _byte_size(s: str) -> int:
+    # mlx-lm's units: a number with M, G, MB or GB (decimal), or bytes.
+    units = {"": 1, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
+    number = s.strip().rstrip("MGBmgb")
+    try:
+        v = int(float(number) * units[s.strip()[len(number):].upper()])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"must be a size like 500MB or 2GB, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {s!r}")
+    return v
+
+
+def _json_object(s: str) -> dict:
+    try:
+        v = json.loads(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {s!r}")
+    return v
+
+
+byte_size = _typed(_byte_size, "size")
+json_object = _typed(_json_object, "json")
+
+
 def _nearest_existing(p: Path) -> Path:
     p = p.absolute()
     while not p.exists() and p != p.parent:
@@ -196,6 +224,47 @@ output_dir = _path_check("output_dir", _out(True))
 output_file = _path_check("output_file", _out(False))
 
 
+def add_model_flags(p, yarn: bool = False, adapter: bool = True, required: bool = False) -> None:
+    """--model, --dtype and, where the command takes them, --yarn and --adapter-path."""
+    p.add_argument(
+        "--model",
+        required=required,
+        default=None if required else DEFAULT_MODEL,
+        help="Model folder (official Hugging Face or converted) or Hub id, downloaded on first use"
+        + ("." if required else f" (default: {DEFAULT_MODEL})."),
+    )
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
+    if yarn:
+        p.add_argument(
+            "--yarn", type=float_range(1), default=None,
+            help="YaRN factor over 4096 tokens for every layer, the RePo layers included, as the "
+            "paper did, for texts past 4K: 2 for 8K, 4 for 16K (default: off).",
+        )  # fmt: skip
+    if adapter:
+        p.add_argument(
+            "--adapter-path", type=existing_dir, default=None,
+            help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).",
+        )  # fmt: skip
+
+
+def load_from_args(args, **model_config):
+    """``load`` with the flags of ``add_model_flags`` (and mlx-lm's chat-template
+    flags where the command has them); returns (model, tokenizer)."""
+    if getattr(args, "yarn", None) is not None:
+        model_config.update(yarn_scaling(args.yarn))
+    template = getattr(args, "chat_template", None)
+    model, tokenizer = load(
+        args.model,
+        dtype=args.dtype,
+        adapter_path=getattr(args, "adapter_path", None),
+        model_config=model_config or None,
+        tokenizer_config={"chat_template": template} if template else None,
+    )
+    if getattr(args, "use_default_chat_template", False) and tokenizer.chat_template is None:
+        tokenizer.chat_template = tokenizer.default_chat_template
+    return model, tokenizer
+
+
 def add_prompt_flags(p, what: str = "the prompt", required: bool = False, default=None) -> None:
     """--prompt (or -p; '-' reads stdin) and --prompt-file, one or the other."""
     src = p.add_mutually_exclusive_group(required=required)
@@ -251,9 +320,11 @@ text = _typed(_text, "text")
 
 def read_config(path, parser, known) -> dict:
     """A ``-c`` YAML file's options, each value checked by its flag's own type."""
+    from mlx_lm.lora import yaml_loader  # mlx-lm's: reads 1e-5 as a number
+
     try:
         with open(path) as f:
-            config = yaml.load(f, yaml_loader)  # mlx-lm's: reads 1e-5 as a number
+            config = yaml.load(f, yaml_loader)
     except OSError as e:
         raise LoadError(f"Cannot read config {path}: {e.strerror}.") from None
     except yaml.YAMLError as e:
@@ -279,8 +350,6 @@ def run(main, argv=None) -> None:
     warnings.formatwarning = lambda msg, cat, *args, **kw: f"[WARNING] {msg}\n"
     # A kill runs the same cleanup as an error: no half-written output is left.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if signal.getsignal(signal.SIGINT) is _interrupted:  # set while the command's imports ran
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main(argv)
     except LoadError as e:

@@ -24,9 +24,10 @@ from mlx_lm.generate import batch_generate, generate_step
 
 from . import _cli, kernel_checks, synthetic
 from .errors import LoadError
-from .generate import KV_BITS, KV_GROUP_SIZES, check_kv_bits
+from .generation import KV_BITS, KV_GROUP_SIZES, check_kv_bits
 from .repo_olmo2 import Model, ModelArgs
-from .utils import DTYPES, architecture_name, check_tokens_fit, load
+from .limits import check_tokens_fit
+from .loader import DTYPES, architecture_name, load
 
 SHAPES = {"1b": synthetic.config_1b(), "tiny": synthetic.config()}
 SHAPE_NAMES = {"1b": "the released 1B's shape (16 layers of 2048, RePo from layer 5)", "tiny": "the tiny test shape"}
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.kv_bits is not None and args.batch_size > 1:
         raise LoadError("--kv-bits works with --batch-size 1 only: mlx-lm's batch generation has no quantized KV cache.")
@@ -178,5 +179,10 @@ def main(argv=None) -> None:
     print(report(args, where, n_params, n_position, dtype, medians, ratio, spread))
 
 
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
+
 if __name__ == "__main__":
-    _cli.run(main)
+    main()

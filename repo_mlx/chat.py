@@ -20,8 +20,8 @@ from mlx_lm.server import convert_chat
 
 from . import _cli
 from .errors import LoadError
-from .generate import MIN_KV_SIZE, add_sampling_flags, sampler
-from .utils import add_model_flags, check_tokens_fit, load_from_args, warn_if_too_long
+from .generation import MIN_KV_SIZE, add_sampling_flags, sampler
+from .limits import check_tokens_fit, warn_if_too_long
 
 NEXT_USER_TURN = "\nUSER:"  # as in repo_mlx.server
 HELP = "Type a message; /reset starts a new conversation, /exit (or Ctrl-D) quits."
@@ -116,7 +116,7 @@ def build_parser():
         description="Chat with a RePo model (OLMo-2, Llama or Qwen3) in the terminal, keeping the "
         "conversation's KV cache between turns. " + HELP,
     )
-    add_model_flags(p)
+    _cli.add_model_flags(p)
     p.add_argument("--max-tokens", "-m", type=_cli.token_count, default=256, help="Most tokens per reply (default: 256).")
     add_sampling_flags(p)
     p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
@@ -130,9 +130,9 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    model, tokenizer = load_from_args(args)
+    model, tokenizer = _cli.load_from_args(args)
     check_tokens_fit(model, args.max_kv_size or args.max_tokens, "--max-tokens")
     if args.seed is not None:  # after loading: building the model draws random numbers
         mx.random.seed(args.seed)
@@ -185,5 +185,10 @@ def main(argv=None) -> None:
         print(flush=True)
 
 
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
+
 if __name__ == "__main__":
-    _cli.run(main)
+    main()

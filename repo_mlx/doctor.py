@@ -23,7 +23,7 @@ from . import _cli, benchmark, kernel_checks as kc, rope
 from .kernel_checks import Check
 from .errors import LoadError
 from .files import atomic_file
-from .utils import architecture_name, load
+from .loader import architecture_name, load
 
 
 def _version(package: str) -> str:
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.fixture != kc.FIXTURE and not (args.fixture / "reference.npz").is_file():
         raise LoadError(
@@ -186,5 +186,10 @@ def main(argv=None) -> None:
         sys.exit(1)
 
 
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
+
 if __name__ == "__main__":
-    _cli.run(main)
+    main()

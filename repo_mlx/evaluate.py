@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from . import _cli, tasks
 from .errors import LoadError
-from .utils import add_model_flags, check_tokens_fit, context_length, load_from_args, set_position_blend
+from .limits import check_tokens_fit, context_length
+from .rope import set_position_blend
 from .files import atomic_file
 
 SYNTHETIC = tasks.TASKS
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "long/noisy-context tasks (needle in a haystack, key-value retrieval, variable "
         "tracking), optionally with learned positions and plain RoPE side by side.",
     )
-    add_model_flags(p, yarn=True, adapter=False)
+    _cli.add_model_flags(p, yarn=True, adapter=False)
     p.add_argument(
         "--task",
         required=True,
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     names = parse_tasks(args.task)
     blends = parse_blends(args.position_blend)
@@ -200,7 +201,7 @@ def main(argv=None) -> None:
             raise LoadError("--task perplexity needs --data FILE (plain text).")
         text = _cli.read_text(args.data, f"--data {args.data}")
 
-    model, tokenizer = load_from_args(args)
+    model, tokenizer = _cli.load_from_args(args)
     check_tokens_fit(model, max(lengths), "--lengths")
     context = context_length(model) or 4096
     window = args.window or context
@@ -269,5 +270,10 @@ def main(argv=None) -> None:
         print(f"wrote {args.output}")
 
 
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
+
 if __name__ == "__main__":
-    _cli.run(main)
+    main()

@@ -15,7 +15,7 @@ from . import _cli
 from .files import atomic_folder
 from .convert.export_hf import export_hf
 from .errors import LoadError
-from .utils import get_model_path, load, save_standalone
+from .loader import get_model_path, load, save_standalone
 from .adapters import fuse_layer
 
 
@@ -69,12 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     del args.trust_remote_code
     fuse(**vars(args))
     print(f"[INFO] Done: {args.save_path}")
 
 
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
+
 if __name__ == "__main__":
-    _cli.run(main)
+    main()

@@ -1,9 +1,9 @@
-"""Flags, listening and request checks shared by the local HTTP servers
-(repo_mlx.server, repo_mlx.viewer)."""
+"""Listening and request checks shared by the local HTTP servers (server, viewer)."""
 
 import ipaddress
 import json
 import logging
+import math
 import socket
 import sys
 import warnings
@@ -16,13 +16,12 @@ from .errors import LoadError
 DRAIN_BYTES = 64 << 20  # an oversized body up to this size is read and dropped
 MAX_JSON_DEPTH = 64  # nesting of a request body; OpenAI's requests need under 20
 TOO_DEEP = f"The JSON body nests lists and objects more than {MAX_JSON_DEPTH} levels deep."
-# Connections waiting to be accepted; the kernel caps it (Linux net.core.somaxconn,
-# macOS kern.ipc.somaxconn). socketserver's 5 resets a burst of clients.
+# Connections waiting to be accepted (the kernel caps it); socketserver's 5 resets a burst.
 LISTEN_BACKLOG = 1024
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
-class RequestError(ValueError):
+class RequestError(Exception):
     """A request the server refuses; ``status`` is the HTTP code."""
 
     def __init__(self, message: str, status: int = 400):
@@ -30,22 +29,17 @@ class RequestError(ValueError):
         self.status = status
 
 
-def origin_allowed(origin, allowed) -> bool:
-    """Whether a request with this Origin header (None: not from a web page) may be served.
-
-    A page of another site (or one that rebinds its DNS name to 127.0.0.1)
-    must not drive the local model.
-    """
-    return origin is None or "*" in allowed or origin in allowed
-
-
 def check_origin(handler, allowed, what: str) -> None:
-    if not origin_allowed(handler.headers.get("Origin"), allowed):
+    """A page of another site (or one that rebinds its DNS name to 127.0.0.1) must
+    not drive the local model; native apps and curl send no Origin."""
+    origin = handler.headers.get("Origin")
+    if not (origin is None or "*" in allowed or origin in allowed):
         raise RequestError(f"This web origin may not use the {what} (see --allowed-origins).", 403)
 
 
-def read_body(handler, limit: int) -> bytes:
-    """The body of ``handler``'s request, or a RequestError if it has none or is over ``limit`` bytes."""
+def read_json(handler, paths, limit: int, allowed, what: str):
+    """(path, body) of a POST to one of ``paths``, read and parsed once: its size,
+    origin and JSON checked, or a RequestError saying what is wrong."""
     length = handler.headers.get("Content-Length")
     if length is None:
         raise RequestError("A Content-Length header is required.", 411)
@@ -53,27 +47,18 @@ def read_body(handler, limit: int) -> bytes:
         raise RequestError("Content-Length must be a non-negative integer.")
     length = int(length)
     if length > limit:
-        # Read and drop a body of sane size, so the client is not cut off
-        # mid-send and sees the reply; a larger one is never read.
-        if length <= DRAIN_BYTES:
-            while length > 0 and (chunk := handler.rfile.read(min(length, 1 << 16))):
-                length -= len(chunk)
+        # Drop a body of sane size, so the client sees the reply; a larger one is never read.
+        while 0 < length <= DRAIN_BYTES and (chunk := handler.rfile.read(min(length, 1 << 16))):
+            length -= len(chunk)
         handler.close_connection = True
         raise RequestError(f"The request body is larger than {limit} bytes.", 413)
-    return handler.rfile.read(length)
-
-
-def read_json(handler, paths, limit: int, allowed, what: str):
-    """(path, body) of a POST to one of ``paths``: its size, origin and JSON checked,
-    or a RequestError saying what is wrong."""
+    raw = handler.rfile.read(length)  # before any refusal: a body left unread can reset the connection
     path = urlsplit(handler.path).path
-    raw = read_body(handler, limit)  # first: a body left unread can reset the connection
     if path not in paths:
         raise RequestError(f"No such endpoint: POST {path}.", 404)
     check_origin(handler, allowed, what)
-    try:
-        # Standard JSON only: Python's parser would also take NaN and Infinity.
-        body = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    try:  # standard JSON only: Python's parser also takes NaN and Infinity
+        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise RequestError(f"The body is not valid JSON: {e}.") from None
     except RecursionError:  # deeper than Python's parser goes
@@ -83,21 +68,29 @@ def read_json(handler, paths, limit: int, allowed, what: str):
     return path, body
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
 def depth(value) -> int:
     """How deeply lists and objects nest in ``value``, without recursion."""
     deepest, todo = 0, [(value, 1)]
-    while todo:
+    while todo and deepest <= MAX_JSON_DEPTH:
         value, level = todo.pop()
         if isinstance(value, (list, dict)):
             deepest = max(deepest, level)
-            if deepest > MAX_JSON_DEPTH:
-                break
             todo.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
     return deepest
 
 
-def no_constant(name):
-    raise ValueError(f"{name} is not allowed in JSON")
+def number(body: dict, key: str, low=-math.inf, high=math.inf, integer=False):
+    """``body[key]`` if absent or a finite number (an integer if asked) in [low, high]."""
+    v = body.get(key)
+    ok = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+    if v is not None and not (ok and math.isfinite(v) and low <= v <= high):
+        span = f"at least {low}" if high == math.inf else f"from {low} to {high}"
+        raise RequestError(f"{key} must be {'an integer' if integer else 'a number'} {span}, got {v!r}.")
+    return v
 
 
 def is_loopback(host: str) -> bool:
@@ -109,7 +102,7 @@ def is_loopback(host: str) -> bool:
 
 
 def bind(host: str, port: int) -> ThreadingHTTPServer:
-    """A listening HTTP server (IPv4 or IPv6, as the host resolves)."""
+    """A listening HTTP server (IPv4 or IPv6, as the host resolves), before any model loads."""
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as e:
@@ -146,24 +139,11 @@ def url(httpd, host: str) -> str:
 
 def add_flags(p, port: int, what: str, origins_example: str) -> None:
     """--host, --port, --allowed-origins and --max-request-bytes, the same for every server."""
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="Address to listen on (default: 127.0.0.1, this machine only). "
-        f"Anything else lets other machines use the model; the {what} warns.",
-    )
+    p.add_argument("--host", default="127.0.0.1", help=f"Address to listen on (default: 127.0.0.1, this machine only). Anything else lets other machines use the model; the {what} warns.")
     p.add_argument("--port", type=_cli.int_range(0, 65535), default=port, help=f"Port to listen on; 0 picks a free one (default: {port}).")
+    p.add_argument("--max-request-bytes", type=_cli.positive_int, default=1 << 20, help="Refuse request bodies larger than this many bytes (default: 1048576).")
     p.add_argument(
-        "--max-request-bytes",
-        type=_cli.positive_int,
-        default=1 << 20,
-        help="Refuse request bodies larger than this many bytes (default: 1048576).",
-    )
-    p.add_argument(
-        "--allowed-origins",
-        type=lambda s: [o for o in s.split(",") if o],
-        default=[],
-        help=f"Comma-separated web origins (e.g. {origins_example}, or '*') whose pages may "
-        f"use the {what} from a browser (default: none; native apps and curl send no Origin "
-        "and are always served).",
-    )
+        "--allowed-origins", type=lambda s: [o for o in s.split(",") if o], default=[],
+        help=f"Comma-separated web origins (e.g. {origins_example}, or '*') whose pages may use the {what} "
+        "from a browser (default: none; native apps and curl send no Origin and are always served).",
+    )  # fmt: skip

@@ -260,7 +260,7 @@ MODEL_LIMITS = {"logits": 1e-4, "positions": 1e-2}
 def check_model(device=None, fixture: Path = FIXTURE) -> List[Check]:
     """The official tiny checkpoint on ``device`` (the default one if None)
     against the official implementation's outputs; on a GPU with kernels strict."""
-    from .utils import load
+    from .loader import load
 
     if not (fixture / "reference.npz").is_file():
         why = f"fixture not found at {fixture}"

@@ -18,7 +18,8 @@ from typing import Dict, List
 from . import _cli
 from .errors import LoadError, one_line
 from .evaluate import column_name, parse_blends
-from .utils import add_model_flags, check_hub_reachable, load_from_args, set_position_blend
+from .loader import check_hub_reachable
+from .rope import set_position_blend
 from .files import atomic_file
 
 try:
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a RePo model on lm-evaluation-harness tasks (the paper's general set: "
         + ", ".join(PAPER_TASKS) + "), optionally with learned positions and plain RoPE side by side.",
     )
-    add_model_flags(p, yarn=True)
+    _cli.add_model_flags(p, yarn=True)
     p.add_argument("--tasks", required=True, help="Comma-separated lm-eval tasks, groups or tags, e.g. arc_easy,hellaswag.")
     p.add_argument(
         "--position-blend",
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if lm_eval is None:
         raise LoadError('lm-evaluation-harness is not installed: pip install "repo-mlx[eval]" (or pip install lm-eval).')
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
         check_hub_reachable("lm-eval's tasks' data")
     manager = load_tasks(names, args.include_path)  # before the model: fail fast
 
-    model, tokenizer = load_from_args(args)
+    model, tokenizer = _cli.load_from_args(args)
     lm = RePoLM(model, tokenizer, max_tokens=args.max_tokens, batch_size=args.batch_size)
     results, samples = {}, {}
     for blend in blends:
@@ -178,5 +179,10 @@ def main(argv=None) -> None:
         print(f"wrote {path}")
 
 
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
+
 if __name__ == "__main__":
-    _cli.run(main)
+    main()

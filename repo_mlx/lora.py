@@ -23,7 +23,7 @@ from . import _cli, tuner
 from .adapters import POSITION_MODULE_CHOICES, load_adapters, setup_trainable
 from .errors import LoadError, one_line
 from .files import remove_stale
-from .utils import DEFAULT_MODEL, load
+from .loader import DEFAULT_MODEL, load
 
 CONFIG_DEFAULTS = {
     **_mlx_lm_lora.CONFIG_DEFAULTS,
@@ -209,10 +209,15 @@ def run(args) -> None:
         rprint(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.", flush=True)
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     run(parse_args(argv))
 
 
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
+
 if __name__ == "__main__":
-    _cli.run(main)
+    main()

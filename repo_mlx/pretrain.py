@@ -31,18 +31,18 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import cli_ui
-from mlx_lm.utils import load_model as _mlx_lm_load_model, load_tokenizer
 
 from . import _cli, adapters, pretrain_data
 from .files import atomic_file, atomic_folder, remove_stale
 from .convert.export_hf import check_exportable, export_hf
 from .errors import LoadError, one_line
-from .positions import positions, summary
+from .position_stats import summary
 from .trainer import Trainer, train as train_loop
 from .rope import POSITION_WEIGHTS, pe_config, repo_layer_ids
-from .utils import (DTYPES, architecture_name, check_weight_files, get_model_path, load_config,
-                    model_file, safetensors_header, save_standalone, set_position_blend,
-                    yarn_scaling)
+from .folder_checks import safetensors_header
+from .loader import (DTYPES, architecture_name, get_model_path, load_config, load_model,
+                     load_tokenizer, model_file, save_standalone, yarn_scaling)
+from .rope import positions, set_position_blend
 
 TRAIN_ONLY = ("all", "position", "position+lora")
 DEFAULTS = {
@@ -81,7 +81,7 @@ def default_start_layer(num_layers: int) -> int:
     return (5 * num_layers + 8) // 16
 
 
-def init_position_weights(args, seed: int, nope: bool = False) -> Dict[str, mx.array]:
+def init_position_weights(model, seed: int, nope: bool = False) -> Dict[str, mx.array]:
     """New gate_map/content_map/final_map weights (HF names) for every RePo layer.
 
     The official trainer's init (init_fn normal, init_std 0.02, init_cutoff_factor 3):
@@ -89,14 +89,13 @@ def init_position_weights(args, seed: int, nope: bool = False) -> Dict[str, mx.a
     one position per key/value head (per head without grouped-query attention).
     ``nope``: final_map is 0, so every position is 0 (no rotation: NoPE).
     """
-    d, kv = args.hidden_size, args.num_key_value_heads
-    shapes = {"gate_map": (d // 8, d), "content_map": (d // 8, d), "final_map": (kv, d // 8)}
     key = mx.random.key(seed)
     out = {}
-    for i in args.repo_layers:
+    for i in model.args.repo_layers:
         for name in POSITION_WEIGHTS:
             key, sub = mx.random.split(key)
-            w = 0.02 * mx.random.truncated_normal(-3.0, 3.0, shapes[name], key=sub)
+            shape = getattr(model.layers[i].self_attn, name).weight.shape
+            w = 0.02 * mx.random.truncated_normal(-3.0, 3.0, shape, key=sub)
             if nope and name == "final_map":
                 w = mx.zeros_like(w)
             out[f"model.layers.{i}.self_attn.{name}.weight"] = w
@@ -109,7 +108,7 @@ def _inserting(seed: int, Model, nope: bool = False):
     class InsertedRePo(Model):
         def sanitize(self, weights):
             dtype = weights["model.norm.weight"].dtype  # float even in a quantized base
-            init = init_position_weights(self.args, seed, nope)
+            init = init_position_weights(self, seed, nope)
             new = {k: v.astype(dtype) for k, v in init.items()}
             # The loader's own config/weight cross-check then runs on the result.
             return super().sanitize({**new, **weights})
@@ -127,7 +126,6 @@ def prepare_model(args, log=rprint):
     """Load BASE, add the position module if it has none; returns what training needs."""
     src = get_model_path(args.model)
     config = load_config(src)
-    check_weight_files(src)
     arch, name = model_file(config), architecture_name(config)
     if args.export_hf:
         check_exportable(config)
@@ -146,7 +144,7 @@ def prepare_model(args, log=rprint):
         existing = repo_layer_ids(config.get("pe_config"), n)
     except ValueError as e:
         raise LoadError(f"{src / 'config.json'}: {one_line(e)}") from None
-    overrides = {"model_file": None}
+    overrides = {}
     if args.yarn_factor:
         overrides.update(yarn_scaling(args.yarn_factor, config.get("max_position_embeddings") or 4096))
     context = overrides.get("max_position_embeddings", config.get("max_position_embeddings"))
@@ -169,7 +167,7 @@ def prepare_model(args, log=rprint):
             raise LoadError(f"--plain continues a plain {name}, but {args.model} is a RePo model (RePo layers {existing}).")
         if args.repo_start_layer is not None or ids or args.position_warmup or args.train_only != "all":
             raise LoadError("--plain trains every weight of a plain model; drop --repo-start-layer, --repo-layer-ids, --position-warmup and --train-only.")
-        classes, new_layers = (arch.Model, arch.ModelArgs), []
+        new_layers = []
     elif existing:
         pe = config["pe_config"]
         if args.repo_start_layer is not None or ids:
@@ -182,7 +180,7 @@ def prepare_model(args, log=rprint):
                     f"--repo-start-layer/--repo-layer-ids ask for {wanted}. Drop them to "
                     f"continue training its module, or start from a plain {name}."
                 )
-        classes, new_layers = (arch.Model, arch.ModelArgs), []
+        new_layers = []
     else:
         start = default_start_layer(n) if args.repo_start_layer is None else args.repo_start_layer
         if not 0 <= start < n:
@@ -203,14 +201,8 @@ def prepare_model(args, log=rprint):
         if not new_layers:
             raise LoadError(f"--repo-layer-ids {ids} has no layer >= --repo-start-layer {start}.")
         overrides["pe_config"] = pe
-        classes = (_inserting(args.seed, arch.Model, args.nope), arch.ModelArgs)
-    try:
-        model, config = _mlx_lm_load_model(
-            src, lazy=True, model_config=overrides, get_model_classes=lambda config: classes
-        )
-    except (ValueError, KeyError, TypeError) as e:
-        raise LoadError(f"Cannot load {src}: {one_line(e)}") from None
-    config.pop("model_file")
+    model_class = _inserting(args.seed, arch.Model, args.nope) if new_layers else arch.Model
+    model, config = load_model(src, model_config=overrides, lazy=True, model_class=model_class)
     config.pop("position_blend", None)
     stored = config.get("torch_dtype") or "float32"
     tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))
@@ -845,10 +837,15 @@ def run(args, on_step=None):
     return trainer
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     run(parse_args(argv))
 
 
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
+
 if __name__ == "__main__":
-    _cli.run(main)
+    main()

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .errors import LoadError, one_line
-from .utils import check_hub_reachable, is_hub_id
+from .loader import check_hub_reachable, is_hub_id
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 CACHE_VERSION = 1

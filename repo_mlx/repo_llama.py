@@ -8,9 +8,9 @@
 # cached once; with kv_heads == heads it is the official rule. The module reads
 # the tensor that feeds q/k/v: here the normed input of a pre-norm block.
 #
-# Self-contained on purpose: converted folders ship this file (config key
-# "model_file") and repo_rope.py so stock mlx-lm can load them with
-# --trust-remote-code.
+# The position module and the rotation are rope.py's, shared by every RePo model
+# file. Converted folders ship this file (config key "model_file") and rope.py
+# as repo_rope.py, so stock mlx-lm loads them with --trust-remote-code.
 
 import importlib.util
 from dataclasses import dataclass
@@ -26,7 +26,6 @@ from mlx_lm.models.base import (
     scaled_dot_product_attention,
 )
 from mlx_lm.models.cache import KVCache, RotatingKVCache
-from mlx_lm.models.rope_utils import initialize_rope
 
 try:
     from repo_mlx import rope
@@ -97,7 +96,7 @@ class ModelArgs(BaseModelArgs):
             )
 
 
-class Attention(nn.Module):
+class Attention(rope.RePoAttention):
     def __init__(self, args: ModelArgs, repo: bool):
         super().__init__()
         dim = args.hidden_size
@@ -115,38 +114,8 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
 
-        self.repo = repo
-        if repo:
-            d_p = dim // 8
-            self.gate_map = nn.Linear(dim, d_p, bias=False)
-            self.content_map = nn.Linear(dim, d_p, bias=False)
-            self.final_map = nn.Linear(d_p, n_kv_heads, bias=False)  # one per KV head
-            self.position_blend = args.position_blend
-            # Built once; private, so not a parameter.
-            self._inv_freq, self._attention_factor = rope.rope_parameters(
-                head_dim, args.rope_theta, args.rope_scaling
-            )
-        else:
-            self.rope = initialize_rope(
-                head_dim,
-                args.rope_theta,
-                args.rope_traditional,
-                args.rope_scaling,
-                args.max_position_embeddings,
-            )
-
-    def positions(self, x: mx.array, offset=0) -> mx.array:
-        """z [B, kv_heads, N] in float32: where this layer puts each token, per KV head."""
-        z = self.final_map(swiglu(self.gate_map(x), self.content_map(x)))
-        z = z.astype(mx.float32).transpose(0, 2, 1)
-        if p := self.position_blend:
-            index = mx.arange(x.shape[1], dtype=mx.float32)
-            if isinstance(offset, mx.array) and offset.ndim == 1:  # batch cache
-                index = offset[:, None, None].astype(mx.float32) + index
-            else:
-                index = index + offset
-            z = (1 - p) * z + p * index
-        return z
+        # RePo layers: the position module, one position per KV head.
+        self.init_positions(args, repo, head_dim, n_kv_heads, args.rope_traditional)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
@@ -159,18 +128,7 @@ class Attention(nn.Module):
         keys = keys.transpose(0, 2, 1, 3)
         values = values.transpose(0, 2, 1, 3)
 
-        offset = cache.offset if cache is not None else 0
-        if self.repo:
-            queries, keys = rope.continuous_rope_qk(
-                queries,
-                keys,
-                self.positions(x, offset),
-                inv_freq=self._inv_freq,
-                attention_factor=self._attention_factor,
-            )
-        else:
-            queries = self.rope(queries, offset=offset)
-            keys = self.rope(keys, offset=offset)
+        queries, keys = self.rotate(queries, keys, x, cache)
         # The cache holds rotated keys: a token's position never changes later.
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)

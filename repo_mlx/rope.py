@@ -1,8 +1,10 @@
-# Rotary embedding by continuous, per-head positions (RePo, spec section 4): one
-# differentiable op for queries and keys, the kernels of metal/rope.metal on a
-# Metal GPU, the same math as compiled MLX ops elsewhere or if a kernel fails.
-# Only mlx and the standard library: a converted folder carries this file as
-# repo_rope.py, with metal/rope.metal beside it, for stock mlx-lm.
+# What RePo adds to a transformer, written once for every model file: the
+# position module and the rotation of queries and keys by its continuous,
+# per-head positions (spec sections 3-4): one differentiable op, the kernels of
+# metal/rope.metal on a Metal GPU, the same math as compiled MLX ops elsewhere or
+# if a kernel fails. Only mlx, mlx-lm and the standard library: a converted
+# folder carries this file as repo_rope.py, with metal/rope.metal beside it, for
+# stock mlx-lm.
 
 import functools
 import importlib.resources
@@ -10,9 +12,12 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.rope_utils import initialize_rope
 
 
 def inv_frequencies(head_dim: int, base: float) -> mx.array:
@@ -467,3 +472,92 @@ def check_position_weights(weights: dict, repo_layers: List[int]) -> None:
                     f"pe_config makes layer {i} a RePo layer but the checkpoint has no "
                     f"{key}; the weights are incomplete or the config is wrong."
                 )
+
+
+# ------------------------------------------------------------ the RePo attention
+class RePoAttention(nn.Module):
+    """The part of a RePo model file's Attention that is RePo's: in a RePo layer the
+    position module (gate_map, content_map, final_map) and the rotation by its
+    positions, in any other layer mlx-lm's RoPE.
+
+    ``observe``: None, or a function that each call hands the attention's input
+    and its positions (None in a plain layer); ``positions()`` reads it.
+    """
+
+    def init_positions(self, args, repo: bool, head_dim: int, n_positions: int, traditional: bool = False):
+        """``n_positions``: positions per token, one per head (or per KV head with GQA)."""
+        self.repo, self.observe = repo, None
+        if repo:
+            dim, d_p = args.hidden_size, args.hidden_size // 8
+            self.gate_map = nn.Linear(dim, d_p, bias=False)
+            self.content_map = nn.Linear(dim, d_p, bias=False)
+            self.final_map = nn.Linear(d_p, n_positions, bias=False)
+            # The official dynamic_pe_pdrop: 0 uses the learned positions, 1 is plain RoPE.
+            self.position_blend = args.position_blend
+            # Built once; private, so not a parameter.
+            self._inv_freq, self._attention_factor = rope_parameters(
+                head_dim, args.rope_theta, args.rope_scaling
+            )
+        else:
+            self.rope = initialize_rope(
+                head_dim, args.rope_theta, traditional, args.rope_scaling, args.max_position_embeddings
+            )
+
+    def positions(self, x: mx.array, offset=0) -> mx.array:
+        """z [B, positions per token, N] in float32: where this layer puts each token."""
+        z = self.final_map(swiglu(self.gate_map(x), self.content_map(x)))
+        z = z.astype(mx.float32).transpose(0, 2, 1)
+        if p := self.position_blend:
+            index = mx.arange(x.shape[1], dtype=mx.float32)
+            if isinstance(offset, mx.array) and offset.ndim == 1:  # batch cache
+                index = offset[:, None, None].astype(mx.float32) + index
+            else:
+                index = index + offset
+            z = (1 - p) * z + p * index
+        return z
+
+    def rotate(self, queries: mx.array, keys: mx.array, x: mx.array, cache=None):
+        """Queries and keys rotated by this layer's positions; ``x`` feeds the module."""
+        offset = cache.offset if cache is not None else 0
+        z = self.positions(x, offset) if self.repo else None
+        if self.observe is not None:
+            self.observe(x, z)
+        if z is None:
+            return self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        return continuous_rope_qk(
+            queries, keys, z, inv_freq=self._inv_freq, attention_factor=self._attention_factor
+        )
+
+
+def observe(model, input_ids) -> Dict[int, Tuple[mx.array, Optional[mx.array]]]:
+    """{layer: (its attention's input, its positions or None)} for ``input_ids``,
+    from one forward pass of the model without its head."""
+    ids = mx.array(input_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    seen = {}
+    attention = [layer.self_attn for layer in model.layers]
+    for i, a in enumerate(attention):
+        a.observe = functools.partial(lambda i, x, z: seen.__setitem__(i, (x, z)), i)
+    try:
+        model.model(ids)
+    finally:
+        for a in attention:
+            a.observe = None
+    mx.eval(seen)
+    return seen
+
+
+def positions(model, input_ids) -> Dict[int, mx.array]:
+    """The positions z [B, heads, N] (float32) that every RePo layer assigns
+    (per key/value head in a grouped-query model)."""
+    return {i: z for i, (_, z) in observe(model, input_ids).items() if z is not None}
+
+
+def set_position_blend(model, blend: float) -> None:
+    """0 uses the learned positions, 1 turns every RePo layer into plain RoPE."""
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"position_blend must be in [0, 1], got {blend}.")
+    model.args.position_blend = blend
+    for layer in model.layers:
+        if layer.self_attn.repo:
+            layer.self_attn.position_blend = blend

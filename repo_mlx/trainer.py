@@ -20,7 +20,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .errors import LoadError
-from .utils import set_position_blend
+from .rope import set_position_blend
 
 
 def derived_seed(*ints: int) -> int:

@@ -25,7 +25,7 @@ from .adapters import check_names
 from .errors import LoadError, one_line
 from .files import atomic_file
 from .trainer import Trainer, derived_seed
-from .utils import check_hub_reachable, is_hub_id
+from .loader import check_hub_reachable, is_hub_id
 from .trainer import train as train_loop
 
 MASTER = "master/"  # state-file prefix of the float32 master weights

@@ -34,8 +34,10 @@ from . import _cli, http_checks
 from .errors import LoadError, one_line
 from .files import atomic_file
 from .http_checks import RequestError
-from .positions import inlier_range, outliers, positions, select, summary, token_texts
-from .utils import add_model_flags, architecture_name, context_length, load_from_args, warn_if_too_long
+from .position_stats import inlier_range, outliers, select, summary, token_texts
+from .rope import positions
+from .limits import context_length, warn_if_too_long
+from .loader import architecture_name
 
 PAGE = Path(__file__).with_name("viewer.html")
 
@@ -222,7 +224,7 @@ def build_parser():
         "the text coloured by position. Serves the page locally, or writes it as one "
         "static file with --html. Needs plotly: pip install 'repo-mlx[viewer]'.",
     )
-    add_model_flags(p, yarn=True, adapter=False)
+    _cli.add_model_flags(p, yarn=True, adapter=False)
     p.add_argument(
         "--max-tokens",
         type=_cli.positive_int,
@@ -242,7 +244,7 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     has_text = args.prompt is not None or args.prompt_file is not None
     if args.html is not None and not has_text:
@@ -254,7 +256,7 @@ def main(argv=None) -> None:
     httpd = http_checks.bind(args.host, args.port) if args.html is None else None  # a busy port fails fast too
     try:
         print(f"loading {args.model}", file=sys.stderr, flush=True)
-        model, tokenizer = load_from_args(args)
+        model, tokenizer = _cli.load_from_args(args)
         if not model.args.repo_layers:
             raise LoadError(f"{args.model} has no RePo layers (plain {architecture_name(model)}): there are no positions to show.")
         limit = args.max_tokens or context_length(model) or 4096
@@ -281,5 +283,10 @@ def main(argv=None) -> None:
             httpd.server_close()
 
 
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
+
 if __name__ == "__main__":
-    _cli.run(main)
+    main()

@@ -50,7 +50,7 @@ def train(model, data, adapters, *flags, iters=20, lr="1e-3") -> str:
     ]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        lora.main(argv)
+        lora.command(argv)
     return out.getvalue()
 
 

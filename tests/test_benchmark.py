@@ -23,7 +23,7 @@ def test_figures_come_from_the_clock(monkeypatch, capsys):
     # token and the other tokens 1 s, so tokens/s equal the token counts.
     ticks = itertools.count()
     monkeypatch.setattr(benchmark, "clock", lambda: float(next(ticks)))
-    benchmark.main(["--shape", "tiny", "-p", "16", "-g", "5", "-n", "3"])
+    benchmark.command(["--shape", "tiny", "-p", "16", "-g", "5", "-n", "3"])
     out = capsys.readouterr()
     for name in ("RePo (repo_mlx)", "OLMo-2 (mlx-lm, same weights)"):
         prompt, generation, memory = figures(out.out, name)

@@ -14,9 +14,9 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import save_prompt_cache
 
 import repo_mlx
-from repo_mlx import cache_prompt, synthetic
+from repo_mlx import prompt_cache, synthetic
 from repo_mlx.errors import LoadError
-from repo_mlx.utils import yarn_scaling
+from repo_mlx import yarn_scaling
 
 DOCUMENT = "RePo places each token where it belongs. " * 2  # 56 tokens
 QUESTION = " Where does a token go?"
@@ -37,8 +37,8 @@ def document_file(tiny, tmp_path_factory):
     model, tokenizer = tiny
     path = tmp_path_factory.mktemp("cache") / "doc.safetensors"
     tokens = tokenizer.encode(DOCUMENT)
-    cache = cache_prompt.prefill(model, tokens, prefill_step_size=STEP)
-    cache_prompt.save(path, model, tokens, cache, "fixture")
+    cache = prompt_cache.prefill(model, tokens, prefill_step_size=STEP)
+    prompt_cache.save(path, model, tokens, cache, "fixture")
     return path
 
 
@@ -46,7 +46,7 @@ def test_tokens_after_cached_prefix_equal_uncached_run(tiny, document_file):
     model, tokenizer = tiny
     doc, question = tokenizer.encode(DOCUMENT), tokenizer.encode(QUESTION)
     assert len(doc) > 3 * STEP
-    cache, tokens = cache_prompt.load_for(document_file, model)
+    cache, tokens = prompt_cache.load_for(document_file, model)
     assert tokens == doc and cache[0].offset == len(doc)
     assert greedy(model, question, prompt_cache=cache) == greedy(model, doc + question)
 
@@ -70,7 +70,7 @@ def test_cli_make_then_generate(fixture_path, tiny, tmp_path):
 
 def refusal(path, model) -> str:
     with pytest.raises(LoadError) as e:
-        cache_prompt.load_for(path, model)
+        prompt_cache.load_for(path, model)
     return str(e.value)
 
 
@@ -87,7 +87,7 @@ def test_other_settings_and_models_are_refused(fixture_path, document_file, tmp_
     assert "was made for another model (fixture, fingerprint" in refusal(document_file, model)
     # A plain mlx-lm cache file records no model.
     bare = tmp_path / "bare.safetensors"
-    save_prompt_cache(str(bare), cache_prompt.read(document_file)[0])
+    save_prompt_cache(str(bare), prompt_cache.read(document_file)[0])
     assert "has no record of the RePo model" in refusal(bare, model)
 
 

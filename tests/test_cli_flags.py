@@ -1,7 +1,7 @@
 """Every command's flags refuse bad values while parsing, before any work.
 
-The walker reads each command's parser (the commands listed in
-``repo_mlx.__main__.COMMANDS``) and feeds every numeric, path and choice flag
+The walker reads each command's parser (the console scripts pyproject.toml
+declares, as ``repo_mlx.__main__.commands()`` reads them) and feeds every numeric, path and choice flag
 values it must refuse: negative, zero, out of range, the wrong type, empty, a
 file where a folder is expected and the reverse. Each must end the command
 with exit status 2 and one line on stderr naming the flag, no traceback, and
@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from repo_mlx import _cli
-from repo_mlx.__main__ import COMMANDS
+from repo_mlx.__main__ import commands
+
+COMMANDS = commands()
 
 ROOT = Path(__file__).parents[1]
 
@@ -27,7 +29,7 @@ ROOT = Path(__file__).parents[1]
 ZERO_OK = {
     "--temp", "--top-p", "--top-k", "--min-p", "--seed", "--position-blend", "--port",
     "--num-shots", "--warmup", "--position-warmup", "--weight-decay", "--z-loss",
-    "--repo-start-layer", "--val-share", "--grad-clip",
+    "--repo-start-layer", "--val-share", "--grad-clip", "--quantized-kv-start",
 }
 # Flags for which -1 means "all" (as in mlx-lm); other negatives are still refused.
 MINUS_ONE_OK = {"--num-layers", "--val-batches", "--test-batches"}
@@ -131,7 +133,7 @@ def test_bad_value_is_one_line_exit_2(name, flag, what, value, tmp_path, monkeyp
         for other in ("--model", "--data"):
             if other in parser._option_string_actions and other != flag:
                 argv += [other, str(tmp_path / "missing")]
-        _cli.run(module.main, argv)
+        module.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
@@ -166,21 +168,23 @@ def test_help_explains_every_flag_and_version(name, capsys):
 
 
 def test_commands_are_modules_and_console_scripts():
+    """pyproject.toml is the one list: each console script is repo_mlx.<command>:main."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"repo_mlx": "repo_mlx.__main__:main", **{f"repo_mlx.{n}": "repo_mlx.__main__:main" for n in COMMANDS}}
-    names = {p.stem for p in (ROOT / "repo_mlx").glob("*.py")} | {"convert"}
-    assert set(COMMANDS) <= names
+    assert scripts == {"repo_mlx": "repo_mlx.__main__:main", **{f"repo_mlx.{n}": f"repo_mlx.{n}:main" for n in COMMANDS}}
+    assert len(COMMANDS) == 14
     for name in COMMANDS:
         module = importlib.import_module(f"repo_mlx.{name}")
-        assert callable(module.build_parser) and callable(module.main)
+        assert callable(module.build_parser) and callable(module.main) and callable(module.command)
+    # No launcher reads its own name, runs modules by string or hides runpy's warnings.
+    code = "\n".join(p.read_text() for p in (ROOT / "repo_mlx").rglob("*.py"))
+    for trick in ("runpy", "orig_argv", "sys.argv[0]", "filterwarnings"):
+        assert trick not in code, trick
 
 
 def umbrella(*args, **kw):
     return subprocess.run([sys.executable, "-m", "repo_mlx", *args], capture_output=True, text=True, timeout=120, **kw)
 
 
-# runpy notes that the walker above already imported the command modules.
-@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_umbrella_runs_each_command(tmp_path, monkeypatch, capsys):
     """python -m repo_mlx <command>: a bad value through the umbrella for every command.
 
@@ -207,17 +211,31 @@ def test_umbrella_runs_each_command(tmp_path, monkeypatch, capsys):
         assert err.count("\n") == 1 and err.startswith(f"error: argument {flag}"), (name, err)
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
     r = umbrella("--help")
-    assert r.returncode == 0 and all(f"  {n} " in r.stdout for n in COMMANDS)
+    assert r.returncode == 0 and f"commands: {', '.join(COMMANDS)}" in r.stdout
     r = umbrella("nonsense")
     assert r.returncode == 2 and r.stderr.startswith("error: no command 'nonsense'") and r.stderr.count("\n") == 1
     assert umbrella("--version").stdout.strip() == f"repo_mlx {_cli.version()}"
 
 
-def test_console_script_names_the_command(fixture_path, tmp_path):
-    """A console script repo_mlx.<command> runs that command (its name picks it)."""
-    r = subprocess.run(
-        [sys.executable, "-c", "import sys; from repo_mlx.__main__ import main; sys.argv[0] = 'repo_mlx.generate'; main()",
-         "--model", str(fixture_path), "-p", "hi", "-m", "3", "--verbose", "0"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+@pytest.mark.parametrize("how", ["console script", "python -m"])
+def test_commands_start_directly_without_warnings(fixture_path, how):
+    """The console script repo_mlx.generate and python -m repo_mlx.generate run the command,
+    with nothing on stderr (runpy warns when a package imported the module it runs)."""
+    script = Path(sys.executable).with_name("repo_mlx.generate")
+    assert script.exists(), f"{script} is missing: the README's install always writes it"
+    start = [str(script)] if how == "console script" else [sys.executable, "-m", "repo_mlx.generate"]
+    r = subprocess.run([*start, "--model", str(fixture_path), "-p", "hi", "-m", "3", "--verbose", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() and r.stderr == "", r.stderr
+
+
+def test_api_names_stay_functions_after_the_commands_load():
+    """generate and positions are commands and functions: importing the commands must
+    not rebind the package's names."""
+    r = subprocess.run([sys.executable, "-c",
+                        "import importlib, repo_mlx\n"
+                        "for n in ('generate', 'positions'): importlib.import_module(f'repo_mlx.{n}')\n"
+                        "import repo_mlx.generate, repo_mlx.positions\n"
+                        "print(callable(repo_mlx.generate), callable(repo_mlx.positions))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["True", "True"], r.stderr

@@ -157,7 +157,7 @@ def test_interrupted_conversion_leaves_nothing(fixture_path, tmp_path, monkeypat
         (dst / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(repo_mlx.utils, "save", save_then_stop)  # mlx-lm's save, as save_standalone calls it
+    monkeypatch.setattr(repo_mlx.loader, "save", save_then_stop)  # mlx-lm's save, as save_standalone calls it
     with pytest.raises(KeyboardInterrupt):
         conv.convert(str(fixture_path), str(tmp_path / "out"))
     assert list(tmp_path.iterdir()) == []
@@ -175,11 +175,11 @@ def test_killed_conversion_leaves_nothing(fixture_path, tmp_path):
     # SIGTERM while saving: the handler turns it into a clean exit.
     code = (
         "import os, signal, sys\n"
-        "from repo_mlx import _cli, convert as c, utils\n"
-        "real = utils.save\n"
+        "from repo_mlx import _cli, convert as c, loader\n"
+        "real = loader.save\n"
         "def save(*a, **k):\n    real(*a, **k)\n    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "utils.save = save\n"
-        "_cli.run(c.main, sys.argv[1:])\n"  # as python -m repo_mlx.convert runs it
+        "loader.save = save\n"
+        "c.main(sys.argv[1:])\n"  # as python -m repo_mlx.convert runs it
     )
     r = run("-c", code, "--hf-path", str(fixture_path), "--mlx-path", str(tmp_path / "out"))
     assert r.returncode == 143

@@ -41,7 +41,7 @@ def test_doctor_exits_1_when_a_check_fails(monkeypatch, capsys, fixture_path):
     # Limits no result can meet: the pure-path checks fail.
     monkeypatch.setattr(kc, "REFERENCE_LIMITS", {d: (0.0, 0.0) for d in kc.DTYPES})
     with pytest.raises(SystemExit) as exit:
-        doctor.main(["--fixture", str(fixture_path)])
+        doctor.command(["--fixture", str(fixture_path)])
     assert exit.value.code == 1
     report = capsys.readouterr().out
     assert "| pure path float32 decode | **FAIL** |" in report
@@ -62,10 +62,10 @@ def test_doctor_bad_model_is_a_one_line_error(tmp_path):
 def test_doctor_without_fixture_skips_the_model(tmp_path, monkeypatch, capsys):
     # A --fixture without the official outputs is a mistake, refused before any check.
     with pytest.raises(LoadError, match="has no reference.npz"):
-        doctor.main(["--fixture", str(tmp_path)])
+        doctor.command(["--fixture", str(tmp_path)])
     # An install that lost its packaged fixture still runs the other checks.
     monkeypatch.setattr(kc, "FIXTURE", tmp_path)
-    doctor.main([])
+    doctor.command([])
     report = capsys.readouterr().out
     assert "| model vs official fixture | skipped | fixture not found" in report
     assert "| operations and speed | skipped | no model" in report

@@ -13,7 +13,7 @@ import pytest
 import repo_mlx
 from repo_mlx import evaluate, tasks
 from repo_mlx import LoadError
-from repo_mlx.utils import set_position_blend, yarn_scaling
+from repo_mlx import set_position_blend, yarn_scaling
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_answer_is_the_greedy_continuation(tiny):
 def test_cli_blends_side_by_side(tiny, fixture_path, text, tmp_path, capsys):
     model, tokenizer = tiny
     (tmp_path / "data.txt").write_text(text)
-    evaluate.main(
+    evaluate.command(
         [
             "--model", str(fixture_path), "--task", "perplexity,niah_single",
             "--data", str(tmp_path / "data.txt"), "--window", "128",
@@ -183,7 +183,7 @@ def test_cli_blends_side_by_side(tiny, fixture_path, text, tmp_path, capsys):
 
 def test_cli_yarn_flag(fixture_path, text, tmp_path):
     (tmp_path / "data.txt").write_text(text)
-    evaluate.main(
+    evaluate.command(
         ["--model", str(fixture_path), "--task", "perplexity", "--data", str(tmp_path / "data.txt"),
          "--window", "128", "--yarn", "2", "--output", str(tmp_path / "out.json")]
     )
@@ -199,17 +199,17 @@ def test_cli_yarn_flag(fixture_path, text, tmp_path):
 def test_bad_options_are_one_line_errors(fixture_path, tmp_path):
     base = ["--model", str(fixture_path)]
     with pytest.raises(LoadError, match="Unknown task 'niah'"):
-        evaluate.main(base + ["--task", "niah"])
+        evaluate.command(base + ["--task", "niah"])
     with pytest.raises(LoadError, match="needs --data"):
-        evaluate.main(base + ["--task", "perplexity"])
+        evaluate.command(base + ["--task", "perplexity"])
     with pytest.raises(LoadError, match=r"in \[0, 1\]"):
-        evaluate.main(base + ["--task", "ruler", "--position-blend", "0,2"])
+        evaluate.command(base + ["--task", "ruler", "--position-blend", "0,2"])
     with pytest.raises(LoadError, match="Bad context length"):
-        evaluate.main(base + ["--task", "ruler", "--lengths", "4Q"])
+        evaluate.command(base + ["--task", "ruler", "--lengths", "4Q"])
     with pytest.raises(LoadError, match="longer than the window"):
-        evaluate.main(base + ["--task", "ruler", "--window", "64", "--stride", "65"])
+        evaluate.command(base + ["--task", "ruler", "--window", "64", "--stride", "65"])
     with pytest.raises(LoadError, match="too short"):
-        evaluate.main(base + ["--task", "variable_tracking", "--lengths", "64"])
+        evaluate.command(base + ["--task", "variable_tracking", "--lengths", "64"])
     assert evaluate.parse_length("16K") == 16384 and evaluate.parse_length("1000") == 1000
     proc = subprocess.run(
         [sys.executable, "-m", "repo_mlx.evaluate", *base, "--task", "perplexity", "--data", str(tmp_path / "missing.txt")],

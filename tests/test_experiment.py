@@ -76,9 +76,9 @@ def test_demo_model_generates_and_has_learned_positions():
     from mlx.utils import tree_flatten
 
     import repo_mlx
-    from repo_mlx.positions import positions
+    from repo_mlx.loader import get_model_path
     from repo_mlx.pretrain import init_position_weights
-    from repo_mlx.utils import get_model_path
+    from repo_mlx.rope import positions
 
     model, tokenizer = repo_mlx.load("demo")
     assert get_model_path("demo").parent == Path(repo_mlx.__file__).parent
@@ -94,7 +94,7 @@ def test_demo_model_generates_and_has_learned_positions():
         assert not np.allclose(v, np.arange(v.shape[-1]))
     # Trained: the module moved away from its official init (the demo is the arm of seed 0),
     # by more than bfloat16 rounding.
-    init = init_position_weights(model.args, 0)
+    init = init_position_weights(model, 0)
     params = dict(tree_flatten(model.parameters()))
     moved = [np.abs(np.array(params[k].astype(mx.float32)) - np.array(v)).mean() for k, v in init.items()]
     assert min(moved) > 1e-3

@@ -158,7 +158,7 @@ def test_top_k_yarn_and_trust_remote_code(fixture_path, tiny):
     mx.random.seed(4)
     assert r.stdout == repo_mlx.generate(*tiny, "hi", max_tokens=8, sampler=make_sampler(1.0, top_k=3)) + "\n"
     r = generate("--model", str(fixture_path), "-p", "hi", "-m", "8", "--yarn", "2", "--verbose", "0")
-    scaled, tokenizer = repo_mlx.load(str(fixture_path), model_config=repo_mlx.utils.yarn_scaling(2))
+    scaled, tokenizer = repo_mlx.load(str(fixture_path), model_config=repo_mlx.yarn_scaling(2))
     assert r.stdout == repo_mlx.generate(scaled, tokenizer, "hi", max_tokens=8) + "\n"
 
 

@@ -92,11 +92,11 @@ def out_of(capsys):
 def test_generate_and_chat(arch, folders, loaded, capsys, monkeypatch):
     model, tokenizer = loaded[arch]
     assert model.args.num_key_value_heads == 2 and model.args.repo_layers == [1]
-    generate_cli.main(["--model", str(folders[arch]), "-p", PROMPT, "-m", str(N), "--verbose", "0"])
+    generate_cli.command(["--model", str(folders[arch]), "-p", PROMPT, "-m", str(N), "--verbose", "0"])
     assert out_of(capsys) == repo_mlx.generate(model, tokenizer, PROMPT, max_tokens=N) + "\n"
     # One turn from piped stdin, through the folder's chat template.
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))
-    chat.main(["--model", str(folders[arch]), "-m", str(N)])
+    chat.command(["--model", str(folders[arch]), "-m", str(N)])
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True)
     assert out_of(capsys) == repo_mlx.generate(model, tokenizer, prompt, max_tokens=N).lstrip() + "\n"
 
@@ -147,13 +147,13 @@ def test_lora_then_fuse(arch, folders, tmp_path):
 def test_positions_and_viewer_page(arch, folders, loaded, tmp_path, capsys):
     model, tokenizer = loaded[arch]
     ids = tokenizer.encode(PROMPT)
-    positions_cli.main(["--model", str(folders[arch]), "--prompt", PROMPT, "--json", str(tmp_path / "z.json")])
+    positions_cli.command(["--model", str(folders[arch]), "--prompt", PROMPT, "--json", str(tmp_path / "z.json")])
     got = json.loads((tmp_path / "z.json").read_text())["positions"]
     want = np.array(positions_of(model, ids)[1])[0]  # [KV heads, tokens]
     assert list(got) == ["1"] and list(got["1"]) == ["0", "1"]  # one curve per KV head
     assert np.allclose([got["1"]["0"], got["1"]["1"]], want, atol=1e-5)
     html = tmp_path / "page.html"
-    viewer.main(["--model", str(folders[arch]), "--html", str(html), "--prompt", PROMPT, "--max-tokens", "64"])
+    viewer.command(["--model", str(folders[arch]), "--html", str(html), "--prompt", PROMPT, "--max-tokens", "64"])
     data = viewer.compute(model, tokenizer, PROMPT, 64, name=str(folders[arch]))
     assert html.read_text(encoding="utf-8") == viewer.page(data, viewer.plotly_js())
 
@@ -164,27 +164,27 @@ def test_evaluate_cache_prompt_and_benchmark(arch, folders, loaded, tmp_path, ca
     folder = str(folders[arch])
     text = tmp_path / "text.txt"
     text.write_text(" ".join([PROMPT] * 4))
-    evaluate.main(["--model", folder, "--task", "perplexity", "--data", str(text), "--window", "64",
+    evaluate.command(["--model", folder, "--task", "perplexity", "--data", str(text), "--window", "64",
                    "--output", str(tmp_path / "eval.json")])  # fmt: skip
     (row,) = json.loads((tmp_path / "eval.json").read_text())["results"]
     want = evaluate.perplexity(model, tokenizer.encode(text.read_text()), 64)["perplexity"]
     assert row["perplexity"] == pytest.approx(want, rel=1e-6)
 
     cache = tmp_path / "doc.safetensors"
-    cache_prompt.main(["--model", folder, "--prompt", PROMPT, "--prompt-cache-file", str(cache)])
+    cache_prompt.command(["--model", folder, "--prompt", PROMPT, "--prompt-cache-file", str(cache)])
     capsys.readouterr()
-    generate_cli.main(["--model", folder, "--prompt-cache-file", str(cache), "--prompt", " and", "-m", str(N), "--verbose", "0"])
+    generate_cli.command(["--model", folder, "--prompt-cache-file", str(cache), "--prompt", " and", "-m", str(N), "--verbose", "0"])
     ids = tokenizer.encode(PROMPT) + tokenizer.encode(" and")
     assert out_of(capsys) == repo_mlx.generate(model, tokenizer, ids, max_tokens=N) + "\n"
 
-    benchmark.main(["--model", folder, "-p", "8", "-g", "2", "-n", "1"])
+    benchmark.command(["--model", folder, "-p", "8", "-g", "2", "-n", "1"])
     name = {"llama": "Llama", "qwen3": "Qwen3"}[arch]
     report = out_of(capsys)
     assert f"{name} (mlx-lm, same weights)" in report and f"ratio RePo / {name}" in report
 
 
 def test_doctor_with_the_model(folders, capsys):
-    doctor.main(["--model", str(folders["llama"]), "--tokens", "2"])  # exit status 1 on a failed check
+    doctor.command(["--model", str(folders["llama"]), "--tokens", "2"])  # exit status 1 on a failed check
     report = out_of(capsys)
     assert f"| operations per decode token ({folders['llama']}) | measured | RePo layer " in report
     assert " 0 failed, " in report
@@ -198,9 +198,9 @@ def test_plain_folders_get_the_plain_olmo2_answer(arch, folders, tmp_path):
     name = {"olmo2": "OLMo-2", "llama": "Llama", "qwen3": "Qwen3"}[arch]
     with pytest.warns(UserWarning, match=f"^{folder} is plain {name}, not RePo: "):
         with pytest.raises(LoadError, match=r"^This model has no RePo layers \(a plain model\): nothing to show\.$"):
-            positions_cli.main(["--model", folder, "--prompt", PROMPT])
+            positions_cli.command(["--model", folder, "--prompt", PROMPT])
     with pytest.warns(UserWarning, match="not RePo"), pytest.raises(LoadError) as e:
-        viewer.main(["--model", folder, "--html", str(tmp_path / "page.html"), "--prompt", PROMPT])
+        viewer.command(["--model", folder, "--html", str(tmp_path / "page.html"), "--prompt", PROMPT])
     assert str(e.value) == f"{folder} has no RePo layers (plain {name}): there are no positions to show."
     assert not (tmp_path / "page.html").exists()
 

@@ -121,7 +121,7 @@ def test_unknown_and_unreachable_tasks_are_one_line_errors(fixture_path, tmp_pat
 
 
 def test_without_lm_eval_says_how_to_install(fixture_path):
-    code = "import sys; sys.modules['lm_eval'] = None\nfrom repo_mlx import _cli, lm_eval\n_cli.run(lm_eval.main)"
+    code = "import sys; sys.modules['lm_eval'] = None\nfrom repo_mlx import _cli, lm_eval\nlm_eval.main()"
     r = subprocess.run([sys.executable, "-c", code, "--model", str(fixture_path), "--tasks", "arc_easy"],
                        capture_output=True, text=True)
     assert r.returncode == 2

@@ -259,7 +259,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(base, data, tmp_path, mo
                       "--batch-size", "4", "--learning-rate", "1e-3", "--num-layers", "-1",
                       "--steps-per-report", "5", "--steps-per-eval", "10", "--val-batches", "-1"]
         with contextlib.redirect_stdout(io.StringIO()) as out:
-            _cli.run(lora.main, [str(a) for a in train_argv])
+            lora.main([str(a) for a in train_argv])
     assert e.value.code == 130 and "Iter 5: saved" in out.getvalue()
     monkeypatch.undo()
     train(base, data, stopped, "--resume-adapter-file", stopped / "adapters.safetensors", iters=10)
@@ -301,9 +301,9 @@ def test_generate_uses_adapters_without_fusing(runs, capsys):
     model_path, adapters, _ = runs["dora"]
     generate = importlib.import_module("repo_mlx.generate")
     argv = ["--model", str(model_path), "--prompt", "the owl sat on", "-m", "12", "--verbose", "0"]
-    generate.main(argv + ["--adapter-path", str(adapters)])
+    generate.command(argv + ["--adapter-path", str(adapters)])
     tuned = capsys.readouterr().out
-    generate.main(argv)
+    generate.command(argv)
     plain = capsys.readouterr().out
     assert tuned != plain
     assert "the" in tuned  # the adapter learned the data's words
@@ -398,7 +398,7 @@ def lora_main(*argv):
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        lora.main([str(a) for a in argv])
+        lora.command([str(a) for a in argv])
     return out.getvalue()
 
 
@@ -412,7 +412,7 @@ def test_negative_learning_rate_is_refused(capsys, tmp_path):
     from repo_mlx import _cli, lora
 
     with pytest.raises(SystemExit) as e:
-        _cli.run(lora.main, ["--train", "--learning-rate", "-1"])
+        lora.main(["--train", "--learning-rate", "-1"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: argument --learning-rate: must be a number > 0, got -1")
     (tmp_path / "c.yaml").write_text("learning_rate: -1\n")

@@ -290,7 +290,7 @@ def test_installed_package_finds_metal_sources():
 
 def test_standalone_copy_finds_metal_sources_beside_it(tmp_path):
     """A converted folder carries rope.py as repo_rope.py and rope.metal in metal/
-    beside it: the copy imports with only mlx and finds the source there; without
+    beside it: the copy imports with only mlx and mlx-lm and finds the source there; without
     it, it finds none and runs the pure path."""
     shutil.copy(rope.__file__, tmp_path / "repo_rope.py")
     probe = (
@@ -315,7 +315,7 @@ def test_standalone_copy_finds_metal_sources_beside_it(tmp_path):
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     stdlib = {"functools", "importlib", "math", "os", "pathlib", "typing", "warnings"}
-    assert {m.split(".")[0] for m in imported} <= stdlib | {"mlx"}
+    assert {m.split(".")[0] for m in imported} <= stdlib | {"mlx", "mlx_lm"}  # what stock mlx-lm has
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import repo_mlx
-from repo_mlx.utils import yarn_scaling
+from repo_mlx import yarn_scaling
 
 OFFICIAL = dict(np.load(Path(__file__).parent / "fixtures" / "official-outputs.npz"))
 

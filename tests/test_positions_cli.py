@@ -12,8 +12,8 @@ import pytest
 
 import repo_mlx
 from repo_mlx import LoadError
-from repo_mlx.positions import positions as utils_positions
-from repo_mlx.utils import yarn_scaling
+from repo_mlx import positions as utils_positions
+from repo_mlx import yarn_scaling
 
 # `from repo_mlx import positions` gives the function; the module is the CLI.
 positions_cli = importlib.import_module("repo_mlx.positions")
@@ -22,7 +22,7 @@ PROMPT = "The grass is green. The sky is blue. The sun is yellow. Here we go."
 
 
 def run(fixture_path, *args):
-    positions_cli.main(["--model", str(fixture_path), "--prompt", PROMPT, *args])
+    positions_cli.command(["--model", str(fixture_path), "--prompt", PROMPT, *args])
 
 
 def png_size(path):
@@ -112,7 +112,7 @@ def test_bad_options_are_one_line_errors(fixture_path):
     with pytest.raises(LoadError, match="--plot needs a single --layer"):
         run(fixture_path, "--plot", "x.png")
     with pytest.raises(LoadError, match="empty"):
-        positions_cli.main(["--model", str(fixture_path), "--prompt", ""])
+        positions_cli.command(["--model", str(fixture_path), "--prompt", ""])
     proc = subprocess.run(
         [sys.executable, "-m", "repo_mlx.positions", "--model", str(fixture_path), "--prompt", "hi", "--layer", "7"],
         capture_output=True,
@@ -163,7 +163,7 @@ def test_bad_output_paths_are_refused_before_loading(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     for flag, value in (("--plot", tmp_path), ("--csv", tmp_path / "f" / "x.csv"), ("--prompt-file", tmp_path)):
         with pytest.raises(SystemExit) as e:
-            positions_cli.main(["--model", str(tmp_path / "missing"), "--layer", "1", "--prompt", "hi", flag, str(value)]
+            positions_cli.command(["--model", str(tmp_path / "missing"), "--layer", "1", "--prompt", "hi", flag, str(value)]
                                if flag != "--prompt-file" else ["--model", str(tmp_path / "missing"), flag, str(value)])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -47,7 +47,7 @@ def run_cli(*argv, on_step=None):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             if on_step is None:
-                _cli.run(pretrain.main, [str(a) for a in argv])
+                pretrain.main([str(a) for a in argv])
             else:
                 _cli.run(lambda a: pretrain.run(pretrain.parse_args(a), on_step), [str(a) for a in argv])
         except SystemExit as e:
@@ -96,7 +96,8 @@ def test_inserted_module_layers_shapes_and_weights(plain):
 
 def test_init_statistics_are_the_official_truncated_normal():
     args = repo_mlx.repo_olmo2.ModelArgs.from_dict(synthetic.config(hidden_size=1024, num_attention_heads=8, start_layer=0))
-    w = pretrain.init_position_weights(args, seed=0)
+    model = repo_mlx.repo_olmo2.Model(args)
+    w = pretrain.init_position_weights(model, seed=0)
     assert len(w) == 3 * args.num_hidden_layers
     gate = np.array(w["model.layers.0.self_attn.gate_map.weight"])
     assert gate.shape == (128, 1024)
@@ -107,7 +108,7 @@ def test_init_statistics_are_the_official_truncated_normal():
     assert abs((np.abs(gate) > 0.04).mean() - 0.0428) < 0.003  # the truncated tail mass beyond 2 std
     # Each matrix is drawn afresh; the seed decides them.
     assert not np.array_equal(gate, np.array(w["model.layers.1.self_attn.gate_map.weight"]))
-    again = pretrain.init_position_weights(args, seed=0)
+    again = pretrain.init_position_weights(model, seed=0)
     assert all(mx.array_equal(w[k], again[k]) for k in w)
 
 

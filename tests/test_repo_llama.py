@@ -294,6 +294,6 @@ def test_pretrain_counts_parameters_and_inserts_one_position_per_kv_head(arch):
     model = repo_llama.Model(repo_llama.ModelArgs.from_dict(config))
     counts = pretrain.count_parameters(config, "all")
     assert counts["total"] == sum(v.size for _, v in tree_flatten(model.parameters()))
-    new = pretrain.init_position_weights(model.args, seed=0)
+    new = pretrain.init_position_weights(model, seed=0)
     assert {w.shape for k, w in new.items() if "final_map" in k} == {(config["num_key_value_heads"], config["hidden_size"] // 8)}
     assert [pretrain.default_start_layer(n) for n in (8, 16, 24, 28, 30, 32)] == [3, 5, 8, 9, 9, 10]

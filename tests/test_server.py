@@ -454,15 +454,19 @@ def responses(*texts, last="length"):
 def test_cut_at_stop_matches_text_across_tokens():
     # The stop string spans tokens and starts inside one: its text decides, not its tokens.
     out = list(cut_at_stop(responses("Hello. ", "Bye\n", "\nmore", "x"), ["\n\n"]))
-    assert [r.text for r in out] == ["Hello. ", "Bye\n", "\n"]
+    assert [r.text for r in out] == ["Hello. ", "Bye", ""]  # "\n" held back, then dropped
     assert out[-1].finish_reason is None  # mlx-lm's handler then reports "stop"
     out = list(cut_at_stop(responses("ab", "cSTOPd"), ["STOP", "zz"]))
-    assert [r.text for r in out] == ["ab", "cSTOP"]
+    assert [r.text for r in out] == ["ab", "c"]
     # The first stop string to complete wins; without a match everything passes through.
-    assert [r.text for r in cut_at_stop(responses("xabcd"), ["abcd", "bc"])] == ["xabc"]
+    assert [r.text for r in cut_at_stop(responses("xabcd"), ["abcd", "bc"])] == ["xa"]
     assert list(cut_at_stop(responses("a", "b"), ["zz"])) == responses("a", "b")
-    eos = responses("a", "b", last="stop")
-    assert list(cut_at_stop(eos, ["zz"])) == eos
+    # Text held back for a stop string that never completes comes out at the end,
+    # also at end of text, which then ends with finish_reason None ("stop" to mlx-lm).
+    out = list(cut_at_stop(responses("a", "z", last="stop"), ["zz"]))
+    assert [(r.text, r.finish_reason) for r in out] == [("a", None), ("z", None)]
+    out = list(cut_at_stop(responses("a", "z", "y"), ["zz"]))
+    assert [(r.text, r.finish_reason) for r in out] == [("a", None), ("", None), ("zy", "length")]
 
 
 # --- the command line --------------------------------------------------------

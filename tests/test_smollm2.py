@@ -89,7 +89,7 @@ def test_blend_one_is_mlx_lm_llama_on_real_weights(base, stock, tmp_path):
     weights = mx.load(str(base / "model.safetensors"))
     args = repo_mlx.repo_llama.ModelArgs.from_dict(config)
     assert args.repo_layers == list(range(9, 30))
-    new = pretrain.init_position_weights(args, seed=0)
+    new = pretrain.init_position_weights(repo_mlx.repo_llama.Model(args), seed=0)
     assert new["model.layers.9.self_attn.final_map.weight"].shape == (3, 72)  # one per KV head
     # Positions of a few hundred, as a trained module gives (the release's spread).
     new = {k: v * (100.0 if "final_map" in k else 1.0) for k, v in new.items()}

@@ -25,7 +25,7 @@ import repo_mlx
 from repo_mlx import synthetic, viewer
 from repo_mlx.errors import LoadError
 from repo_mlx.positions import inlier_range, outliers, positions, summary, token_texts
-from repo_mlx.utils import set_position_blend
+from repo_mlx import set_position_blend
 
 pytest.importorskip("plotly", reason="the viewer needs plotly: pip install '.[viewer]'")
 pytest.importorskip("selenium", reason="the browser tests drive Chromium with selenium: pip install '.[test]'")
@@ -677,11 +677,11 @@ def test_html_needs_a_text_and_writes_nothing_on_failure(tmp_path):
         "error: --html needs the text to show: --prompt-file F (or --prompt TEXT)."
     ]
     with pytest.raises(LoadError, match="go with --html"):
-        viewer.main(["--model", str(FIXTURE), "--prompt", "hi"])
+        viewer.command(["--model", str(FIXTURE), "--prompt", "hi"])
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(LoadError, match="The text is empty"):
-        viewer.main(["--model", str(FIXTURE), "--html", str(tmp_path / "b.html"), "--prompt-file", str(empty)])
+        viewer.command(["--model", str(FIXTURE), "--html", str(tmp_path / "b.html"), "--prompt-file", str(empty)])
     # A place that cannot be written is refused while parsing (tests/test_cli_flags.py).
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty.txt"]
 

@@ -9,7 +9,7 @@ import pytest
 import repo_mlx
 from repo_mlx import rope
 from repo_mlx import LoadError
-from repo_mlx.utils import yarn_scaling
+from repo_mlx import yarn_scaling
 
 
 def yarn_reference(head_dim, base, factor, original=4096, beta_fast=32.0, beta_slow=1.0):

@@ -9,100 +9,16 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
-
-from . import _cli
-from .errors import LoadError
-from .utils import add_model_flags, load_from_args, warn_if_too_long
-from .files import atomic_file
-
-
-def positions(model: nn.Module, input_ids) -> Dict[int, mx.array]:
-    """The positions z [B, heads, N] (float32) that every RePo layer assigns
-    (per key/value head in a grouped-query model)."""
-    ids = mx.array(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    h = model.model.embed_tokens(ids)
-    mask = create_attention_mask(h, None)
-    out = {}
-    last = max(model.args.repo_layers, default=-1)
-    for i, layer in enumerate(model.layers[: last + 1]):
-        if layer.self_attn.repo:
-            # The module reads what feeds q/k/v: the normed input in pre-norm blocks.
-            x = layer.input_layernorm(h) if hasattr(layer, "input_layernorm") else h
-            out[i] = layer.self_attn.positions(x)
-        h = layer(h, mask)
-    mx.eval(out)
-    return out
-
-
-def inlier_range(values, full: bool = False) -> Tuple[float, float]:
-    """The y-range the official viewer shows: the inliers plus 5% padding.
-
-    Inliers lie within the Tukey fences Q1 - 1.5 IQR .. Q3 + 1.5 IQR; ``full``
-    keeps every value. A flat range is padded by 1.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if not full:
-        q1, q3 = np.percentile(v, [25, 75])
-        lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
-        v = v[(v >= lo) & (v <= hi)]
-    lo, hi = float(v.min()), float(v.max())
-    pad = 0.05 * (hi - lo) or 1.0
-    return lo - pad, hi + pad
-
-
-def outliers(values) -> np.ndarray:
-    """Indices of the values outside the Tukey fences."""
-    v = np.asarray(values, dtype=np.float64)
-    q1, q3 = np.percentile(v, [25, 75])
-    lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
-    return np.flatnonzero((v < lo) | (v > hi))
-
-
-def summary(z) -> Dict[str, float]:
-    """min, max, IQR and the share of adjacent tokens whose position increases."""
-    z = np.asarray(z, dtype=np.float64)
-    q1, q3 = np.percentile(z, [25, 75])
-    steps = np.diff(z)
-    return {
-        "min": float(z.min()),
-        "max": float(z.max()),
-        "iqr": float(q3 - q1),
-        "increasing": float((steps > 0).mean()) if steps.size else math.nan,
-    }
-
-
-def token_texts(tokenizer, ids: List[int]) -> List[str]:
-    return [tokenizer.decode([i]) for i in ids]
-
-
-def select(z: Dict[int, np.ndarray], layer: str, head: str) -> Dict[int, Dict[int, np.ndarray]]:
-    """{layer: {head: positions [N]}} for the chosen layer(s) and head(s) of batch row 0."""
-    layers = sorted(z)
-    if not layers:
-        raise LoadError("This model has no RePo layers (a plain model): nothing to show.")
-    if layer != "all":
-        if not layer.lstrip("-").isdigit() or int(layer) not in z:
-            raise LoadError(
-                f"--layer {layer} is not a RePo layer; RePo layers are "
-                f"{', '.join(map(str, layers))} (or 'all')."
-            )
-        layers = [int(layer)]
-    n_heads = z[layers[0]].shape[1]
-    heads = list(range(n_heads))
-    if head != "all":
-        if not head.isdigit() or int(head) >= n_heads:
-            raise LoadError(f"--head {head} must be 0..{n_heads - 1} or 'all'.")
-        heads = [int(head)]
-    return {l: {h: z[l][0, h] for h in heads} for l in layers}
+from .. import _cli
+from ..position_stats import inlier_range, outliers, select, summary, token_texts
+from ..rope import positions
+from ..errors import LoadError
+from ..limits import warn_if_too_long
+from ..files import atomic_file
 
 
 def write_csv(path: Path, chosen, tokens: List[str]) -> None:
@@ -213,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "summary (min, max, IQR, share of adjacent tokens whose position increases), "
         "and optionally CSV, JSON and a plot like the official viewer.",
     )
-    add_model_flags(p, yarn=True, adapter=False)
+    _cli.add_model_flags(p, yarn=True, adapter=False)
     _cli.add_prompt_flags(p, "the text to position", required=True)
     p.add_argument("--layer", default="all", help="A RePo layer index, or 'all' (default). --plot needs one layer.")
     p.add_argument("--head", default="all", help="A head index, or 'all' (default; the plot becomes a grid of heads).")
@@ -225,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.plot is not None and args.layer == "all":
         raise LoadError("--plot needs a single --layer (the summary lists the RePo layers).")
@@ -235,7 +151,7 @@ def main(argv=None) -> None:
         except ImportError:
             raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]'.") from None
     text = _cli.read_prompt(args)
-    model, tokenizer = load_from_args(args)
+    model, tokenizer = _cli.load_from_args(args)
     ids = tokenizer.encode(text)
     if not ids:
         raise LoadError("The prompt is empty.")
@@ -269,5 +185,7 @@ def main(argv=None) -> None:
         plot(args.plot, layer, chosen[layer], tokens, args.full_range)
         print(f"wrote {args.plot}")
 
-if __name__ == "__main__":
-    _cli.run(main)
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
+
