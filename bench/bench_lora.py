@@ -2,7 +2,7 @@
 
 Both models share the same base weights (random, same shapes; RePo adds the
 position module). Same data, batch, sequence length, LoRA rank, layers and
-optimizer; repo_mlx trains with its loop (trainer.py via tuner.train), mlx-lm with
+optimizer; repo_mlx trains with its loop (trainer.py via finetune.train), mlx-lm with
 mlx_lm.tuner.trainer.train. tokens/s is over the iterations after the first
 report (which pays for compilation). One run each by default; --runs N
 alternates them and reports medians. Prints the ratio repo / mlx-lm.
@@ -26,7 +26,7 @@ from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.tuner.trainer import train as mlx_lm_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from repo_mlx import synthetic, tuner
+from repo_mlx import finetune, synthetic
 from repo_mlx.adapters import POSITION_MODULE_CHOICES, setup_trainable
 from repo_mlx.kernel_checks import plain_twin
 from repo_mlx.repo_olmo2 import Model, ModelArgs
@@ -78,7 +78,7 @@ def run_repo(model, data, args, tmp: Path):
     )
     recorder = Recorder()
     mx.reset_peak_memory()
-    tuner.train(tuner.make_trainer(model, ns), data, [], ns, tmp / "repo.safetensors", callback=recorder)
+    finetune.train(finetune.make_trainer(model, ns), data, [], ns, tmp / "repo.safetensors", callback=recorder)
     return summarize(recorder, mx.get_peak_memory() / 1e9)
 
 

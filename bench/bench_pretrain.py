@@ -132,9 +132,9 @@ def one(a) -> dict:
             trainer.train_step(lambda: next(source))
             times.append(time.perf_counter() - tic)
         steps_per_s = 1 / statistics.mean(times[a.report :])
-        est = pretrain.estimate_memory(cfg, types.SimpleNamespace(
-            train_only=a.train_only, dtype=a.dtype, batch_size=a.batch_size, seq_len=a.seq_len,
-            grad_checkpoint=a.grad_checkpoint, grad_accumulation_steps=1, lora_rank=8))
+        est = pretrain.estimate_memory(repo, types.SimpleNamespace(
+            dtype=a.dtype, batch_size=a.batch_size, seq_len=a.seq_len,
+            grad_checkpoint=a.grad_checkpoint, grad_accumulation_steps=1))
         estimate = est["total"] / 1e9
     return {"tokens_per_second": steps_per_s * a.batch_size * a.seq_len,
             "peak_gb": mx.get_peak_memory() / 1e9, "estimate_gb": estimate}

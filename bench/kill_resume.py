@@ -119,14 +119,14 @@ def main():
 
         ref, out = root / "pre-ref", root / "pre"
         lines = output_lines([sys.executable, *pretrain_argv(plain, data, ref, a.iters)])
-        has_ckpt = lambda: any((out / "checkpoints").glob("step-*"))
+        has_ckpt = lambda: any((out / "checkpoints").glob("step-???????.safetensors"))
         n = killed_run(
             "pretrain", pretrain_argv(plain, data, out, a.iters) + ["--force"],
             lambda: ["-m", "repo_mlx.pretrain", "--resume", str(out)] if has_ckpt() else None,
             lambda: (out / "config.json").exists(), rng, a.kills, lines,
             final_write_kill=(f"step-{a.iters:07d}", "writing the final model"),
         )
-        last = f"checkpoints/step-{a.iters:07d}/trainable.safetensors"
+        last = f"checkpoints/step-{a.iters:07d}.safetensors"
         good = all(same(ref / f, out / f) for f in ("model.safetensors", last))
         print(f"pretrain: {n} kills, final model and last checkpoint bit-identical: {good}; scratch left: {scratch(root)}")
         ok &= good and not scratch(root)
@@ -134,7 +134,7 @@ def main():
         ref, out = root / "lora-ref", root / "lora"
         lines = output_lines([sys.executable, *lora_argv(repo, data, ref, a.iters)])
         latest = out / "adapters.safetensors"
-        iteration = lambda: mx.load(str(latest), return_metadata=True)[1].get("iteration") if latest.exists() else None
+        iteration = lambda: mx.load(str(latest), return_metadata=True)[1].get("step") if latest.exists() else None
         n = killed_run(
             "lora", lora_argv(repo, data, out, a.iters),
             lambda: lora_argv(repo, data, out, a.iters) + ["--resume-adapter-file", str(latest)]

@@ -19,7 +19,8 @@ from mlx_lm.tuner.trainer import evaluate
 from mlx_lm.tuner.utils import print_trainable_parameters
 from mlx_lm.utils import save_config
 
-from . import _cli, tuner
+from . import _cli, finetune
+from .finetune_data import load_data
 from .adapters import POSITION_MODULE_CHOICES, load_adapters, setup_trainable
 from .errors import LoadError, one_line
 from .files import remove_stale
@@ -166,10 +167,10 @@ def train_model(args, model, train_set, valid_set, callback=None):
     )
     if any(layer.self_attn.repo for layer in model.layers):
         rprint(f"Position module: {args.position_module}", flush=True)
-    trainer = tuner.make_trainer(model, args)
+    trainer = finetune.make_trainer(model, args)
     trained = 0
     if args.resume_adapter_file is not None:
-        trained = tuner.resume(trainer, args.resume_adapter_file, args)
+        trained = finetune.resume_from(trainer, args.resume_adapter_file, args)
         rprint(f"Resuming from {args.resume_adapter_file} at iteration {trainer.step}", flush=True)
         if trainer.step >= args.iters:
             raise LoadError(
@@ -180,7 +181,7 @@ def train_model(args, model, train_set, valid_set, callback=None):
     if mx.distributed.init().rank() == 0:
         adapter_path.mkdir(parents=True, exist_ok=True)
         save_config(dict(vars(args)), adapter_path / "adapter_config.json")
-    tuner.train(trainer, train_set, valid_set, args, adapter_path / "adapters.safetensors",
+    finetune.train(trainer, train_set, valid_set, args, adapter_path / "adapters.safetensors",
                 trained=trained, callback=callback)
 
 
@@ -190,7 +191,7 @@ def run(args) -> None:
         raise LoadError("Pass --train, --test or both.")
     rprint(f"Loading {args.model}", flush=True)
     model, tokenizer = load(args.model)
-    train_set, valid_set, test_set = tuner.load_data(args, tokenizer)
+    train_set, valid_set, test_set = load_data(args, tokenizer)
     if args.train:
         try:
             callback = get_reporting_callbacks(

@@ -21,25 +21,26 @@ import shutil
 import sys
 import time
 import types
-import warnings
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import cli_ui
+from mlx_lm.utils import get_total_parameters
 
 from . import _cli, adapters, pretrain_data
 from .files import atomic_file, atomic_folder, remove_stale
 from .convert.export_hf import check_exportable, export_hf
 from .errors import LoadError, one_line
 from .position_stats import summary
+from . import trainer as trainer_lib
 from .trainer import Trainer, train as train_loop
 from .rope import POSITION_WEIGHTS, pe_config, repo_layer_ids
-from .folder_checks import safetensors_header
 from .loader import (DTYPES, architecture_name, get_model_path, load_config, load_model,
                      load_tokenizer, model_file, save_standalone, yarn_scaling)
 from .rope import positions, set_position_blend
@@ -279,44 +280,32 @@ def build_optimizer(args):
     )
 
 
-def count_parameters(config: dict, train_only: str, lora_rank: int = 8) -> Dict[str, int]:
-    """Total and trainable parameter counts from a config (RePo layers included)."""
-    a = model_file(config).ModelArgs.from_dict(config)
-    d, f, v, h = a.hidden_size, a.intermediate_size, a.vocab_size, a.num_attention_heads
-    hd = a.head_dim or d // h
-    q, kv = h * hd, a.num_key_value_heads * hd
-    # q/k norms: OLMo-2's span the projections, Qwen3's one head; Llama has none.
-    qk_norms = {"olmo2": q + kv, "qwen3": 2 * hd}.get(a.model_type, 0)
-    biases = (q + 2 * kv + d if a.attention_bias else 0) + (2 * f + d if getattr(a, "mlp_bias", False) else 0)
-    layer = d * q + 2 * d * kv + q * d + qk_norms + biases + 3 * d * f + 2 * d
-    position = 2 * d * (d // 8) + (d // 8) * a.num_key_value_heads
-    n_repo = len(a.repo_layers)
-    total = v * d * (1 if a.tie_word_embeddings else 2) + d + a.num_hidden_layers * layer + n_repo * position
-    lora = a.num_hidden_layers * lora_rank * (
-        (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)
-    )
-    trainable = {"all": total, "position": n_repo * position,
-                 "position+lora": n_repo * position + lora}[train_only]
-    return {"total": total, "trainable": trainable, "position": n_repo * position}
+def count_parameters(model) -> Dict[str, int]:
+    """The model's parameters as it will train: total (quantized weights unpacked, as
+    mlx-lm counts them), trainable, of the position module and of LoRA adapters."""
+    size = lambda tree: sum(v.size for _, v in tree_flatten(tree))
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    return {
+        "total": get_total_parameters(model),
+        "trainable": size(trainable),
+        "position": sum(size(m.parameters()) for m in adapters.position_maps(model.layers)),
+        "adapters": size({k: v for k, v in trainable.items() if ".lora_" in k}),
+    }
 
 
-def estimate_memory(config: dict, s) -> Dict[str, float]:
-    """Estimated peak bytes of one training step, by part.
+def estimate_memory(model, s) -> Dict[str, float]:
+    """Estimated peak bytes of one training step of ``model`` (set up to train), by part.
 
-    ``s`` carries train_only, dtype, batch_size (per process), seq_len,
-    grad_checkpoint, grad_accumulation_steps and lora rank. Activations count
-    what the backward pass keeps: per layer the projections, norms, MLP and
-    the attention matrices (MLX's attention backward materialises them), and
-    the logits in float32 for the loss.
+    ``s`` carries dtype, batch_size (per process), seq_len, grad_checkpoint and
+    grad_accumulation_steps. Activations count what the backward pass keeps: per
+    layer the projections, norms, MLP and the attention matrices (MLX's attention
+    backward materialises them), and the logits in float32 for the loss.
     """
-    a = model_file(config).ModelArgs.from_dict(config)
-    n = count_parameters(config, s.train_only, s.lora_rank)
+    a, n = model.args, count_parameters(model)
     b = 4 if s.dtype == "float32" else 2
-    q = config.get("quantization") or {}
-    wbytes = (q["bits"] + 32 / q["group_size"]) / 8 if q else b
-    frozen = n["total"] - n["trainable"]
-    if s.train_only == "position+lora":
-        frozen = n["total"] - n["position"]
+    q = next((m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)), None)
+    wbytes = (q.bits + 32 / q.group_size) / 8 if q else b  # packed weights, scales and biases
+    frozen = n["total"] - (n["trainable"] - n["adapters"])
     # LoRA weights and the position module of a quantized base stay float32.
     tb = 4 if q else b
     weights = frozen * wbytes + n["trainable"] * tb
@@ -409,23 +398,12 @@ def validation_loss(model, val: pretrain_data.Packed, args) -> float:
     return total.item() / max(n, 1)
 
 
-def save_checkpoint(trainer: Trainer, folder: Path, args, fingerprint: str) -> None:
+def save_checkpoint(trainer: Trainer, file: Path, args, fingerprint: str) -> None:
+    """The shared loop's checkpoint (trainer.py) with where the data stands: the
+    random state needs no saving, as each step reseeds from (seed, step)."""
     sequences = trainer.step * args.grad_accumulation_steps * args.batch_size
-    with atomic_folder(folder, force=True) as tmp:
-        tmp.mkdir()
-        mx.save_safetensors(str(tmp / "trainable.safetensors"), trainer.weights())
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(trainer.optimizer.state)))
-        # The random state needs no saving: each step reseeds from (seed, step).
-        state = {"step": trainer.step, "cursor": sequences, "tokens": sequences * args.seq_len,
-                 "seed": args.seed, "data": fingerprint}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-
-
-def load_checkpoint(trainer: Trainer, folder: Path) -> dict:
-    state = json.loads((folder / "state.json").read_text())
-    trainer.restore(mx.load(str(folder / "trainable.safetensors")),
-                    mx.load(str(folder / "optimizer.safetensors")), state["step"], folder)
-    return state
+    trainer_lib.save_checkpoint(trainer, [file], {
+        "cursor": sequences, "tokens": sequences * args.seq_len, "seed": args.seed, "data": fingerprint})
 
 
 def position_report(model, sequence) -> Dict[str, Dict[str, float]]:
@@ -438,37 +416,8 @@ def position_report(model, sequence) -> Dict[str, Dict[str, float]]:
 
 
 def checkpoints(out: Path) -> List[Path]:
-    return sorted((out / "checkpoints").glob("step-*"))
-
-
-def damaged(folder: Path) -> Optional[str]:
-    """Why a checkpoint cannot be resumed from (a kill or a full disk), or None."""
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        if not isinstance(state, dict) or not {"step", "data"} <= set(state):
-            return "state.json lacks step or data"
-    except FileNotFoundError:
-        return "no state.json"
-    except (OSError, ValueError) as e:
-        return f"state.json is unreadable ({one_line(e)})"
-    for name in ("trainable.safetensors", "optimizer.safetensors"):
-        if not (folder / name).is_file():
-            return f"no {name}"
-        try:
-            safetensors_header(folder / name)
-        except LoadError as e:
-            return one_line(e)
-    return None
-
-
-def newest_intact(out: Path) -> Tuple[Path, dict]:
-    """The newest checkpoint that can be resumed from, warning about damaged newer ones."""
-    for folder in reversed(checkpoints(out)):
-        why = damaged(folder)
-        if why is None:
-            return folder, json.loads((folder / "state.json").read_text())
-        warnings.warn(f"Checkpoint {folder} is damaged ({why}); trying the one before it.")
-    raise LoadError(f"--resume {out}: no intact checkpoint in {out / 'checkpoints'}; start the run again.")
+    """OUT/checkpoints/step-NNNNNNN.safetensors, oldest first."""
+    return sorted(f for f in (out / "checkpoints").glob("step-*.safetensors") if ".state." not in f.name)
 
 
 def read_metrics(out: Path) -> List[dict]:
@@ -505,10 +454,9 @@ def plot_metrics(records: List[dict], path: Path) -> None:
     if pos:
         ax2.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _replace_into(dst: Path, src: Path) -> None:
@@ -609,12 +557,13 @@ def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerpri
         log(record)
 
     def save(step):
-        folder = out / "checkpoints" / f"step-{step:07d}"
+        file = out / "checkpoints" / f"step-{step:07d}.safetensors"
         if rank0:
-            save_checkpoint(trainer, folder, args, fingerprint)
+            save_checkpoint(trainer, file, args, fingerprint)
             for old in checkpoints(out)[: -args.keep_checkpoints]:
-                shutil.rmtree(old)
-        rprint(f"Step {step}: saved checkpoint {folder}")
+                old.unlink()
+                trainer_lib.state_file(old).unlink(missing_ok=True)
+        rprint(f"Step {step}: saved checkpoint {file}")
 
     source = batches(train_set, args, trainer.step)
     train_loop(trainer, lambda: next(source), iters=args.iters, steps_per_report=args.steps_per_report,
@@ -767,8 +716,9 @@ def run(args, on_step=None):
         remove_stale(folder)  # what killed runs left behind
     finish_only = False
     if args.resume:
-        folder, state = newest_intact(out)
-        if state["step"] >= args.iters:
+        found = trainer_lib.newest_intact(list(reversed(checkpoints(out))), str(out / "checkpoints"))
+        folder, state = found[0], found[3]
+        if int(state["step"]) >= args.iters:
             if (out / "config.json").exists():
                 rprint(f"The run in {out} is complete (step {state['step']}, final model written); "
                        "pass a larger --iters to train on.")
@@ -782,15 +732,13 @@ def run(args, on_step=None):
     rprint(f"Loading {args.model}")
     prep = prepare_model(args)
     rank_batch = args.batch_size // world.size()
-    rank = (args.lora_parameters or {}).get("rank", 8)
-    counts = count_parameters(prep.config, args.train_only, rank)
-    if args.nope:
-        counts["trainable"] -= counts["position"]
-    settings = types.SimpleNamespace(**{**vars(args), "batch_size": rank_batch, "lora_rank": rank,
+    mx.random.seed(args.seed)  # LoRA initialisation
+    setup_trainable(prep.model, args.train_only, args.lora_parameters, args.nope)
+    settings = types.SimpleNamespace(**{**vars(args), "batch_size": rank_batch,
                                         "dtype": prep.stored_dtype if prep.quantized else args.dtype})
     if prep.quantized and args.dtype != prep.stored_dtype:
         rprint(f"A quantized base computes in its own dtype ({prep.stored_dtype}); --dtype {args.dtype} is not applied")
-    print_memory(estimate_memory(prep.config, settings), counts,
+    print_memory(estimate_memory(prep.model, settings), count_parameters(prep.model),
                  f"{args.train_only}, {args.dtype}, batch {rank_batch} x {args.seq_len} tokens"
                  + (", grad checkpoint" if args.grad_checkpoint else ""))
     if args.dry_run:
@@ -803,14 +751,12 @@ def run(args, on_step=None):
         if fresh_cache:  # bad data leaves nothing behind
             shutil.rmtree(cache, ignore_errors=True)
         raise
-    mx.random.seed(args.seed)  # LoRA initialisation
-    setup_trainable(prep.model, args.train_only, args.lora_parameters, args.nope)
     master = to_compute_dtype(prep, args.dtype)
     trainer = make_trainer(prep.model, args, master)
     del master  # the trainer holds what it needs
     _barrier()  # every process has checked its input before OUT changes
     if args.resume:
-        load_checkpoint(trainer, folder)
+        trainer_lib.resume(trainer, *found)
         if state["data"] != fingerprint:
             raise LoadError(f"The data changed since {folder} was saved; resuming would not continue the same run.")
         rprint(f"Resuming from {folder} at step {trainer.step} (sequence {state['cursor']})")

@@ -11,7 +11,7 @@ dropped, as OLMo does) and visited in an order that depends only on
 import functools
 import hashlib
 import json
-import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
@@ -19,6 +19,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .errors import LoadError, one_line
+from .files import atomic_file
 from .loader import check_hub_reachable, is_hub_id
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -186,12 +187,10 @@ def token_cache(
         log(f"Token cache {file} (reused)")
         return np.memmap(file, dtype=np.uint32, mode="r")
     created = not cache_dir.exists()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{file.name}.partial-{os.getpid()}"
     n_docs = n_tokens = 0
     tic = last = time.perf_counter()
     try:
-        with open(tmp, "wb") as out:
+        with atomic_file(file) as tmp, open(tmp, "wb") as out:
             for ids in encode_documents(tokenizer, source.documents()):
                 out.write(ids.tobytes())
                 n_docs, n_tokens = n_docs + 1, n_tokens + len(ids)
@@ -199,14 +198,12 @@ def token_cache(
                     last = time.perf_counter()
                     log(f"Tokenizing {source.path}: {n_docs} documents, {n_tokens} tokens, "
                         f"{n_tokens / (last - tic):.0f} tokens/s")
-        if n_tokens == 0:
-            raise LoadError(f"Data {source.path} holds no text (all documents are empty).")
-        os.replace(tmp, file)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-            if created:  # bad data leaves nothing behind
-                cache_dir.rmdir()
+            if n_tokens == 0:
+                raise LoadError(f"Data {source.path} holds no text (all documents are empty).")
+    except BaseException:
+        if created:  # bad data leaves nothing behind
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        raise
     for old in cache_dir.glob(f"{name}-*.u32"):  # stale caches of this split
         if old != file:
             old.unlink()

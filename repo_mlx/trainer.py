@@ -1,15 +1,17 @@
-"""The training loop of ``lora`` and ``pretrain``.
+"""The training loop and checkpoints of ``lora`` and ``pretrain``.
 
 mlx-lm's compiled step (gradient accumulation, data-parallel averaging) with
 what its loop lacks: exact resume (randomness and data order follow from
 (seed, step)), float32 master weights for half-precision training, gradient
 clipping, the RePo position warm-up, and Ctrl-C or SIGTERM saving a
-checkpoint before stopping. Each command brings its loss, batches and files.
+checkpoint before stopping. Each command brings its loss, batches and reports.
 """
 
 import signal
 import time
-from typing import Callable, Optional
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,7 +22,11 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .errors import LoadError
+from .files import atomic_file
+from .folder_checks import safetensors_header
 from .rope import set_position_blend
+
+MASTER = "master/"  # state-file prefix of the float32 master weights
 
 
 def derived_seed(*ints: int) -> int:
@@ -238,3 +244,62 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# -- checkpoints: one format for lora and pretrain --------------------------------
+# A checkpoint is a weights file (the trainable weights as the model holds them:
+# for lora, mlx-lm's adapter file) and beside it NAME.state.safetensors with the
+# optimizer state, the float32 masters and the step. Both carry the same metadata;
+# files from two different saves are a damaged checkpoint.
+
+
+def state_file(weights_file) -> Path:
+    weights_file = Path(weights_file)
+    return weights_file.with_name(weights_file.stem + ".state.safetensors")
+
+
+def save_checkpoint(trainer: Trainer, files: List[Path], meta: dict) -> None:
+    """The trainer's state in each of ``files`` (and its state file), state first."""
+    weights = dict(tree_flatten(trainer.model.trainable_parameters()))
+    state = {**dict(tree_flatten(trainer.optimizer.state)), **{MASTER + k: v for k, v in trainer.master.items()}}
+    meta = {k: str(v) for k, v in {**meta, "step": trainer.step}.items()}
+    for file in files:
+        with atomic_file(state_file(file)) as tmp:
+            mx.save_safetensors(str(tmp), state, metadata=meta)
+        with atomic_file(file) as tmp:
+            mx.save_safetensors(str(tmp), weights, metadata=meta)
+
+
+def read_checkpoint(file: Path):
+    """(weights, state, metadata) of an intact checkpoint, or why it is not one
+    (a kill during a save, a full disk)."""
+    if not state_file(file).is_file():
+        return f"{state_file(file).name} is missing"
+    try:
+        safetensors_header(file)
+        safetensors_header(state_file(file))
+        weights, meta = mx.load(str(file), return_metadata=True)
+        state, state_meta = mx.load(str(state_file(file)), return_metadata=True)
+    except (LoadError, OSError, RuntimeError, ValueError) as e:
+        return f"unreadable ({' '.join(str(e).split())[:200]})"
+    if state_meta != meta or "step" not in meta:
+        return f"its state file is from step {state_meta.get('step')}, the weights from {meta.get('step')}"
+    return weights, state, meta
+
+
+def newest_intact(files: List[Path], where: str) -> Tuple[Path, dict, dict, dict]:
+    """(file, weights, state, metadata) of the first intact checkpoint of ``files``
+    (newest first), warning about each damaged one before it."""
+    for file in files:
+        found = read_checkpoint(file)
+        if not isinstance(found, str):
+            return (file, *found)
+        warnings.warn(f"Checkpoint {file} is damaged: {found}; trying the newest one before it.")
+    raise LoadError(f"No intact checkpoint in {where} to resume from; start the run again.")
+
+
+def resume(trainer: Trainer, file: Path, weights: dict, state: dict, meta: dict) -> None:
+    """Continue from a checkpoint that ``newest_intact`` found."""
+    weights = {**weights, **{k[len(MASTER):]: v for k, v in state.items() if k.startswith(MASTER)}}
+    state = {k: v for k, v in state.items() if not k.startswith(MASTER)}
+    trainer.restore(weights, state, int(meta["step"]), state_file(file))

@@ -13,7 +13,7 @@ import pytest
 from finetune_helpers import make_data, make_model, train
 
 import repo_mlx
-from repo_mlx import tuner
+from repo_mlx import finetune, finetune_data
 
 FLAGS = ["--position-module", "full", "--optimizer", "adam", "--steps-per-report", "2"]
 
@@ -58,10 +58,10 @@ def test_ranks_hold_unequal_token_counts(setup):
     tokenizer = repo_mlx.load(str(base))[1]
     args = types.SimpleNamespace(data=str(data), train=True, test=False, batch_size=4,
                                  max_seq_length=2048, seed=0, mask_prompt=False)
-    train_set = tuner.load_data(args, tokenizer)[0]
+    train_set = finetune_data.load_data(args, tokenizer)[0]
     counts = []
     for r in range(2):
-        batches = tuner.train_batches(train_set, args, Rank(r, 2))
+        batches = finetune.train_batches(train_set, args, Rank(r, 2))
         counts.append([int(next(batches)[1][:, 1].sum()) for _ in range(8)])
     assert counts[0] != counts[1]
 

@@ -19,7 +19,8 @@ from finetune_helpers import make_data, make_model, train, val_losses
 from mlx.utils import tree_flatten
 
 import repo_mlx
-from repo_mlx import tuner
+from repo_mlx import finetune, finetune_data
+from repo_mlx.trainer import MASTER
 from repo_mlx.adapters import setup_trainable
 from repo_mlx.convert import convert
 from repo_mlx.rope import POSITION_WEIGHTS
@@ -164,7 +165,7 @@ def test_gradients_reach_positions(base):
     for mode, expect in (("frozen", False), ("lora", True), ("full", True)):
         model, _ = repo_mlx.load(str(base))
         setup_trainable(model, "lora", -1, {"rank": 4, "dropout": 0.0, "scale": 10.0}, mode)
-        _, grads = nn.value_and_grad(model, tuner.token_weighted_loss)(
+        _, grads = nn.value_and_grad(model, finetune.token_weighted_loss)(
             model, batch, lengths, mx.distributed.init()
         )
         position = {k: g for k, g in tree_flatten(grads) if k.split(".")[4] in POSITION_WEIGHTS}
@@ -214,11 +215,11 @@ def test_half_precision_full_fine_tuning_keeps_float32_masters(data, tmp_path):
     args = lora.parse_args(["--model", str(path), "--data", str(data), "--train", "--fine-tune-type", "full",
                             "--num-layers", "-1", "--batch-size", "4", "--learning-rate", "1e-6"])
     setup_trainable(model, "full", -1, None, "frozen")
-    trainer = tuner.make_trainer(model, args)
+    trainer = finetune.make_trainer(model, args)
     trainable = dict(tree_flatten(model.trainable_parameters()))
     assert set(trainer.master) == set(trainable) and all(v.dtype == mx.bfloat16 for v in trainable.values())
     before = dict(trainer.master)
-    batches = tuner.train_batches(tuner.load_data(args, tokenizer)[0], args, mx.distributed.init())
+    batches = finetune.train_batches(finetune_data.load_data(args, tokenizer)[0], args, mx.distributed.init())
     trainer.train_step(lambda: next(batches))
     after = trainer.master
     assert all(not mx.array_equal(before[k], after[k]).item() for k in before)
@@ -235,7 +236,7 @@ def test_half_precision_full_fine_tuning_keeps_float32_masters(data, tmp_path):
     for file in ("adapters.safetensors", "adapters.state.safetensors"):
         a, b = mx.load(str(full / file)), mx.load(str(resumed / file))
         assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a), file
-    assert any(k.startswith(tuner.MASTER) for k in a)
+    assert any(k.startswith(MASTER) for k in a)
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(base, data, tmp_path, monkeypatch):
@@ -315,7 +316,7 @@ def test_generate_uses_adapters_without_fusing(runs, capsys):
 def load_data(folder, tokenizer, **overrides):
     args = dict(data=str(folder), train=True, test=False, batch_size=2, max_seq_length=2048,
                 mask_prompt=False)
-    return tuner.load_data(types.SimpleNamespace(**{**args, **overrides}), tokenizer)
+    return finetune_data.load_data(types.SimpleNamespace(**{**args, **overrides}), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -485,7 +486,7 @@ def test_torch_adamw_is_one_config_line_away(tmp_path):
         if config is None:
             args.optimizer, args.optimizer_config = "adamw", {"adamw": {"weight_decay": 0.0}}
         layer = nn.Linear(4, 4)
-        opt = tuner.build_optimizer(args)
+        opt = finetune.build_optimizer(args)
         before = layer.weight
         opt.update(layer, {"weight": mx.ones((4, 4)), "bias": mx.ones((4,))})
         step = mx.abs(layer.weight - before).mean().item() / 1e-3

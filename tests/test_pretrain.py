@@ -23,7 +23,7 @@ from test_distributed import free_port_pair
 
 import repo_mlx
 from repo_mlx import _cli, pretrain, pretrain_data, synthetic
-from repo_mlx.trainer import clip_grad_norm
+from repo_mlx.trainer import MASTER, clip_grad_norm
 
 FIXTURE = Path(__file__).parent / "fixtures" / "repo-olmo2-tiny"
 SMALL = ["--seq-len", "32", "--batch-size", "4", "--dtype", "float32", "--learning-rate", "1e-3",
@@ -294,19 +294,17 @@ def test_loss_falls_and_progress_is_reported(runs):
 
 def test_interrupted_and_resumed_equals_uninterrupted(runs):
     assert "saved checkpoint" in runs.log_a and "Resuming from" in runs.log_b
-    ckpts = lambda out: [p.name for p in sorted((out / "checkpoints").glob("step-*"))]
+    ckpts = lambda out: [p.stem for p in pretrain.checkpoints(out)]
     assert ckpts(runs.one) == ["step-0000002", "step-0000004", "step-0000005"]
     assert ckpts(runs.two) == ["step-0000002", "step-0000003", "step-0000004", "step-0000005"]
-    for name in ("step-0000004", "step-0000005"):
-        a, b = runs.one / "checkpoints" / name, runs.two / "checkpoints" / name
-        assert json.loads((a / "state.json").read_text()) == json.loads((b / "state.json").read_text())
-        for file in ("trainable.safetensors", "optimizer.safetensors"):
-            x, y = mx.load(str(a / file)), mx.load(str(b / file))
-            assert x.keys() == y.keys()
-            for k in x:
-                assert mx.array_equal(x[k], y[k]).item(), (name, file, k)
-    state = json.loads((runs.one / "checkpoints" / "step-0000005" / "state.json").read_text())
-    assert state["cursor"] == 5 * 2 * 4 and state["step"] == 5
+    for name in ("step-0000004.safetensors", "step-0000004.state.safetensors",
+                 "step-0000005.safetensors", "step-0000005.state.safetensors"):
+        (x, mx_), (y, my) = (mx.load(str(o / "checkpoints" / name), return_metadata=True) for o in (runs.one, runs.two))
+        assert x.keys() == y.keys() and mx_ == my
+        for k in x:
+            assert mx.array_equal(x[k], y[k]).item(), (name, k)
+    _, state = mx.load(str(runs.one / "checkpoints" / "step-0000005.state.safetensors"), return_metadata=True)
+    assert state["cursor"] == str(5 * 2 * 4) and state["step"] == "5"
     same = lambda out: [l for l in (out / "metrics.jsonl").read_text().splitlines()
                         if "tokens_per_second" not in l and "eta" not in l]
     assert [json.loads(l)["step"] for l in same(runs.two)] == [json.loads(l)["step"] for l in same(runs.one)]
@@ -348,20 +346,20 @@ def test_resume_skips_a_damaged_newest_checkpoint(plain, tmp_path, damage):
     assert run_cli("--model", base, "--data", data, "--save-path", one, *flags)[0] == 0
     shutil.copytree(one, two)
     (two / "config.json").unlink()
-    newest = two / "checkpoints" / "step-0000004"
+    newest = two / "checkpoints" / "step-0000004.safetensors"
+    state = two / "checkpoints" / "step-0000004.state.safetensors"
     if damage == "truncated-weights":
-        w = newest / "trainable.safetensors"
-        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     elif damage == "no-state":
-        (newest / "state.json").unlink()
+        state.unlink()
     else:
-        (newest / "optimizer.safetensors").write_bytes(b"\x00" * 3)
+        state.write_bytes(b"\x00" * 3)
     with open(two / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # half a line
-    with pytest.warns(UserWarning, match=r"step-0000004 is damaged .*trying the one before it"):
+    with pytest.warns(UserWarning, match=r"step-0000004.safetensors is damaged.*trying the newest one before it"):
         code, log, err = run_cli("--resume", two)
-    assert code == 0 and "Resuming from" in log and "step-0000002 at step 2" in log, err
-    for f in ("model.safetensors", "checkpoints/step-0000004/trainable.safetensors"):
+    assert code == 0 and "Resuming from" in log and "step-0000002.safetensors at step 2" in log, err
+    for f in ("model.safetensors", "checkpoints/step-0000004.safetensors"):
         a, b = mx.load(str(one / f)), mx.load(str(two / f))
         assert all(mx.array_equal(a[k], b[k]).item() for k in a), f
     assert all(json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines())
@@ -374,8 +372,9 @@ def test_stale_scratch_of_killed_runs_is_removed_and_a_lost_output_restored(plai
     out = tmp_path / "o"
     assert run_cli("--model", base, "--data", data, "--save-path", out, *SMALL, "--iters", "2")[0] == 0
     pid = dead_pid()
-    folders = [tmp_path / f".o.partial-{pid}", out / "checkpoints" / f".step-0000003.partial-{pid}"]
-    files = [tmp_path / "o.tokens" / f".train-x.u32.partial-{pid}", out / f".config.json.partial-{pid}.json"]
+    folders = [tmp_path / f".o.partial-{pid}"]
+    files = [tmp_path / "o.tokens" / f".train-x.u32.partial-{pid}", out / f".config.json.partial-{pid}.json",
+             out / "checkpoints" / f".step-0000003.safetensors.partial-{pid}.safetensors"]
     for p in folders:
         p.mkdir()
     for p in files:
@@ -404,8 +403,9 @@ def test_output_loads_and_round_trips_through_export_hf(runs):
     assert config["pe_config"]["dynmaic_pe_start_layer"] == 1 and "model_file" not in config
     # Saved from the float32 masters in the base's dtype.
     assert {v.dtype for _, v in tree_flatten(ours.parameters())} == {mx.float32}
-    master = mx.load(str(runs.one / "checkpoints" / "step-0000005" / "trainable.safetensors"))
-    assert mx.array_equal(dict(tree_flatten(ours.parameters()))["lm_head.weight"], master["lm_head.weight"]).item()
+    state = mx.load(str(runs.one / "checkpoints" / "step-0000005.state.safetensors"))
+    master = state[MASTER + "lm_head.weight"]  # bfloat16 training: the float32 master
+    assert mx.array_equal(dict(tree_flatten(ours.parameters()))["lm_head.weight"], master).item()
     stock = (
         "import sys, json; sys.modules['repo_mlx'] = None\n"
         "import mlx.core as mx, mlx_lm\n"
@@ -426,7 +426,7 @@ def test_position_and_lora_settings_train_what_they_say(plain, tmp_path):
         code, log, err = run_cli("--model", base, "--data", data, "--save-path", out, *SMALL,
                                  "--iters", "2", "--train-only", train_only)
         assert code == 0, err
-        saved = mx.load(str(out / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+        saved = mx.load(str(out / "checkpoints" / "step-0000002.safetensors"))
         assert {k.split(".")[-2] if "lora" not in k else k.split(".")[-1] for k in saved} == expect
         model, _ = repo_mlx.load(str(out))  # LoRA fused into a plain RePo folder
         base_w = mx.load(str(base / "model.safetensors"))
@@ -445,7 +445,10 @@ def test_position_and_lora_on_bfloat16_fuses_in_float32_and_rounds_once(plain, t
     code, log, err = run_cli("--model", bf16, "--data", data, "--save-path", out, *SMALL,
                              "--dtype", "bfloat16", "--iters", "2", "--train-only", "position+lora")
     assert code == 0, err
-    trained = mx.load(str(out / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    # The trained weights: their float32 masters, in the checkpoint's state file.
+    state = mx.load(str(out / "checkpoints" / "step-0000002.state.safetensors"))
+    trained = {k[len(MASTER):]: v for k, v in state.items() if k.startswith(MASTER)}
+    assert trained and all(v.dtype == mx.float32 for v in trained.values())
     base_w, fused = mx.load(str(bf16 / "model.safetensors")), mx.load(str(out / "model.safetensors"))
     once = twice = total = 0
     for k in base_w:
@@ -504,8 +507,8 @@ def test_two_processes_match_one_on_the_combined_batch(plain, tmp_path):
         for k in ("loss", "val_loss", "grad_norm"):
             if k in a:
                 assert abs(a[k] - b[k]) < 1e-4 * abs(a[k]), (k, a, b)
-    x = mx.load(str(one / "checkpoints" / "step-0000003" / "trainable.safetensors"))
-    y = mx.load(str(two / "checkpoints" / "step-0000003" / "trainable.safetensors"))
+    x = mx.load(str(one / "checkpoints" / "step-0000003.safetensors"))
+    y = mx.load(str(two / "checkpoints" / "step-0000003.safetensors"))
     # atol 1% of one step (lr 1e-3): torch's bias-corrected first Adam step moves a weight
     # by lr * g / (|g| + 1e-8), so a gradient near 1e-8 turns summation-order rounding
     # into up to 3e-6 (seen in 1 of 8192 elements).
@@ -676,17 +679,23 @@ def test_dry_run_prints_the_estimate_and_trains_nothing(plain, tmp_path):
 
 
 def test_memory_estimate_of_the_1b_shape():
-    cfg = synthetic.config_1b()
-    n = pretrain.count_parameters(cfg, "all")
+    model = repo_mlx.repo_olmo2.Model(repo_mlx.repo_olmo2.ModelArgs.from_dict(synthetic.config_1b()))  # lazy: no memory
+    n = pretrain.count_parameters(model)
     assert abs(n["total"] / 1.4847e9 - 1) < 0.01  # OLMo-2 1B plus the 0.8% position module
-    assert abs(n["position"] / n["total"] - 0.0079) < 0.001
-    s = types.SimpleNamespace(train_only="all", dtype="bfloat16", batch_size=1, seq_len=4096,
-                              grad_checkpoint=True, grad_accumulation_steps=1, lora_rank=8)
-    est = pretrain.estimate_memory(cfg, s)
+    assert abs(n["position"] / n["total"] - 0.0079) < 0.001 and n["trainable"] == n["total"]
+    s = types.SimpleNamespace(dtype="bfloat16", batch_size=1, seq_len=4096, grad_checkpoint=True,
+                              grad_accumulation_steps=1)
+    est = pretrain.estimate_memory(model, s)
     # bf16 weights, float32 masters and AdamW moments: 2 + 4 + 8 bytes per parameter.
     assert abs(est["weights"] + est["master weights"] + est["optimizer"] - 14 * n["total"]) < 1e6
-    small = pretrain.estimate_memory(cfg, types.SimpleNamespace(**{**vars(s), "train_only": "position"}))
+    pretrain.setup_trainable(model, "position", None)
+    assert pretrain.count_parameters(model)["trainable"] == n["position"]
+    small = pretrain.estimate_memory(model, s)
     assert small["total"] < est["total"] / 3
+    pretrain.setup_trainable(model, "position+lora", {"rank": 8, "dropout": 0.0, "scale": 20.0})
+    lora = pretrain.count_parameters(model)
+    assert lora["adapters"] == 16 * 8 * (4 * (2048 + 2048) + 3 * (2048 + 8192))  # rank x (in + out) of 7 linears a layer
+    assert lora["trainable"] == n["position"] + lora["adapters"] and lora["total"] == n["total"]
 
 
 def test_sigkill_at_random_moments_resumes_bit_identical():

@@ -292,8 +292,9 @@ def test_pretrain_counts_parameters_and_inserts_one_position_per_kv_head(arch):
 
     config = CONFIGS[arch]
     model = repo_llama.Model(repo_llama.ModelArgs.from_dict(config))
-    counts = pretrain.count_parameters(config, "all")
-    assert counts["total"] == sum(v.size for _, v in tree_flatten(model.parameters()))
+    counts = pretrain.count_parameters(model)
+    d, kv = config["hidden_size"], config["num_key_value_heads"]
+    assert counts["position"] == len(model.args.repo_layers) * (2 * d * (d // 8) + (d // 8) * kv)
     new = pretrain.init_position_weights(model, seed=0)
     assert {w.shape for k, w in new.items() if "final_map" in k} == {(config["num_key_value_heads"], config["hidden_size"] // 8)}
     assert [pretrain.default_start_layer(n) for n in (8, 16, 24, 28, 30, 32)] == [3, 5, 8, 9, 9, 10]

@@ -1,0 +1,183 @@
+"""Fine-tuning on the shared loop: mlx-lm's batches, loss, evaluation, optimizers
+and report lines, in a data order that follows from (seed, iteration), with
+adapter checkpoints that resume exactly."""
+
+import time
+import warnings
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import List
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+from mlx_lm.cli_ui import rprint
+from mlx_lm.tuner.trainer import default_loss, evaluate, iterate_batches
+from mlx_lm.tuner.utils import build_schedule
+
+from .adapters import check_names
+from .errors import LoadError, one_line
+from .finetune_data import Example
+from .trainer import Trainer, derived_seed, newest_intact, resume, save_checkpoint, state_file
+from .trainer import train as train_loop
+
+OPTIMIZERS = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "muon": optim.Muon,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+}
+
+
+def train_batches(dataset, args, world, skip: int = 0):
+    """mlx-lm's batches, epoch e shuffled by its own seed, after ``skip`` batches.
+
+    Each epoch's order depends only on (seed, epoch), never on how often
+    validation ran, so a resumed run sees the batches an uninterrupted one would.
+    """
+    per_epoch = len(dataset) // args.batch_size
+    epoch, skip = divmod(skip, per_epoch)
+    while True:
+        batches = iterate_batches(
+            dataset,
+            args.batch_size,
+            args.max_seq_length,
+            seed=derived_seed(args.seed, 0, epoch),
+            comm_group=world,
+        )
+        yield from islice(batches, skip, None)
+        epoch, skip = epoch + 1, 0
+
+
+def token_weighted_loss(model, batch, lengths, world=None):
+    """mlx-lm's loss; across processes, weighted by each one's share of tokens.
+
+    The averaged gradient then equals the gradient on the combined batch even
+    when the processes' batches hold different numbers of tokens. Returns
+    (loss, (loss, tokens)): the value to differentiate and what to report.
+    """
+    world = world or mx.distributed.init()
+    ce, ntoks = default_loss(model, batch, lengths)
+    if world.size() > 1:
+        total = mx.distributed.all_sum(ntoks, group=world, stream=mx.cpu)
+        ce = ce * (ntoks * world.size() / total)
+    return ce, (ce, ntoks)
+
+
+def build_optimizer(args):
+    name = args.optimizer.lower()
+    if name not in OPTIMIZERS:
+        raise LoadError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}.")
+    lr = build_schedule(args.lr_schedule) if args.lr_schedule else args.learning_rate
+    config = (args.optimizer_config or {}).get(name) or {}
+    try:
+        return OPTIMIZERS[name](learning_rate=lr, **config)
+    except TypeError as e:
+        raise LoadError(f"Bad optimizer_config for {name}: {one_line(e)}") from None
+
+
+def make_trainer(model, args) -> Trainer:
+    """mlx-lm's iterations: one batch each, an update every --grad-accumulation-steps."""
+    return Trainer(model, build_optimizer(args), token_weighted_loss, seed=args.seed,
+                   accumulate=args.grad_accumulation_steps, grad_checkpoint=args.grad_checkpoint)
+
+
+def resume_from(trainer: Trainer, adapter_file, args) -> int:
+    """Continue from --resume-adapter-file; returns its trained tokens (0 if unknown).
+
+    A damaged checkpoint gives way to the newest intact numbered one before it.
+    """
+    adapter_file = Path(adapter_file)
+    if not adapter_file.is_file():
+        raise LoadError(f"--resume-adapter-file {adapter_file} does not exist.")
+    if not state_file(adapter_file).exists():  # mlx-lm's adapters: weights only
+        try:
+            weights = mx.load(str(adapter_file))
+        except Exception as e:
+            raise LoadError(f"Cannot read {adapter_file}: {one_line(e)}") from None
+        check_names(weights, trainer.model, adapter_file)
+        warnings.warn(
+            f"{state_file(adapter_file)} does not exist: the weights are restored but the "
+            "optimizer starts afresh at iteration 0."
+        )
+        trainer.restore(weights, dict(tree_flatten(trainer.optimizer.state)), 0, adapter_file)
+        return 0
+    # Numbered checkpoints before this one (all of them before adapters.safetensors).
+    number = lambda f: int(f.name.split("_")[0]) if f.name[0].isdigit() else float("inf")
+    older = sorted((f for f in adapter_file.parent.glob("*_adapters.safetensors")
+                    if number(f) < number(adapter_file)), reverse=True)
+    file, weights, state, meta = newest_intact([adapter_file] + older, str(adapter_file.parent))
+    if file != adapter_file:
+        rprint(f"Resuming from {file} instead", flush=True)
+    check_names(weights, trainer.model, file)
+    resume(trainer, file, weights, state, meta)
+    for key in ("seed", "batch_size"):
+        if meta.get(key) != str(getattr(args, key)):
+            warnings.warn(
+                f"Resuming with {key} {getattr(args, key)} but the checkpoint used "
+                f"{meta.get(key)}: the data order differs from the original run."
+            )
+    return int(meta.get("trained_tokens", 0))
+
+
+def train(trainer: Trainer, train_set: List[Example], valid_set: List[Example], args,
+          adapter_file, trained: int = 0, callback=None) -> None:
+    """The shared loop with mlx-lm's batches, evaluation, reports and adapter files."""
+    world = trainer.world
+    adapter_file = Path(adapter_file)
+    start = trainer.step
+
+    def report(it, metrics, norm, steps, seconds):
+        nonlocal trained
+        train_loss = metrics[0] / (steps * world.size())
+        trained += int(metrics[1])
+        info = {
+            "iteration": it,
+            "train_loss": train_loss,
+            "learning_rate": trainer.optimizer.learning_rate.item(),
+            "iterations_per_second": steps / seconds,
+            "tokens_per_second": metrics[1] / seconds,
+            "trained_tokens": trained,
+            "peak_memory": mx.get_peak_memory() / 1e9,
+        }
+        rprint(
+            f"Iter {it}: train loss {train_loss:.3f}, lr {info['learning_rate']:.3e}, "
+            f"it/s {info['iterations_per_second']:.3f}, tokens/s "
+            f"{info['tokens_per_second']:.1f}, trained tokens {trained}, "
+            f"peak mem {info['peak_memory']:.3f} GB",
+            flush=True,
+        )
+        if callback is not None:
+            callback.on_train_loss_report(info)
+
+    def validate(it):
+        if not valid_set:
+            return
+        tic = time.perf_counter()
+        # The same validation batches every time, so a resumed run reports what an uninterrupted one does.
+        batches = partial(iterate_batches, seed=derived_seed(args.seed, 2))
+        val_loss = evaluate(trainer.model, valid_set, args.batch_size, args.val_batches, args.max_seq_length,
+                            iterate_batches=batches, clear_cache_threshold=args.clear_cache_threshold)
+        val_time = time.perf_counter() - tic
+        rprint(f"Iter {it}: val loss {val_loss:.3f}, val took {val_time:.3f}s", flush=True)
+        if callback is not None:
+            callback.on_val_loss_report({"iteration": it, "val_loss": val_loss, "val_time": val_time})
+
+    def save(it):
+        # Counted on every process: all_sum must not run on rank 0 alone.
+        tokens = start_tokens + int(mx.distributed.all_sum(trainer.totals[1], stream=mx.cpu).item())
+        files = [adapter_file]
+        if it % args.save_every == 0:
+            files.append(adapter_file.with_name(f"{it:07d}_adapters.safetensors"))
+        if world.rank() == 0:
+            save_checkpoint(trainer, files, {"trained_tokens": tokens, "seed": args.seed, "batch_size": args.batch_size})
+        rprint(f"Iter {it}: saved {', '.join(str(f) for f in files)}", flush=True)
+
+    start_tokens = trained
+    batches = train_batches(train_set, args, world, skip=start)
+    train_loop(trainer, lambda: next(batches), iters=args.iters,
+               steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
+               save_every=args.save_every, report=report, evaluate=validate, save=save,
+               clear_cache_threshold=args.clear_cache_threshold)
