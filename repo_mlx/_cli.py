@@ -265,6 +265,22 @@ def load_from_args(args, **model_config):
     return model, tokenizer
 
 
+def parse_blends(text: str):
+    """--position-blend of evaluate and lm_eval: comma-separated blends, each in [0, 1]."""
+    try:
+        blends = [float(b) for b in text.split(",")]
+    except ValueError:
+        raise LoadError(f"--position-blend {text!r} must be numbers in [0, 1], e.g. 0,1.") from None
+    if not all(0.0 <= b <= 1.0 for b in blends):
+        raise LoadError(f"--position-blend values must be in [0, 1], got {text}.")
+    return list(dict.fromkeys(blends))
+
+
+def blend_name(blend: float) -> str:
+    """A results column: what a position blend makes of the model."""
+    return {0.0: "RePo (blend 0)", 1.0: "RoPE (blend 1)"}.get(blend, f"blend {blend:g}")
+
+
 def add_prompt_flags(p, what: str = "the prompt", required: bool = False, default=None) -> None:
     """--prompt (or -p; '-' reads stdin) and --prompt-file, one or the other."""
     src = p.add_mutually_exclusive_group(required=required)

@@ -12,85 +12,41 @@ with the released 1B's shapes: no download.
 import argparse
 import os
 import platform
-import statistics
-import sys
-import time
 from importlib.metadata import version
-from types import SimpleNamespace
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.generate import batch_generate, generate_step
 
-from . import _cli, kernel_checks, synthetic
+from . import _cli, kernel_checks
 from .errors import LoadError
 from .generation import KV_BITS, KV_GROUP_SIZES, check_kv_bits
-from .repo_olmo2 import Model, ModelArgs
 from .limits import check_tokens_fit
 from .loader import DTYPES, architecture_name, load
+from .repo_olmo2 import Model, ModelArgs
+from .rope import pe_config
+from .speed import alternate, run_batch, run_single
 
-SHAPES = {"1b": synthetic.config_1b(), "tiny": synthetic.config()}
+
+def olmo2_config(hidden: int, layers: int, heads: int, mlp: int, vocab: int, repo_from: int) -> dict:
+    """An official RePo-OLMo2 config of these sizes."""
+    return {
+        "model_type": "olmo2", "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": heads, "intermediate_size": mlp,
+        "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "pe_config": pe_config(repo_from),
+    }  # fmt: skip
+
+
+SHAPES = {"1b": olmo2_config(2048, 16, 16, 8192, 100352, 5), "tiny": olmo2_config(64, 4, 4, 128, 320, 1)}
 SHAPE_NAMES = {"1b": "the released 1B's shape (16 layers of 2048, RePo from layer 5)", "tiny": "the tiny test shape"}
-clock = time.perf_counter  # the tests swap in a fake clock
-# batch_generate decodes its output; random token ids have no text worth decoding.
-NO_TEXT = SimpleNamespace(eos_token_ids=[], decode=lambda ids: "")
 
 
 def random_model(shape: str, dtype: str):
-    config = {**SHAPES[shape], "tie_word_embeddings": False}
+    config = SHAPES[shape]
     model = Model(ModelArgs.from_dict(config))
     model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
     return model, config
-
-
-def run_single(model, prompt, args):
-    """Prompt tok/s (to the first token), generation tok/s (after it) and peak GB."""
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    kv = {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size, "quantized_kv_start": 0}
-    tic = clock()
-    steps = generate_step(prompt[0], model, max_tokens=args.generation_tokens, prefill_step_size=args.prefill_step_size, **kv)
-    for n, _ in enumerate(steps):  # each step hands back a Python int: timed work is done
-        if n == 0:
-            prompt_time = clock() - tic
-            tic = clock()
-    generation_time = clock() - tic
-    return (
-        prompt[0].size / prompt_time,
-        (args.generation_tokens - 1) / generation_time,
-        mx.get_peak_memory() / 1e9,
-    )
-
-
-def run_batch(model, prompt, args):
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    stats = batch_generate(
-        model, NO_TEXT, prompt.tolist(), max_tokens=args.generation_tokens,
-        prefill_step_size=args.prefill_step_size,
-        prefill_batch_size=args.batch_size, completion_batch_size=args.batch_size,
-    ).stats
-    return stats.prompt_tps, stats.generation_tps, stats.peak_memory
-
-
-def alternate(models: dict, run, trials: int):
-    """A warm-up each, then ABBA trials (order reversed every other trial): medians
-    per model, the median per-trial ratios of the first model to the second, and
-    their spread (lowest, highest) per column: a ratio is only as sure as that."""
-    for name, model in models.items():
-        print(f"warm-up: {name}", file=sys.stderr, flush=True)
-        run(model)
-    results = {name: [] for name in models}
-    for i in range(trials):
-        for name in list(models)[:: 1 if i % 2 == 0 else -1]:
-            results[name].append(run(models[name]))
-        print(f"trial {i + 1}/{trials} done", file=sys.stderr, flush=True)
-    medians = {k: [statistics.median(col) for col in zip(*v)] for k, v in results.items()}
-    first, second = list(results.values())[:2]
-    ratios = [[a / b for a, b in zip(r, p)] for r, p in zip(first, second)]
-    columns = list(zip(*ratios))
-    return medians, [statistics.median(c) for c in columns], [(min(c), max(c)) for c in columns]
 
 
 def machine() -> dict:

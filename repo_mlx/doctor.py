@@ -19,11 +19,12 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 
-from . import _cli, benchmark, kernel_checks as kc, rope
+from . import _cli, kernel_checks as kc, rope
 from .kernel_checks import Check
 from .errors import LoadError
 from .files import atomic_file
 from .loader import architecture_name, load
+from .speed import alternate, run_single
 
 
 def _version(package: str) -> str:
@@ -75,9 +76,9 @@ def speed(model, tokens: int, prompt_tokens: int = 64, trials: int = 3) -> list:
     def run(entry):
         m, mode = entry
         with kc.kernels(mode):
-            return benchmark.run_single(m, prompt, settings)
+            return run_single(m, prompt, settings)
 
-    medians, *_ = benchmark.alternate(models, run, trials)
+    medians, *_ = alternate(models, run, trials)
     on = medians["RePo, kernels on"][1]
     return [
         Check(f"speed: {name}", "info", f"{tps:.1f} decode tokens/s ({tps / on:.2f} x kernels on)")

@@ -120,16 +120,6 @@ def parse_length(text: str) -> int:
     return int(m.group(1)) * (1024 if m.group(2) else 1)
 
 
-def parse_blends(text: str) -> List[float]:
-    try:
-        blends = [float(b) for b in text.split(",")]
-    except ValueError:
-        raise LoadError(f"--position-blend {text!r} must be numbers in [0, 1], e.g. 0,1.") from None
-    if not all(0.0 <= b <= 1.0 for b in blends):
-        raise LoadError(f"--position-blend values must be in [0, 1], got {text}.")
-    return list(dict.fromkeys(blends))
-
-
 def parse_tasks(text: str) -> List[str]:
     chosen = []
     for t in text.split(","):
@@ -141,14 +131,10 @@ def parse_tasks(text: str) -> List[str]:
     return chosen
 
 
-def column_name(blend: float) -> str:
-    return {0.0: "RePo (blend 0)", 1.0: "RoPE (blend 1)"}.get(blend, f"blend {blend:g}")
-
-
 def table(results: List[Dict], blends: List[float]) -> str:
     """One row per task and length, one column per position blend."""
     keys = list(dict.fromkeys((r["task"], r["length"]) for r in results))
-    cols = [column_name(b) for b in blends]
+    cols = [_cli.blend_name(b) for b in blends]
     width = max(16, *(len(c) + 2 for c in cols))
     lines = [f"{'task':<20}{'length':>8}" + "".join(f"{c:>{width}}" for c in cols)]
     for task, length in keys:
@@ -193,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     names = parse_tasks(args.task)
-    blends = parse_blends(args.position_blend)
+    blends = _cli.parse_blends(args.position_blend)
     lengths = list(dict.fromkeys(parse_length(t) for t in args.lengths.split(",")))
     tokens = None
     if "perplexity" in names:
@@ -241,7 +227,7 @@ def command(argv=None) -> None:
             set_position_blend(model, blend)
             for name in names:
                 for length in [window] if name == "perplexity" else lengths:
-                    bar.set_description(f"{column_name(blend)} {name} {length}")
+                    bar.set_description(f"{_cli.blend_name(blend)} {name} {length}")
                     if name == "perplexity":
                         r = perplexity(model, tokens, window, stride, bar)
                     else:

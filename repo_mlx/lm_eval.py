@@ -17,7 +17,6 @@ from typing import Dict, List
 
 from . import _cli
 from .errors import LoadError, one_line
-from .evaluate import column_name, parse_blends
 from .loader import check_hub_reachable
 from .rope import set_position_blend
 from .files import atomic_file
@@ -79,7 +78,7 @@ def table(results: Dict[float, dict], blends: List[float]) -> str:
             # Metrics are "name,filter"; sample_len and the like have no filter.
             if "," in key and isinstance(value, (int, float)) and "_stderr" not in key:
                 rows.append((task, key))
-    cols = [column_name(b) for b in blends]
+    cols = [_cli.blend_name(b) for b in blends]
     lines = [f"| task | metric | {' | '.join(cols)} |", "|---|---|" + "---:|" * len(cols)]
     for task, key in rows:
         metric, _, filt = key.partition(",")
@@ -128,7 +127,7 @@ def command(argv=None) -> None:
         raise LoadError("--tasks names no task; give e.g. arc_easy,hellaswag.")
     if args.log_samples and args.output_dir is None:
         raise LoadError("--log-samples needs --output-dir: the samples are written there, not printed.")
-    blends = parse_blends(args.position_blend)
+    blends = _cli.parse_blends(args.position_blend)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     if not args.include_path:  # tasks of your own may need no Hub
@@ -139,7 +138,7 @@ def command(argv=None) -> None:
     lm = RePoLM(model, tokenizer, max_tokens=args.max_tokens, batch_size=args.batch_size)
     results, samples = {}, {}
     for blend in blends:
-        print(f"{column_name(blend)}: {', '.join(names)}", flush=True)
+        print(f"{_cli.blend_name(blend)}: {', '.join(names)}", flush=True)
         set_position_blend(model, blend)
         out = lm_eval.simple_evaluate(
             model=lm,

@@ -1,15 +1,16 @@
-"""Random RePo checkpoints in the official Hugging Face format.
-
-For tests and benchmarks (no Hub access needed): same config keys, weight
-names and tokenizer kind as ``SakanaAI/RePo-OLMo2-1B-stage2-L5``.
+"""Random RePo checkpoints in the official Hugging Face format, for the tests and
+the bench scripts (no Hub access needed): the config keys, weight names and
+tokenizer kind of ``SakanaAI/RePo-OLMo2-1B-stage2-L5``. No command uses them.
 """
 
 import json
+import zlib
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .rope import pe_config
 
@@ -67,53 +68,26 @@ def config_1b(**overrides) -> dict:
 
 
 def random_weights(cfg: dict, seed: int = 0, position_scale: float = 1.0) -> dict:
-    """float32 numpy weights under HF names; RePo layers get a position module.
+    """float32 numpy weights under HF names, one for each parameter of the model the
+    config builds: normal of std 1/sqrt(fan-in), norms near 1, the embedding N(0, 1).
 
     ``position_scale`` scales final_map so positions spread over about
     +-150 * position_scale, as in the official fixture.
     """
-    from .repo_olmo2 import ModelArgs
+    from .loader import model_file
 
-    args = ModelArgs.from_dict(cfg)
-    rng = np.random.default_rng(seed)
-    d, f, v = args.hidden_size, args.intermediate_size, args.vocab_size
-    hd = args.head_dim or d // args.num_attention_heads
-    qd, kd = args.num_attention_heads * hd, args.num_key_value_heads * hd
-
-    def normal(*shape, std=0.02):
-        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
-
-    def norm(n):
-        return (1.0 + normal(n, std=0.1)).astype(np.float32)
-
-    w = {"model.embed_tokens.weight": normal(v, d, std=1.0), "model.norm.weight": norm(d)}
-    if not cfg.get("tie_word_embeddings"):
-        w["lm_head.weight"] = normal(v, d, std=d**-0.5)
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w.update(
-            {
-                p + "self_attn.q_proj.weight": normal(qd, d, std=d**-0.5),
-                p + "self_attn.k_proj.weight": normal(kd, d, std=d**-0.5),
-                p + "self_attn.v_proj.weight": normal(kd, d, std=d**-0.5),
-                p + "self_attn.o_proj.weight": normal(d, qd, std=qd**-0.5),
-                p + "self_attn.q_norm.weight": norm(qd),
-                p + "self_attn.k_norm.weight": norm(kd),
-                p + "mlp.gate_proj.weight": normal(f, d, std=d**-0.5),
-                p + "mlp.up_proj.weight": normal(f, d, std=d**-0.5),
-                p + "mlp.down_proj.weight": normal(d, f, std=f**-0.5),
-                p + "post_attention_layernorm.weight": norm(d),
-                p + "post_feedforward_layernorm.weight": norm(d),
-            }
-        )
-        if i in args.repo_layers:
-            dp = d // 8
-            w[p + "self_attn.gate_map.weight"] = normal(dp, d, std=d**-0.5)
-            w[p + "self_attn.content_map.weight"] = normal(dp, d, std=d**-0.5)
-            w[p + "self_attn.final_map.weight"] = normal(
-                args.num_attention_heads, dp, std=6.0 * position_scale * dp**-0.5
-            )
-    return w
+    arch = model_file(cfg)
+    shapes = tree_flatten(arch.Model(arch.ModelArgs.from_dict(cfg)).parameters())  # lazy: nothing computed
+    out = {}
+    for name, p in shapes:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # the same whatever the order
+        w = rng.standard_normal(p.shape, dtype=np.float32)
+        if name.endswith("norm.weight"):
+            w = 1.0 + 0.1 * w
+        elif not name.endswith("embed_tokens.weight"):
+            w *= (6.0 * position_scale if "final_map" in name else 1.0) * p.shape[-1] ** -0.5
+        out[name] = w.astype(np.float32)
+    return out
 
 
 def write_tokenizer(path: Path, vocab_size: int) -> None:

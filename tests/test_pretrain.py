@@ -210,7 +210,8 @@ def test_gradients_match_finite_differences(plain):
         fd = (4 * slope(h / 2) - slope(h)) / 3
         model.update(tree_unflatten([(name, params[name])]))
         analytic = (grads[name] * v).sum().item()
-        assert abs(fd - analytic) <= 5e-3 * abs(analytic), (name, fd, analytic)
+        # Plus the float32 angles' ~1e-7 loss noise over the step: 1e-6 (seen on a 1e-4 slope).
+        assert abs(fd - analytic) <= 5e-3 * abs(analytic) + 2e-6, (name, fd, analytic)
 
 
 # --- precision -------------------------------------------------------------------------
