@@ -239,7 +239,7 @@ def model_errors(model, reference) -> dict:
     """The model against the official outputs: logits, positions, greedy tokens."""
     from mlx_lm.generate import generate_step
 
-    from .positions import positions
+    from .rope import positions
 
     ids = reference["input_ids"]
     z = positions(model, ids)

@@ -2,25 +2,21 @@
 
 mlx-lm's server does the work: its ModelProvider, ResponseGenerator (batched
 generation, prompt cache) and APIHandler (replies, streaming). This adds what a
-RePo model and a desktop app need:
+RePo model and a desktop app need: the model loaded by repo_mlx, once (requests
+cannot load others); each request read and parsed once and checked before it
+reaches the generation thread, where an error would stop the server, and a bad
+one answered with a JSON error; stop strings matched on text (mlx-lm matches
+their tokens); OpenAI's completions forms mlx-lm lacks (``logprobs`` as a count,
+prompt lists, token prompts) and streamed logprobs; ``--max-prompt-tokens``
+checked before prefill, which pauses every other request; ``--prompt-cache-file``,
+a document every prompt continues after; 127.0.0.1 and no cross-origin browser
+access by default.
 
-- the model loaded by repo_mlx, once; requests cannot load other models or adapters;
-- each request read and parsed once and checked (size, JSON, types, ranges)
-  before it reaches the generation thread, where an error would stop the server;
-  a bad one gets a 4xx JSON error in OpenAI's shape;
-- stop strings matched on text (mlx-lm matches their tokens: ".\\n\\n" is one token);
-- OpenAI's completions ``logprobs`` (a count of top tokens) and prompt lists;
-  streamed events carry the logprobs of their tokens;
-- prompts over ``--max-prompt-tokens`` refused before prefill, which pauses every
-  other request; ``--prompt-cache-file``: a document every prompt continues after;
-- 127.0.0.1 by default, no cross-origin browser access, a body size limit.
-
-Public mlx-lm methods overridden where 0.32 has no seam: ``APIHandler.do_POST``
+Where mlx-lm 0.32 has no seam, a public method is overridden: ``APIHandler.do_POST``
 (it reads, parses and uses the body in one method), ``generate_response`` and
-``completion_usage_response`` (logprobs and the document in the reply),
-``ResponseGenerator.generate`` (stop strings), ``LRUPromptCache``'s fetch and
-insert (the document). mlx-lm's ``run`` does not pass a handler class on to its
-HTTP server, so ``main`` puts the same pieces together.
+``completion_usage_response`` (logprobs, the document), ``ResponseGenerator.generate``
+(stop strings), ``LRUPromptCache``'s fetch and insert (the document). Its ``run``
+does not hand a handler class on to the HTTP server, so ``command`` builds them.
 """
 
 import argparse
@@ -41,14 +37,15 @@ from mlx_lm.server import (APIHandler, CompletionRequest, GenerationArguments, L
 
 from . import _cli, http_checks, prompt_cache
 from .errors import LoadError, one_line
-from .http_checks import RequestError, number
 from .generation import add_kv_flags, load_draft
+from .http_checks import RequestError, number
 from .limits import context_length
 
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 NEXT_USER_TURN = "\nUSER:"  # where mlx-lm's plain chat transcript starts the next user turn
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_WORDS, MAX_PROMPTS, MAX_COMPLETION_LOGPROBS = 16, 32, 5  # the last: OpenAI's limit
-# The request fields mlx-lm's do_POST reads with a fixed default (test_server checks them against it).
+# The fields mlx-lm's do_POST reads with a fixed default (test_server checks them against it).
 REQUEST_DEFAULTS = {
     "repetition_penalty": 0.0, "repetition_context_size": 20, "presence_penalty": 0.0,
     "presence_context_size": 20, "frequency_penalty": 0.0, "frequency_context_size": 20,
@@ -60,8 +57,7 @@ REQUEST_DEFAULTS = {
 @dataclasses.dataclass
 class Limits:
     max_tokens: int  # largest max_tokens a request may ask for
-    vocab_size: int  # logit_bias keys must be token ids below this
-    max_request_bytes: int
+    vocab_size: int  # logit_bias keys and token prompts must be ids below this
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-tokens-limit", type=_cli.positive_int, help="Refuse requests asking for more tokens than this (default: the model's context length).")
     a("--max-prompt-tokens", type=_cli.positive_int, help="Refuse prompts longer than this many tokens, the --prompt-cache-file document included (default: the model's context, with --yarn's factor). A long prompt pauses every other request until it is processed.")
     a("--prompt-cache-size", type=_cli.positive_int, default=10, help="KV caches of recent prompts kept for reuse (default: 10).")
-    a("--prompt-cache-file", type=_cli.existing_file, help="A document's KV cache made by repo_mlx.cache_prompt for this model and --dtype: every request's prompt continues after the document, which is not processed again.")
     a("--prompt-cache-bytes", type=_cli.byte_size, help="Most bytes the kept KV caches may take, e.g. 4GB (default: no limit).")
+    a("--prompt-cache-file", type=_cli.existing_file, help="A document's KV cache made by repo_mlx.cache_prompt for this model and --dtype: every request's prompt continues after the document, which is not processed again.")
     a("--temp", type=_cli.non_negative_float, default=0.0, help="Temperature of requests that give none; 0 is greedy (default: 0).")
     a("--top-p", type=_cli.probability, default=1.0, help="top_p of requests that give none, 0 to 1 (default: 1, off).")
     a("--top-k", type=_cli.non_negative_int, default=0, help="top_k of requests that give none (default: 0, off).")
     a("--min-p", type=_cli.probability, default=0.0, help="min_p of requests that give none, 0 to 1 (default: 0, off).")
-    a("--draft-model", help="A small model with the RePo model's tokenizer that drafts tokens for it to verify (speculative decoding: the same greedy output, faster when the draft guesses well); serves one request at a time (default: none).")
+    a("--draft-model", help="A small model with the RePo model's tokenizer that drafts tokens for it to verify (speculative decoding: the same greedy output, faster when the draft guesses well); requests are then served one at a time (default: none).")
     a("--num-draft-tokens", type=_cli.positive_int, default=3, help="Tokens the draft model proposes per step (default: 3).")
     a("--chat-template", default="", help="A Jinja chat template to use instead of the tokenizer's (default: the tokenizer's).")
     a("--use-default-chat-template", action="store_true", help="Use the tokenizer's default chat template when the model has none.")
@@ -158,16 +154,16 @@ def cut_at_stop(responses, stop_words):
 
 
 class Generator(ResponseGenerator):
-    """mlx-lm's generation thread; replies end at stop strings found in the text, and
-    the handler's thread sees the Responses it is sent (``seen``) for their logprobs."""
+    """mlx-lm's generation thread; replies end at stop strings found in their text,
+    and the handler's thread sees the Responses it is sent (``seen``), for logprobs."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.seen = threading.local()
 
     def generate(self, request, args, progress_callback=None):
-        # Tokens stop at end of text only: mlx-lm's match of stop strings' tokens would end
-        # the reply and drop the text held back for them.
+        # Tokens stop at end of text only: mlx-lm's match of stop strings' tokens would
+        # end the reply and drop the text held back for them.
         ctx, responses = super().generate(request, dataclasses.replace(args, stop_words=[]), progress_callback)
         self.seen.responses = []
         return ctx, (self.seen.responses.append(r) or r for r in cut_at_stop(responses, args.stop_words))
@@ -180,7 +176,8 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
     validate_model_parameters then checks what it knows; these are the checks it
     lacks (booleans as numbers, infinities, upper limits, logit_bias keys, stop
     strings, messages, unsupported fields) and OpenAI's completions forms: logprobs
-    as a count, and a list of prompts (``prompts``, one choice each).
+    as a count and ``prompt`` as a list (``prompts``, one choice each) of strings
+    or of token ids.
     """
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.")
@@ -205,9 +202,7 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
     number(body, "temperature", 0)
     for key, low, high in (("top_p", 0, 1), ("min_p", 0, 1), ("presence_penalty", -100, 100),
                            ("frequency_penalty", -100, 100), ("xtc_probability", 0, 1), ("xtc_threshold", 0, 1)):
-        number(body, key, low, high)
-    for key in ("xtc_probability", "xtc_threshold"):
-        if key in body:
+        if number(body, key, low, high) is not None and key.startswith("xtc"):
             body[key] = float(body[key])  # mlx-lm takes floats only
     bias = body.get("logit_bias", {})
     if not (isinstance(bias, dict) and all(k.isdecimal() and int(k) < limits.vocab_size for k in bias)):
@@ -221,34 +216,39 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
 
     if path == "/v1/completions":
         prompt = body.get("prompt")
-        prompts = prompt if isinstance(prompt, list) else [prompt]
-        if not (0 < len(prompts) <= MAX_PROMPTS and all(isinstance(p, str) and p for p in prompts)):
-            raise RequestError(f"prompt must be a non-empty string or a list of at most {MAX_PROMPTS} of them.")
-        if isinstance(prompt, list):
+        # OpenAI's forms: a string, a list of token ids, or a list of either.
+        prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        ids = lambda p: isinstance(p, list) and all(type(t) is int and 0 <= t < limits.vocab_size for t in p)
+        if not (0 < len(prompts) <= MAX_PROMPTS and all((isinstance(p, str) or ids(p)) and p for p in prompts)):
+            raise RequestError(f"prompt must be a non-empty string or list of token ids (0 to {limits.vocab_size - 1}), "
+                               f"or a list of at most {MAX_PROMPTS} of them.")
+        if prompts != [prompt]:
             if body.get("stream"):
                 raise RequestError("A list of prompts is served whole, not streamed: drop stream, or send one request per prompt.")
-            body["prompts"], body["prompt"] = prompts, prompts[0]
+            body["prompts"] = prompts
         if "logprobs" in body:  # OpenAI's completions form: how many top tokens to list
-            if "top_logprobs" in body:
-                raise RequestError("top_logprobs belongs to chat; on /v1/completions logprobs gives the count.")
             n = body["logprobs"]
             if not (type(n) is int and 0 <= n <= MAX_COMPLETION_LOGPROBS):
                 raise RequestError(f"logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS} on /v1/completions "
                                    f"(the number of most likely tokens to list), got {n!r}.")
+            if "top_logprobs" in body:
+                raise RequestError("top_logprobs belongs to chat; on /v1/completions logprobs gives the count.")
             body["logprobs"], body["top_logprobs"] = True, n
     else:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("messages must be a non-empty list.")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise RequestError(f"messages[{i}] must be an object with a string role.")
-            parts = m.get("content") or ""
-            if isinstance(parts, list) and all(isinstance(t, dict) and t.get("type") == "text" and isinstance(t.get("text"), str) for t in parts):
-                parts = "".join(t["text"] for t in parts)
-            if not isinstance(parts, str):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise RequestError(f"messages[{i}] must be an object with a role: {', '.join(ROLES)}.")
+            text = m.get("content")
+            if text is None and m["role"] == "assistant" and m.get("tool_calls"):
+                text = ""  # OpenAI's form of a turn that only calls tools
+            if isinstance(text, list) and all(isinstance(t, dict) and t.get("type") == "text" and isinstance(t.get("text"), str) for t in text):
+                text = "".join(t["text"] for t in text)
+            if not isinstance(text, str):
                 raise RequestError(f'messages[{i}].content must be a string or a list of text parts ({{"type": "text", "text": ...}}); this model reads text only.')
-            messages[i] = {**m, "content": parts}
+            messages[i] = {**m, "content": text}
         mapping = body.get("role_mapping")
         if mapping is not None and not (isinstance(mapping, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items())):
             raise RequestError("role_mapping must map strings to strings.")
@@ -258,7 +258,7 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
     return body
 
 
-class Handler(APIHandler):
+class Handler(http_checks.JSONErrors, APIHandler):
     """mlx-lm's request handler behind a check of every request."""
 
     timeout = 60  # seconds a client may stall while sending; frees its thread
@@ -280,24 +280,27 @@ class Handler(APIHandler):
     def do_POST(self):
         s = self.settings
         try:
-            self.path, body = http_checks.read_json(self, POST_PATHS, s["limits"].max_request_bytes, s["allowed_origins"], "server")
+            self.path, body = http_checks.read_json(self, POST_PATHS, s["max_request_bytes"], s["allowed_origins"], "server")
             body = check_request(body, self.path, s["limits"], s["model_id"], s["has_chat_template"])
             self.read_request(body)
             try:
                 self.validate_model_parameters()  # mlx-lm's own checks
             except ValueError as e:
                 raise RequestError(f"{e}.") from None
-            chat = self.path != "/v1/completions"
-            request = self.handle_chat_completions() if chat else self.handle_text_completions()
-            for prompt in body.get("prompts", [body.get("prompt")]):
-                self.check_length(prompt if not chat else request)
-            if "prompts" in body:
-                self.serve_prompts(body["prompts"], body["stop"])
-            else:
-                self.handle_completion(request, body["stop"])
+            if self.path != "/v1/completions":
+                request = self.handle_chat_completions()
+                self.check_length(request)
+                return self.handle_completion(request, body["stop"])
+            prompts = [self.text(p) for p in body.get("prompts", [body["prompt"]])]
+            for prompt in prompts:
+                self.check_length(prompt)
+            if "prompts" not in body:  # one prompt: mlx-lm's handler replies, or streams
+                body["prompt"], self.offset = prompts[0], len(prompts[0])
+                return self.handle_completion(self.handle_text_completions(), body["stop"])
+            self.handle_text_completions()  # the reply's id and kind
+            self.serve_prompts(prompts, body["stop"])
         except RequestError as e:
-            kind = {403: "permission_error", 404: "not_found_error"}.get(e.status, "invalid_request_error")
-            self.send_json({"error": {"message": str(e), "type": kind}}, e.status)
+            self.send_error_json(e.status, str(e))
 
     def read_request(self, body: dict) -> None:
         """The request attributes mlx-lm's do_POST sets, from the checked body."""
@@ -311,7 +314,19 @@ class Handler(APIHandler):
         for key, default in REQUEST_DEFAULTS.items():
             setattr(self, key, get(key, default))
         self.completion_logprobs = get("top_logprobs") if self.path == "/v1/completions" and self.logprobs else None
-        self.choice_index, self.offset = 0, len(get("prompt", ""))
+        self.choice_index, self.offset = 0, 0
+
+    def text(self, prompt) -> str:
+        """A completions prompt as the text mlx-lm tokenizes; token ids that do not
+        come back the same through the tokenizer are refused."""
+        if isinstance(prompt, str):
+            return prompt
+        tokenizer = self.settings["tokenizer"]
+        text = tokenizer.decode(prompt)
+        if tokenizer.encode(text) not in (prompt, tokenizer.encode("") + prompt):
+            raise RequestError("This prompt of token ids does not come back the same through the model's tokenizer, "
+                               "which the server runs prompts through: send its text instead.")
+        return text
 
     def check_length(self, prompt) -> None:
         """Refuse a prompt over --max-prompt-tokens, counted as mlx-lm's generation thread will."""
@@ -363,8 +378,7 @@ class Handler(APIHandler):
         self.send_json(merged)
 
     def generate_response(self, text, finish_reason, *args, token_logprobs=None, top_tokens=None, tokens=None, **kwargs):
-        response = super().generate_response(text, finish_reason, *args, **kwargs)
-        self.add_document(response)
+        response = self.add_document(super().generate_response(text, finish_reason, *args, **kwargs))
         choice = response["choices"][0]
         choice["index"] = self.choice_index
         if self.stream and self.logprobs:  # mlx-lm's stream events carry none: each carries its tokens'
@@ -380,7 +394,7 @@ class Handler(APIHandler):
 
         # OpenAI's chat shape: each token with its logprob and the most likely tokens there.
         entries = [{**entry(t, lp), "top_logprobs": [entry(x["id"], x["logprob"]) for x in sorted(top or (), key=lambda x: -x["logprob"])]}
-                   for t, lp, top in zip(tokens or [], token_logprobs or [], top_tokens or [()] * len(tokens or []))]
+                   for t, lp, top in zip(tokens, token_logprobs, top_tokens or [()] * len(tokens))]
         if self.completion_logprobs is None:
             choice["logprobs"] = {"content": entries}
             return response
@@ -421,15 +435,15 @@ class Handler(APIHandler):
             else:
                 raise RequestError(f"No such endpoint: GET {path}.", 404)
         except RequestError as e:
-            self.send_json({"error": {"message": str(e), "type": "invalid_request_error"}}, e.status)
+            self.send_error_json(e.status, str(e))
 
 
 def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    httpd = http_checks.bind(args.host, args.port)  # before loading: a busy port fails fast
     if args.pipeline:
         raise LoadError("--pipeline is not supported: the RePo server runs the model on one machine.")
+    httpd = http_checks.bind(args.host, args.port)  # before loading: a busy port fails fast
     provider = Provider(args)  # mlx-lm's settings, under its flags' names
     generator = Generator(provider, DocumentCache(args.prompt_cache_size))
     try:
@@ -446,9 +460,8 @@ def command(argv=None) -> None:
             generator.prompt_cache.insert_cache(provider.model_key, [], cache)  # the document alone
         settings = {
             "model_id": args.model, "created": int(time.time()), "has_chat_template": tokenizer.has_chat_template,
-            "tokenizer": tokenizer, "allowed_origins": args.allowed_origins,
-            "max_prompt_tokens": args.max_prompt_tokens or context,
-            "limits": Limits(limit, model.args.vocab_size, args.max_request_bytes),
+            "tokenizer": tokenizer, "allowed_origins": args.allowed_origins, "max_request_bytes": args.max_request_bytes,
+            "max_prompt_tokens": args.max_prompt_tokens or context, "limits": Limits(limit, model.args.vocab_size),
         }  # fmt: skip
         fingerprint = get_system_fingerprint()
         httpd.RequestHandlerClass = lambda *a, **kw: Handler(generator, settings, *a, system_fingerprint=fingerprint, **kw)

@@ -155,7 +155,7 @@ class Viewer:
         return data
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(http_checks.JSONErrors, BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may stall while sending; frees its thread
 
     def __init__(self, viewer: Viewer, *args, **kwargs):
@@ -174,9 +174,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def send_error_json(self, status: int, message: str) -> None:
-        # The shape of repo_mlx.server's errors; the page shows error.message.
-        self.send(status, json.dumps({"error": {"message": message}}).encode(), "application/json")
+    def send_json(self, obj, status: int = 200) -> None:
+        self.send(status, json.dumps(obj, allow_nan=False).encode(), "application/json")
 
     def do_GET(self):
         path = urlsplit(self.path).path
@@ -204,7 +203,7 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # the server keeps serving whatever one text does
             self.send_error_json(500, f"Cannot compute the positions: {one_line(e)}")
             return
-        self.send(200, json.dumps(data, allow_nan=False).encode(), "application/json")
+        self.send_json(data)
 
 
 def own_origins(host: str, bound: str, port: int) -> list:

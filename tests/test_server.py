@@ -1,6 +1,7 @@
 """``python -m repo_mlx.server`` over real HTTP on 127.0.0.1, against the tiny fixture."""
 
 import http.client
+import io
 import json
 import re
 import selectors
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -245,7 +247,8 @@ BAD = {
     "numeric stop": ({"prompt": "x", "stop": 5}, 400),
     "empty stop": ({"prompt": "x", "stop": [""]}, 400),
     "logit_bias past the vocabulary": ({"prompt": "x", "logit_bias": {"320": 5}}, 400),
-    "prompt of token ids": ({"prompt": [1, 2]}, 400),
+    "token ids past the vocabulary": ({"prompt": [1, 320]}, 400),
+    "token ids and text mixed": ({"prompt": [1, "x"]}, 400),
     "empty prompt list": ({"prompt": []}, 400),
     "streamed prompt list": ({"prompt": ["x", "y"], "stream": True}, 400),
     "boolean logprobs on completions": ({"prompt": "x", "logprobs": True}, 400),
@@ -265,6 +268,8 @@ BAD_CHAT = {
     "messages not a list": ({"messages": "hi"}, 400),
     "no messages": ({"messages": []}, 400),
     "message without role": ({"messages": [{"content": "hi"}]}, 400),
+    "unknown role": ({"messages": [{"role": "narrator", "content": "hi"}]}, 400),
+    "null content": ({"messages": [{"role": "user", "content": None}]}, 400),
     "image part": (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]},
         400,
@@ -314,6 +319,19 @@ def test_bad_framing_gets_4xx_json(server):
     check_error(*raw_exchange(server, head), 400)
     check_error(*post(server, "/v1/nothing", {"prompt": "x"}), 404)
     check_error(*request(server, "GET", "/nothing"), 404)
+    # What http.server answers itself is JSON too (it wrote HTML pages).
+    check_error(*request(server, "DELETE", "/v1/models"), 501)
+    check_error(*raw_exchange(server, b"GET /health HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n"), 431)
+
+
+def test_token_prompts_are_served_as_their_text(server, tiny):
+    """OpenAI's prompt of token ids, alone or in a list, gives what its text gives."""
+    ids = tiny[1].encode(PROMPT)
+    text, _ = reference(tiny, PROMPT, 6)
+    for prompt in (ids, [ids, PROMPT]):
+        status, reply = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 6})
+        assert status == 200 and [c["text"] for c in reply["choices"]] == [text] * (1 + isinstance(prompt[0], list))
+    assert "".join(choice(e)["text"] for e in stream(server, "/v1/completions", {"prompt": ids, "max_tokens": 6})) == text
 
 
 def test_other_web_origins_are_refused(server):
@@ -430,21 +448,58 @@ def test_client_disconnect_mid_stream(server, tiny):
 
 # --- pure request checks -----------------------------------------------------
 
-LIMITS = Limits(max_tokens=4096, vocab_size=320, max_request_bytes=1 << 20)
+LIMITS = Limits(max_tokens=4096, vocab_size=320)
 
 
 def test_check_request_normalizes():
     body = check_request({"prompt": "x", "stop": "a", "seed": None}, "/v1/completions", LIMITS, "m", False)
     assert body == {"prompt": "x", "stop": ["a"], "model": "m", "stream_options": {"include_usage": False}}
-    chat = {"messages": [{"role": "user", "content": None}]}
+    assert check_request({"prompt": ["x", [1, 2]]}, "/v1/completions", LIMITS, "m", False)["prompts"] == ["x", [1, 2]]
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                         {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}
     body = check_request(chat, "/v1/chat/completions", LIMITS, "m", False)
-    assert body["messages"] == [{"role": "user", "content": ""}] and body["stop"] == ["\nUSER:"]
+    assert [m["content"] for m in body["messages"]] == ["ab", ""] and body["stop"] == ["\nUSER:"]
     # With a chat template, or a custom transcript, the server adds no stop string.
     assert check_request(chat, "/v1/chat/completions", LIMITS, "m", True)["stop"] == []
     custom = {**chat, "role_mapping": {"user": "Q: ", "assistant": "A: "}}
     assert check_request(custom, "/v1/chat/completions", LIMITS, "m", False)["stop"] == []
     with pytest.raises(RequestError, match="max_tokens"):
         check_request({"prompt": "x", "max_tokens": 4097}, "/v1/completions", LIMITS, "m", False)
+
+
+def test_request_defaults_are_mlx_lm_s():
+    """The defaults of the request fields equal those mlx-lm's own do_POST sets."""
+    import mlx_lm.server
+    from repo_mlx.server import REQUEST_DEFAULTS
+
+    class Probe(mlx_lm.server.APIHandler):
+        def __init__(self, body):  # no socket: just what do_POST reads
+            self.path, self.headers = "/v1/completions", {"Content-Length": str(len(body))}
+            self.rfile = io.BytesIO(body)
+            self.response_generator = types.SimpleNamespace(cli_args=types.SimpleNamespace(
+                num_draft_tokens=3, max_tokens=1, temp=0.0, top_p=1.0, top_k=0, min_p=0.0))
+
+        def validate_model_parameters(self):
+            raise StopIteration  # everything is read by now
+
+    probe = Probe(b'{"prompt": "x"}')
+    with pytest.raises(StopIteration):
+        probe.do_POST()
+    assert {k: getattr(probe, k) for k in REQUEST_DEFAULTS} == REQUEST_DEFAULTS
+
+
+def test_the_server_uses_mlx_lm_s_public_seams():
+    """No private mlx-lm method overridden, no request stream replaced."""
+    import ast
+
+    import repo_mlx.server
+
+    tree = ast.parse(Path(repo_mlx.server.__file__).read_text())
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for f in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
+            assert not (f.name.startswith("_") and not f.name.startswith("__")), f"{cls.name}.{f.name}"
+    targets = [t for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets]
+    assert not [t.attr for t in targets if isinstance(t, ast.Attribute) and t.attr in ("rfile", "wfile")]
 
 
 def responses(*texts, last="length"):
