@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.utils import quantize_model
+from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
+from mlx_lm.utils import dequantize_model, quantize_model
 
 from .. import _cli
 from ..errors import LoadError
 from ..files import atomic_folder
 from ..rope import POSITION_WEIGHTS
-from ..loader import (DTYPES, architecture_name, get_model_path, load_model, load_tokenizer,
+from ..loader import (DTYPES, architecture_name, get_model_path, is_hub_id, load_model, load_tokenizer,
                       save_standalone)
 
 
@@ -24,19 +25,17 @@ def keep_unquantized(path: str, module) -> bool:
     return path.split(".")[-1] not in POSITION_WEIGHTS
 
 
-def check_group_size(model, group_size: int) -> None:
+def check_all_quantized(model, config) -> None:
     """mlx-lm skips, silently, a layer whose width the group size does not divide."""
-    widths = sorted({
-        m.weight.shape[-1] for path, m in model.named_modules()
-        if hasattr(m, "to_quantized") and keep_unquantized(path, m)
-    })
-    bad = [w for w in widths if w % group_size]
-    if bad:
-        fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)]
+    q = config["quantization"]
+    widths = sorted({m.weight.shape[-1] for path, m in model.named_modules()
+                     if hasattr(m, "to_quantized") and keep_unquantized(path, m)})
+    if widths:
+        fits = [g for g in (16, 32, 64, 128) if all(w % g == 0 for w in widths)]
         fix = f"pick --q-group-size {' or '.join(map(str, fits))}" if fits else "no group size fits this model"
         raise LoadError(
-            f"--q-group-size {group_size} does not divide the width {bad[0]} of this model's "
-            f"layers, which would stay float; {fix}."
+            f"--q-group-size {q['group_size']} ({q.get('mode', 'affine')}) does not divide the width "
+            f"{widths[0]} of this model's layers, which would stay float; {fix}."
         )
 
 
@@ -129,13 +128,28 @@ def _source_license(src: Path) -> Optional[str]:
     return None
 
 
+def hub_repo(s: str) -> str:
+    """--upload-repo: a Hub repo id, checked while parsing (before any work)."""
+    if not is_hub_id(s):
+        raise argparse.ArgumentTypeError(f"must be a Hub repo id like owner/name, got {s!r}")
+    return s
+
+
+hub_repo.kind = "text"
+
+
 def upload(path: Path, repo: str) -> None:
-    """mlx-lm's upload, keeping our model card (mlx-lm's ``upload_to_hub`` rewrites it)."""
+    """Upload a finished folder, keeping our model card (mlx-lm's ``upload_to_hub`` rewrites it)."""
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(repo_id=repo, exist_ok=True)
-    api.upload_large_folder(folder_path=str(path), repo_id=repo, repo_type="model")
+    print(f"[INFO] Uploading to {repo}")
+    try:
+        api = HfApi()
+        api.create_repo(repo_id=repo, exist_ok=True)
+        api.upload_large_folder(folder_path=str(path), repo_id=repo, repo_type="model")
+    except Exception as e:
+        raise LoadError(f"Upload to {repo} failed ({type(e).__name__}); the model is complete in {path}. "
+                        "Log in with `hf auth login` and retry.") from None
 
 
 def convert(
@@ -145,15 +159,24 @@ def convert(
     quantize: bool = False,
     q_bits: Optional[int] = None,
     q_group_size: Optional[int] = None,
+    q_mode: str = "affine",
+    quant_predicate: Optional[str] = None,
+    dequantize: bool = False,
     upload_repo: Optional[str] = None,
     force: bool = False,
     revision: Optional[str] = None,
 ) -> Path:
+    """mlx-lm's convert for RePo checkpoints: the same options; the position module
+    stays float when quantizing."""
     dst = Path(mlx_path)
-    if not quantize and (q_bits is not None or q_group_size is not None):
-        flag = "--q-bits" if q_bits is not None else "--q-group-size"
-        raise LoadError(f"{flag} needs -q/--quantize; without it the weights stay in float.")
-    q_bits, q_group_size = q_bits or 4, q_group_size or 64
+    given = [f for f, v in (("--q-bits", q_bits), ("--q-group-size", q_group_size), ("--quant-predicate", quant_predicate),
+                            ("--q-mode", q_mode if q_mode != "affine" else None)) if v is not None]
+    if not quantize and given:
+        raise LoadError(f"{given[0]} needs -q/--quantize; without it the weights stay in float.")
+    if quantize and dequantize:
+        raise LoadError("Choose one of -q/--quantize and -d/--dequantize.")
+    if quant_predicate and q_mode != "affine":
+        raise LoadError(f"--quant-predicate {quant_predicate} mixes affine bit widths; drop it or --q-mode {q_mode}.")
     if dst.exists() and not dst.is_dir():
         raise LoadError(f"--mlx-path {dst} exists and is not a folder.")
     if dst.exists() and not force:  # fail before any download or compute
@@ -171,25 +194,24 @@ def convert(
         config["torch_dtype"] = dtype
         model.set_dtype(getattr(mx, dtype))
     if quantize:
-        check_group_size(model, q_group_size)
-        print(f"[INFO] Quantizing to {q_bits} bits, group size {q_group_size}")
-        model, config = quantize_model(
-            model, config, q_group_size, q_bits, quant_predicate=keep_unquantized
-        )
+        mixed = mixed_quant_predicate_builder(quant_predicate, model, q_group_size or 64) if quant_predicate else None
+        predicate = lambda path, m: keep_unquantized(path, m) and (mixed(path, m) if mixed else True)
+        model, config = quantize_model(model, config, q_group_size, q_bits, mode=q_mode, quant_predicate=predicate)
+        q = config["quantization"]
+        print(f"[INFO] Quantized ({q.get('mode', 'affine')}): {quant_predicate or str(q['bits']) + ' bits'}, group size {q['group_size']}")
+        check_all_quantized(model, config)
+    if dequantize:
+        print("[INFO] Dequantizing")
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+        model = dequantize_model(model)
     with atomic_folder(dst, force) as tmp:
         print(f"[INFO] Saving to {dst}")
         save_standalone(tmp, src, model, tokenizer, config)
         card = model_card(upload_repo or dst.name, hf_path, config, _source_license(src))
         (tmp / "README.md").write_text(card)
     if upload_repo is not None:
-        print(f"[INFO] Uploading to {upload_repo}")
-        try:
-            upload(dst, upload_repo)
-        except Exception as e:
-            raise LoadError(
-                f"Upload to {upload_repo} failed ({type(e).__name__}); the converted "
-                f"model is complete in {dst}. Log in with `hf auth login` and retry."
-            ) from None
+        upload(dst, upload_repo)
     return dst
 
 
@@ -204,9 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlx-path", type=_cli.output_dir, default="mlx_model", help="Output folder (default: mlx_model).")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the float weights (default: config's torch_dtype).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the linear layers and embeddings (the position module stays float).")
-    p.add_argument("--q-bits", type=int, choices=[4, 8], default=None, help="Bits per quantized weight, with -q (default: 4).")
-    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=None, help="Weights per quantization group, with -q (default: 64).")
-    p.add_argument("--upload-repo", default=None, help="Also upload the result to this Hub repo (needs a login).")
+    p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="Bits per quantized weight, with -q (default: the --q-mode's, 4 for affine).")
+    p.add_argument("--q-group-size", type=int, choices=[16, 32, 64, 128], default=None, help="Weights per quantization group, with -q (default: the --q-mode's, 64 for affine).")
+    p.add_argument("--q-mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], default="affine", help="Quantization format, as mlx-lm's (default: affine).")
+    p.add_argument("--quant-predicate", choices=QUANT_RECIPES, default=None, help="mlx-lm's mixed-precision recipes (affine): e.g. mixed_4_6 keeps v_proj, down_proj of some layers and lm_head at 6 bits.")
+    p.add_argument("-d", "--dequantize", action="store_true", help="Write float weights from a quantized model.")
+    p.add_argument("--upload-repo", type=hub_repo, default=None, help="Also upload the result to this Hub repo (needs a login).")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --hf-path.")
     p.add_argument("--force", action="store_true", help="Replace --mlx-path if it exists (only once the new one is complete).")
     _cli.add_trust_remote_code(p)

@@ -34,15 +34,23 @@ def version() -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2) and ``--version``."""
+    """argparse with one-line errors (exit 2) and ``--version``. ``elsewhere`` maps
+    flags of a namesake command (mlx-lm's evaluate is our lm_eval) to a pointer."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, elsewhere=None, **kwargs):
+        self.elsewhere = elsewhere or {}
         super().__init__(*args, **kwargs)
         if kwargs.get("add_help", True) and "--version" not in self._option_string_actions:
             self.add_argument(
                 "--version", action="version", version=f"repo_mlx {version()}",
                 help="Print the repo_mlx version and exit.",
             )
+
+    def parse_args(self, args=None, namespace=None):
+        for a in sys.argv[1:] if args is None else args:
+            if str(a).split("=")[0] in self.elsewhere:
+                self.error(f"{str(a).split('=')[0]} is not a flag of {self.prog}: {self.elsewhere[str(a).split('=')[0]]}")
+        return super().parse_args(args, namespace)
 
     def error(self, message: str):
         print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
@@ -160,6 +168,15 @@ def _json_object(s: str) -> dict:
     return v
 
 
+def _boolean(s: str) -> bool:
+    # mlx-lm's --verbose takes True/False; 1/0 and yes/no too.
+    v = {"true": True, "t": True, "1": True, "yes": True, "false": False, "f": False, "0": False, "no": False}.get(s.strip().lower())
+    if v is None:
+        raise argparse.ArgumentTypeError(f"must be True or False, got {s!r}")
+    return v
+
+
+boolean = _typed(_boolean, "bool")
 byte_size = _typed(_byte_size, "size")
 json_object = _typed(_json_object, "json")
 
@@ -236,9 +253,10 @@ def add_model_flags(p, yarn: bool = False, adapter: bool = True, required: bool 
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's).")
     if yarn:
         p.add_argument(
-            "--yarn", type=float_range(1), default=None,
+            "--yarn", type=float_range(1, 4096), default=None,
             help="YaRN factor over 4096 tokens for every layer, the RePo layers included, as the "
-            "paper did, for texts past 4K: 2 for 8K, 4 for 16K (default: off).",
+            "paper did, for texts past 4K: 2 for 8K, 4 for 16K; at most 4096, a context of 2^24 tokens, "
+            "where float32 positions stop being exact (default: off).",
         )  # fmt: skip
     if adapter:
         p.add_argument(

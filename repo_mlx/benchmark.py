@@ -12,6 +12,7 @@ with the released 1B's shapes: no download.
 import argparse
 import os
 import platform
+import time
 from importlib.metadata import version
 
 import mlx.core as mx
@@ -19,8 +20,8 @@ from mlx.utils import tree_flatten
 
 from . import _cli, kernel_checks
 from .errors import LoadError
-from .generation import KV_BITS, KV_GROUP_SIZES, check_kv_bits
-from .limits import check_tokens_fit
+from .generation import add_kv_flags, check_kv_bits
+from .limits import check_length, check_tokens_fit
 from .loader import DTYPES, architecture_name, load
 from .repo_olmo2 import Model, ModelArgs
 from .rope import pe_config
@@ -102,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation-tokens", "-g", type=_cli.int_range(2, _cli.MAX_TOKENS), default=128, help="Tokens to generate, at least 2 (default: 128).")
     p.add_argument("--batch-size", "-b", type=_cli.positive_int, default=1, help="Prompts generated together (mlx-lm's batch_generate) (default: 1).")
     p.add_argument("--num-trials", "-n", type=_cli.positive_int, default=5, help="Timed trials per model after a warm-up (default: 5).")
-    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache from the first token, batch size 1 only (default: off).")
-    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64, help="Group size for --kv-bits; must divide head_dim (default: 64).")
+    add_kv_flags(p, start=False)  # quantized from the first token; batch size 1 only
     p.add_argument("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step (default: 2048).")
+    p.add_argument("--delay", type=_cli.non_negative_int, default=0, help="Seconds to wait before each timed run, e.g. to let the machine cool (default: 0).")
+    p.add_argument("--quantize-activations", "-qa", action="store_true", help="Quantize activations as the weights are (a --model converted with --q-mode nvfp4 or mxfp8).")
+    p.add_argument("--pipeline", action="store_true", help="mlx-lm's pipeline parallelism over mlx.launch processes; refused: the benchmark runs on one machine.")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Compute dtype (default: the checkpoint's; bfloat16 for the random model).")
     _cli.add_trust_remote_code(p)
     return p
@@ -112,15 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.pipeline:
+        raise LoadError("--pipeline is not supported: the benchmark runs the model on one machine.")
     if args.kv_bits is not None and args.batch_size > 1:
         raise LoadError("--kv-bits works with --batch-size 1 only: mlx-lm's batch generation has no quantized KV cache.")
     if args.model is None:
         model, config = random_model(args.shape, args.dtype or "bfloat16")
         where = f"random weights in {SHAPE_NAMES[args.shape]}"
     else:
-        model, _, config = load(args.model, dtype=args.dtype, return_config=True)
+        model, _, config = load(args.model, dtype=args.dtype, return_config=True,
+                                model_config={"quantize_activations": args.quantize_activations})
         where = f"`{args.model}`"
-    check_kv_bits(model, args.kv_bits, args.kv_group_size)
+    args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
+    check_length(model, args.prompt_tokens, args.generation_tokens, what="--prompt-tokens")
     check_tokens_fit(model, args.prompt_tokens + args.generation_tokens, "--prompt-tokens", args.batch_size)
     plain = kernel_checks.plain_twin(model)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
@@ -131,7 +138,7 @@ def command(argv=None) -> None:
     prompt = mx.random.randint(0, model.args.vocab_size, (args.batch_size, args.prompt_tokens))
     run = run_single if args.batch_size == 1 else run_batch
     models = {"RePo": model, architecture_name(model): plain}
-    medians, ratio, spread = alternate(models, lambda m: run(m, prompt, args), args.num_trials)
+    medians, ratio, spread = alternate(models, lambda m: time.sleep(args.delay) or run(m, prompt, args), args.num_trials)
     print(report(args, where, n_params, n_position, dtype, medians, ratio, spread))
 
 

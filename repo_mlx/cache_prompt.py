@@ -13,6 +13,8 @@ from tqdm import tqdm
 
 from . import _cli
 from .errors import LoadError
+from .generation import MIN_KV_SIZE, add_kv_flags, check_kv_bits
+from .limits import check_length, check_tokens_fit
 from .prompt_cache import prefill, save
 
 
@@ -32,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--position-blend", type=_cli.probability, default=0.0, help="0 = learned positions (default), 1 = plain RoPE in every layer.")
     p.add_argument("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step; smaller needs less memory (default: 2048).")
+    p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), help=f"Keep only the last this many tokens (at least {MIN_KV_SIZE}) in a rotating cache (default: all).")
+    add_kv_flags(p)
+    p.add_argument("--eos-token", type=_cli.text, help="A token that also ends the replies of runs that continue after the document (generate --prompt-cache-file).")
     _cli.add_trust_remote_code(p)
     return p
 
@@ -44,13 +49,17 @@ def command(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     text = _cli.read_prompt(args)
     model, tokenizer = _cli.load_from_args(args, position_blend=args.position_blend)
+    args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
     tokens = tokenizer.encode(text)
     if not tokens:
         raise LoadError("The prompt is empty; give the document with --prompt or --prompt-file.")
+    check_length(model, len(tokens), what="The document")
+    check_tokens_fit(model, len(tokens), "--prompt")
     # disable=None: a bar on a terminal, silence when output goes to a file.
     with tqdm(total=len(tokens), desc="prefill", unit="tok", unit_scale=True, disable=None) as bar:
-        cache = prefill(model, tokens, args.prefill_step_size, bar)
-    save(out, model, tokens, cache, args.model)
+        cache = prefill(model, tokens, args.prefill_step_size, bar, args.max_kv_size, kv_bits=args.kv_bits,
+                        kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
+    save(out, model, tokens, cache, args.model, args.eos_token)
     size = out.stat().st_size
     print(f"Saved the cache of {len(tokens)} tokens to {out} ({size / 1e6:.1f} MB); "
           f"peak memory {mx.get_peak_memory() / 1e9:.3f} GB.")

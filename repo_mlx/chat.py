@@ -21,10 +21,11 @@ from mlx_lm.server import convert_chat
 from . import _cli
 from .errors import LoadError
 from .generation import MIN_KV_SIZE, add_sampling_flags, sampler
-from .limits import check_tokens_fit, warn_if_too_long
+from .limits import check_length, check_tokens_fit
 
 NEXT_USER_TURN = "\nUSER:"  # as in repo_mlx.server
-HELP = "Type a message; /reset starts a new conversation, /exit (or Ctrl-D) quits."
+HELP = "Type a message; r (or /reset) starts a new conversation, h (or /help) shows this, q (or /exit, Ctrl-D) quits."
+EXIT, RESET, SHOW_HELP = ("q", "/exit", "/quit"), ("r", "/reset"), ("h", "/help", "/?")  # mlx_lm.chat's one letters too
 
 
 def common_prefix(a: List[int], b: List[int]) -> int:
@@ -68,17 +69,17 @@ class Chat:
         self.cached = tokens[:keep]
         return tokens[keep:]
 
-    def turn(self, text: str, max_tokens: int, sampler, on_text=None) -> str:
+    def turn(self, text: str, max_tokens: int, sampler, on_text=None, prefill_step_size: int = 2048) -> str:
         """The reply to ``text``; ``on_text`` gets it piece by piece as it is generated."""
         self.messages.append({"role": "user", "content": text})
         tokens = self.transcript()
-        warn_if_too_long(self.model, len(tokens) + max_tokens)
+        check_length(self.model, len(tokens), what="The conversation")
         todo = self._reuse(tokens)
         generated, reply, shown = [], "", 0
         try:
             for r in stream_generate(
                 self.model, self.tokenizer, mx.array(todo), max_tokens=max_tokens,
-                sampler=sampler, prompt_cache=self.cache,
+                sampler=sampler, prompt_cache=self.cache, prefill_step_size=prefill_step_size,
             ):
                 generated.append(r.token)
                 self.prompt_tokens = r.prompt_tokens  # fed this turn
@@ -118,8 +119,10 @@ def build_parser():
     )
     _cli.add_model_flags(p)
     p.add_argument("--max-tokens", "-m", type=_cli.token_count, default=256, help="Most tokens per reply (default: 256).")
-    add_sampling_flags(p)
+    add_sampling_flags(p, seed=0)
     p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
+    p.add_argument("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step; smaller needs less memory (default: 2048).")
+    p.add_argument("--pipeline", action="store_true", help="mlx-lm's pipeline parallelism over mlx.launch processes; refused: chat runs the model on one machine.")
     p.add_argument(
         "--system-prompt",
         type=_cli.text,
@@ -132,6 +135,8 @@ def build_parser():
 
 def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.pipeline:
+        raise LoadError("--pipeline is not supported: chat runs the RePo model on one machine.")
     model, tokenizer = _cli.load_from_args(args)
     check_tokens_fit(model, args.max_kv_size or args.max_tokens, "--max-tokens")
     if args.seed is not None:  # after loading: building the model draws random numbers
@@ -160,14 +165,14 @@ def command(argv=None) -> None:
             continue
         if not line:
             continue
-        if line in ("/exit", "/quit"):
+        if line in EXIT:
             break
-        if line == "/reset":
+        if line in RESET:
             chat.reset()
             if tty:
                 print("[INFO] New conversation.", file=sys.stderr)
             continue
-        if line.startswith("/") and line.split()[0] in ("/help", "/?"):
+        if line in SHOW_HELP:
             print(HELP, file=sys.stderr)
             continue
         started = False
@@ -179,7 +184,7 @@ def command(argv=None) -> None:
             show(text)
 
         try:
-            chat.turn(line, args.max_tokens, sampler(args), on_text)
+            chat.turn(line, args.max_tokens, sampler(args, tokenizer), on_text, args.prefill_step_size)
         except KeyboardInterrupt:
             print("\n[interrupted: reply dropped]", end="", file=sys.stderr)
         print(flush=True)

@@ -10,7 +10,7 @@ import argparse
 import json
 import math
 import re
-import warnings
+import os
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import _cli, tasks
 from .errors import LoadError
-from .limits import check_tokens_fit, context_length
+from .limits import check_length, check_tokens_fit, context_length
 from .rope import set_position_blend
 from .files import atomic_file
 
@@ -148,6 +148,8 @@ def table(results: List[Dict], blends: List[float]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.ArgumentParser(
+        elsewhere={f: "mlx_lm.evaluate's lm-eval benchmarks are python -m repo_mlx.lm_eval here; this command is RePo's long-context tasks and perplexity"
+                   for f in ("--tasks", "--output-dir", "--num-shots", "--limit", "--batch-size", "--fewshot-as-multiturn", "--apply-chat-template")},
         prog="python -m repo_mlx.evaluate",
         description="Evaluate a RePo model: perplexity on a text file and synthetic "
         "long/noisy-context tasks (needle in a haystack, key-value retrieval, variable "
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=_cli.existing_file, help="Plain-text file for perplexity, tokenized as is (OLMo-2 adds no BOS).")
     p.add_argument("--window", type=_cli.int_range(2), default=None, help="Perplexity window in tokens (default: the model's context, 4096 for the release; YaRN multiplies it).")
     p.add_argument("--stride", type=_cli.positive_int, default=None, help="Perplexity window step; smaller than --window gives every token more context (default: --window).")
-    p.add_argument("--lengths", default="1K,2K,4K", help="Context lengths in tokens for the synthetic tasks, e.g. 1K,2K,4K,8K,16K (default: 1K,2K,4K).")
+    p.add_argument("--lengths", help="Context lengths in tokens for the synthetic tasks, e.g. 1K,2K,4K,8K,16K (default: 1K,2K,4K; in a shorter context its quarter, half and whole, 64,128,256 for the demo).")
     p.add_argument("--samples", type=_cli.positive_int, default=10, help="Samples per synthetic task and length (default: 10).")
     p.add_argument("--seed", type=_cli.seed, default=0, help="Seed the synthetic samples are made from (default: 0).")
     p.add_argument(
@@ -180,7 +182,7 @@ def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     names = parse_tasks(args.task)
     blends = _cli.parse_blends(args.position_blend)
-    lengths = list(dict.fromkeys(parse_length(t) for t in args.lengths.split(",")))
+    lengths = list(dict.fromkeys(parse_length(t) for t in args.lengths.split(","))) if args.lengths else None
     tokens = None
     if "perplexity" in names:
         if args.data is None:
@@ -188,26 +190,27 @@ def command(argv=None) -> None:
         text = _cli.read_text(args.data, f"--data {args.data}")
 
     model, tokenizer = _cli.load_from_args(args)
-    check_tokens_fit(model, max(lengths), "--lengths")
     context = context_length(model) or 4096
+    lengths = lengths or ([1024, 2048, 4096] if context >= 4096 else [context // 4, context // 2, context])
+    check_tokens_fit(model, max(lengths), "--lengths")
+    synthetic = [n for n in names if n != "perplexity"]
+    for length in lengths if synthetic else []:
+        check_length(model, length, what="A context")
+    held = 40 * args.samples * sum(lengths) * len(synthetic)  # bytes: Python ints in token lists
+    if held > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+        raise LoadError(f"--samples {args.samples}: the samples' {held // 40} tokens take {held / 2**30:.3g} GiB, "
+                        "more than this machine's memory; ask for fewer.")
     window = args.window or context
     stride = args.stride or window
     if stride > window:
         raise LoadError(f"--stride {stride} is longer than the window of {window}: tokens would be skipped.")
-
-    def check_context(n, what):
-        if n > context:
-            warnings.warn(
-                f"{what} of {n} tokens is past the model's context of {context}; "
-                "the paper used --yarn 2 for 8K and --yarn 4 for 16K."
-            )
 
     work = 0
     if "perplexity" in names:
         tokens = tokenizer.encode(text)
         if len(tokens) < 2:
             raise LoadError(f"--data {args.data} has fewer than 2 tokens.")
-        check_context(min(window, len(tokens)), "The perplexity window")
+        check_length(model, min(window, len(tokens)), what="The perplexity window")
         work += sum(end - start - 1 for start, end, _ in windows(len(tokens), window, stride))
     samples = {}
     for name in (n for n in names if n != "perplexity"):
@@ -217,8 +220,6 @@ def command(argv=None) -> None:
             except ValueError as e:
                 raise LoadError(f"{name}: {e}.") from None
             work += sum(s.prompt_tokens for s in samples[name, length])
-    for length in lengths if samples else []:
-        check_context(length, "A context")
 
     results = []
     # disable=None: a bar on a terminal, silence when output goes to a file.

@@ -13,7 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import _cli
 from .errors import LoadError, one_line
-from .limits import warn_if_too_long
+from .limits import check_length
 from .loader import ARCHITECTURES, get_model_path, load, load_config
 
 KV_BITS = [2, 3, 4, 6, 8]
@@ -24,7 +24,7 @@ MIN_KV_SIZE = 8  # mlx-lm's rotating cache always keeps the first 4 tokens
 def _encode(model, tokenizer, prompt: Union[str, List[int], mx.array]):
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt)
-    warn_if_too_long(model, prompt.size if isinstance(prompt, mx.array) else len(prompt))
+    check_length(model, prompt.size if isinstance(prompt, mx.array) else len(prompt))
     return prompt
 
 
@@ -38,24 +38,41 @@ def stream_generate(model, tokenizer, prompt, **kwargs):
     yield from mlx_lm_stream_generate(model, tokenizer, _encode(model, tokenizer, prompt), **kwargs)
 
 
-def add_sampling_flags(p) -> None:
-    """The sampling flags of mlx_lm.generate (shared with repo_mlx.chat)."""
-    p.add_argument("--temp", type=_cli.non_negative_float, default=0.0, help="Sampling temperature; 0 is greedy (default: 0).")
-    p.add_argument("--top-p", type=_cli.probability, default=1.0, help="Nucleus sampling: keep tokens up to this probability mass, 0 to 1 (default: 1, off).")
-    p.add_argument("--top-k", type=_cli.non_negative_int, default=0, help="Sample from the k most likely tokens only (default: 0, off).")
-    p.add_argument("--min-p", type=_cli.probability, default=0.0, help="Drop tokens below this fraction of the top probability, 0 to 1 (default: 0, off).")
-    p.add_argument("--seed", type=_cli.seed, default=None, help=f"Random seed for sampling, 0 to {2**32 - 1} (default: random).")
+def add_sampling_flags(p, seed=None) -> None:
+    """mlx_lm.generate's sampling flags (chat's too, whose seed defaults to 0 as mlx_lm.chat's)."""
+    a = p.add_argument
+    a("--temp", type=_cli.non_negative_float, default=0.0, help="Sampling temperature; 0 is greedy (default: 0).")
+    a("--top-p", type=_cli.probability, default=1.0, help="Nucleus sampling: keep tokens up to this probability mass, 0 to 1 (default: 1, off).")
+    a("--min-p", type=_cli.probability, default=0.0, help="Drop tokens below this fraction of the top probability, 0 to 1 (default: 0, off).")
+    a("--top-k", type=_cli.non_negative_int, default=0, help="Sample from the k most likely tokens only (default: 0, off).")
+    a("--xtc-probability", type=_cli.probability, default=0.0, help="XTC sampling: the probability of cutting the most likely tokens above --xtc-threshold (default: 0, off).")
+    a("--xtc-threshold", type=_cli.float_range(0, 0.5), default=0.1, help="XTC sampling: tokens above this probability may be cut, 0 to 0.5 (default: 0.1).")
+    a("--min-tokens-to-keep", type=_cli.positive_int, default=1, help="Tokens --min-p always keeps (default: 1).")
+    a("--seed", type=_cli.seed, default=seed, help=f"Random seed for sampling, 0 to {2**32 - 1} (default: {'random' if seed is None else seed}).")
 
 
-def sampler(args):
-    return make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+def sampler(args, tokenizer):
+    """mlx-lm's sampler of the sampling flags."""
+    return make_sampler(
+        args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k,
+        xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
+    )  # fmt: skip
 
 
-def check_kv_bits(model, kv_bits, kv_group_size) -> None:
-    """Before any work: the KV cache can only be quantized in groups dividing head_dim."""
+def add_draft_flags(p) -> None:
+    """mlx-lm's speculative decoding flags."""
+    p.add_argument("--draft-model", help="A small model with the same tokenizer that drafts tokens for the RePo model to verify (speculative decoding: the same greedy output, faster when the draft guesses well): a plain or RePo folder or Hub id (default: none).")
+    p.add_argument("--num-draft-tokens", type=_cli.positive_int, default=3, help="Tokens the draft model proposes per step (default: 3).")
+
+
+def check_kv_bits(model, kv_bits, kv_group_size) -> int:
+    """The KV cache's group size (mlx-lm's 64, else the largest that divides head_dim),
+    before any work: it can only be quantized in groups dividing head_dim."""
     head_dim = model.layers[0].self_attn.head_dim
+    fits = [g for g in KV_GROUP_SIZES if head_dim % g == 0]
+    kv_group_size = kv_group_size or (64 if 64 in fits or not fits else max(fits))
     if kv_bits is not None and head_dim % kv_group_size:
-        fits = [g for g in KV_GROUP_SIZES if head_dim % g == 0]
         fix = (
             f"pick --kv-group-size {' or '.join(map(str, fits))}"
             if fits
@@ -64,12 +81,13 @@ def check_kv_bits(model, kv_bits, kv_group_size) -> None:
         raise LoadError(
             f"--kv-group-size {kv_group_size} does not divide this model's head_dim {head_dim}; {fix}."
         )
+    return kv_group_size
 
 
 def add_kv_flags(p, start: bool = True) -> None:
     """mlx-lm's KV-cache quantization flags."""
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache to this many bits (default: off); needs a --kv-group-size that divides head_dim.")
-    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64, help="Group size for --kv-bits; must divide head_dim (default: 64).")
+    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=None, help="Group size for --kv-bits; must divide head_dim (default: 64, or 32 where it does not divide head_dim).")
     if start:
         p.add_argument("--quantized-kv-start", type=_cli.non_negative_int, default=DEFAULT_QUANTIZED_KV_START, help=f"With --kv-bits, the token from which the cache is quantized (default: {DEFAULT_QUANTIZED_KV_START}).")
 

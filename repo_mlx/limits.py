@@ -1,7 +1,8 @@
-"""How much a loaded model can take: its context, and the KV cache this machine's
-memory holds. Past the context is a warning (YaRN or a degraded tail may be what
-the user wants); past memory is an error before any work.
-"""
+"""How much a loaded model can take, one rule for every command: a prompt past the
+model's context is a warning (YaRN, or a degraded tail, may be what the user
+wants), past 4x the context an error (the paper took RePo to 4x with YaRN; beyond
+is noise), and a KV cache larger than this machine's memory an error, all before
+the work starts."""
 
 import os
 import warnings
@@ -13,19 +14,32 @@ from mlx.utils import tree_flatten
 
 from .errors import LoadError
 
+MAX_CONTEXTS = 4  # prompts up to this many times the context
+YARN_LIMIT = 2**24  # float32 holds every integer position up to here: a YaRN context beyond it is noise
+
 
 def context_length(model: nn.Module) -> Optional[int]:
     return getattr(model.args, "max_position_embeddings", None)
 
 
-def warn_if_too_long(model: nn.Module, num_tokens: int) -> None:
+def check_length(model: nn.Module, tokens: int, new_tokens: int = 0, what: str = "The prompt", cached: int = 0) -> None:
+    """Warn when ``tokens`` (``cached`` of them in a prompt cache) and then ``new_tokens``
+    generated run past the context; refuse a prompt over MAX_CONTEXTS contexts."""
     limit = context_length(model)
-    if limit and num_tokens > limit:
-        warnings.warn(
-            f"The prompt has {num_tokens} tokens, more than the model's context of "
-            f"{limit}; output past it may degrade (see YaRN scaling in the README).",
-            stacklevel=3,
+    if not limit:
+        return
+    doc = f" ({cached} of them the cached document)" if cached else ""
+    if tokens > MAX_CONTEXTS * limit:
+        raise LoadError(
+            f"{what} is {tokens} tokens{doc}, more than {MAX_CONTEXTS} times the model's context of {limit}, "
+            f"past which RePo gives noise (the paper went to {MAX_CONTEXTS}x with --yarn {MAX_CONTEXTS}): shorten it."
         )
+    if tokens > limit:
+        warnings.warn(f"{what} is {tokens} tokens{doc}, more than the model's context of {limit}; "
+                      "what comes past it may degrade (--yarn 2 doubles the context).", stacklevel=2)
+    elif tokens + new_tokens > limit:
+        warnings.warn(f"{new_tokens} new tokens after {tokens}{doc} run past the model's context of {limit}; "
+                      "text past it may degrade (--yarn 2 doubles the context).", stacklevel=2)
 
 
 def check_tokens_fit(model: nn.Module, tokens: int, flag: str, batch: int = 1) -> None:

@@ -15,7 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Dict, List
 
-from . import _cli
+from . import _cli, tasks
 from .errors import LoadError, one_line
 from .loader import check_hub_reachable
 from .rope import set_position_blend
@@ -94,12 +94,14 @@ def table(results: Dict[float, dict], blends: List[float]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _cli.ArgumentParser(
+        elsewhere={f: "that is a flag of python -m repo_mlx.evaluate, RePo's long-context tasks and perplexity"
+                   for f in ("--task", "--data", "--window", "--stride", "--lengths", "--samples", "--output")},
         prog="python -m repo_mlx.lm_eval",
         description="Evaluate a RePo model on lm-evaluation-harness tasks (the paper's general set: "
         + ", ".join(PAPER_TASKS) + "), optionally with learned positions and plain RoPE side by side.",
     )
     _cli.add_model_flags(p, yarn=True)
-    p.add_argument("--tasks", required=True, help="Comma-separated lm-eval tasks, groups or tags, e.g. arc_easy,hellaswag.")
+    p.add_argument("--tasks", required=True, nargs="+", help="lm-eval tasks, groups or tags, separated by spaces (as mlx_lm.evaluate) or commas, e.g. arc_easy hellaswag.")
     p.add_argument(
         "--position-blend",
         default="0",
@@ -122,7 +124,10 @@ def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if lm_eval is None:
         raise LoadError('lm-evaluation-harness is not installed: pip install "repo-mlx[eval]" (or pip install lm-eval).')
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = [t.strip() for arg in args.tasks for t in arg.split(",") if t.strip()]
+    if ours := [t for t in names if t in ("ruler", "perplexity", *tasks.TASKS)]:
+        raise LoadError(f"{ours[0]} is a task of python -m repo_mlx.evaluate (RePo's long-context tasks and perplexity); "
+                        "this command runs lm-eval's.")
     if not names:
         raise LoadError("--tasks names no task; give e.g. arc_easy,hellaswag.")
     if args.log_samples and args.output_dir is None:

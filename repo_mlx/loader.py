@@ -81,6 +81,8 @@ def check_hub_reachable(what: str, timeout: float = 3.0) -> None:
 def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
     """A local folder as is; otherwise a Hub id, downloaded on first use."""
     path = Path(path_or_hf_repo).expanduser()
+    if path_or_hf_repo == "demo" and path.exists():
+        warnings.warn("./demo is a folder here: loading it, not the built-in demo model (rename it to use that).")
     if path.exists():
         if not path.is_dir():
             if is_gguf(path):
@@ -117,7 +119,8 @@ def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path
             why = f"{type(e).__name__}: {one_line(e)[:120]}"
         raise LoadError(
             f"Could not download {path_or_hf_repo} from the Hugging Face Hub: {why}. "
-            "Connect and retry, or pass a local model folder."
+            "Connect and retry, pass a local model folder, or try the small RePo model "
+            "built into repo_mlx, which needs no network: --model demo."
         ) from None
 
 
@@ -254,8 +257,9 @@ def yarn_scaling(factor: float, original_max_position_embeddings: int = 4096) ->
 
     Pass it to ``load(..., model_config=...)``; factor 2 gives 8K, 4 gives 16K.
     """
-    if factor < 1:
-        raise LoadError(f"YaRN factor must be at least 1, got {factor}.")
+    if not 1 <= factor <= 2**24 / original_max_position_embeddings:  # float32 positions stay exact integers
+        raise LoadError(f"YaRN factor must be from 1 to {2**24 // original_max_position_embeddings} "
+                        f"(a context of 2^24 tokens, past which positions are not exact in float32), got {factor}.")
     return {
         "rope_scaling": {
             "rope_type": "yarn",

@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps-per-eval", type=_cli.positive_int, help="Validation loss and per-layer position summary every N steps (default: 200).")
     a("--save-every", type=_cli.positive_int, help="Checkpoint every N steps (default: 100).")
     a("--keep-checkpoints", type=_cli.positive_int, help="Keep the newest N checkpoints (default: 1).")
-    a("--yarn-factor", type=_cli.float_range(1), help="Apply YaRN with this factor to all layers, for --seq-len beyond the base's context.")
+    a("--yarn-factor", type=_cli.float_range(1, 4096), help="Apply YaRN with this factor to all layers, for --seq-len beyond the base's context (at most 4096: see --yarn of generate).")
     a("--plot", type=_cli.output_file, help="Write a PNG of the loss curve and the position spread over steps here at the end.")
     a("--export-hf", type=_cli.output_dir, help="Also write the official Hugging Face format to this folder at the end.")
     a("--dry-run", action="store_true", default=None, help="Print the estimated peak memory and stop before any training.")

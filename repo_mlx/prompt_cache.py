@@ -72,12 +72,13 @@ def describe(key: str, value) -> str:
     return value
 
 
-def save(path: Path, model, tokens: List[int], cache, model_name: str) -> None:
-    """Write ``cache`` (``tokens`` processed) to ``path``, atomically."""
+def save(path: Path, model, tokens: List[int], cache, model_name: str, eos_token=None) -> None:
+    """Write ``cache`` (``tokens`` processed) to ``path``, atomically; ``eos_token``
+    ends the replies of runs that continue it (mlx-lm's --eos-token)."""
     metadata = {
         "format": FORMAT,
         "model": model_name,  # mlx_lm.generate reads these two keys
-        "tokenizer_config": "{}",
+        "tokenizer_config": json.dumps({"eos_token": eos_token} if eos_token else {}),
         "fingerprint": fingerprint(model),
         "tokens": json.dumps(tokens),
         **{k: json.dumps(v) for k, v in model_settings(model).items()},
@@ -104,8 +105,9 @@ def read(path) -> Tuple[list, dict]:
     return cache, metadata
 
 
-def load_for(path, model) -> Tuple[list, List[int]]:
-    """The cache in ``path`` and its tokens, refused unless ``model`` made it."""
+def load_for(path, model, tokenizer=None) -> Tuple[list, List[int]]:
+    """The cache in ``path`` and its tokens, refused unless ``model`` made it; its
+    end-of-text token, if it records one, joins ``tokenizer``'s."""
     cache, metadata = read(path)
     now = model_settings(model)
     for key in SETTINGS:
@@ -122,12 +124,15 @@ def load_for(path, model) -> Tuple[list, List[int]]:
             "for this model with python -m repo_mlx.cache_prompt."
         )
     mx.eval([c.state for c in cache])
+    if tokenizer is not None and (eos := json.loads(metadata.get("tokenizer_config", "{}")).get("eos_token")):
+        tokenizer.add_eos_token(eos)
     return cache, json.loads(metadata["tokens"])
 
 
-def prefill(model, tokens: List[int], prefill_step_size: int = 2048, progress=None) -> list:
-    """A KV cache holding all of ``tokens``, filled by mlx-lm's generate_step."""
-    cache = make_prompt_cache(model)
+def prefill(model, tokens: List[int], prefill_step_size: int = 2048, progress=None, max_kv_size=None, **kv) -> list:
+    """A KV cache holding all of ``tokens`` (the last ``max_kv_size``), filled by
+    mlx-lm's generate_step; ``kv``: its KV-cache quantization keywords."""
+    cache = make_prompt_cache(model, max_kv_size)
     done = 0
 
     def moved(n, total):
@@ -139,7 +144,7 @@ def prefill(model, tokens: List[int], prefill_step_size: int = 2048, progress=No
     # max_tokens=0 still runs the last prompt token, so the cache holds them all.
     for _ in generate_step(
         mx.array(tokens), model, max_tokens=0, prompt_cache=cache,
-        prefill_step_size=prefill_step_size, prompt_progress_callback=moved,
+        prefill_step_size=prefill_step_size, prompt_progress_callback=moved, **kv,
     ):
         pass
     if progress is not None:

@@ -37,7 +37,7 @@ from mlx_lm.server import (APIHandler, CompletionRequest, GenerationArguments, L
 
 from . import _cli, http_checks, prompt_cache
 from .errors import LoadError, one_line
-from .generation import add_kv_flags, load_draft
+from .generation import add_kv_flags, check_kv_bits, load_draft
 from .http_checks import RequestError, number
 from .limits import context_length
 
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_model_flags(p, yarn=True, required=True)
     http_checks.add_flags(p, 8080, "server", "http://localhost:3000")
     a = p.add_argument
-    a("--max-tokens", type=_cli.positive_int, default=512, help="max_tokens of requests that give none (default: 512).")
+    a("--max-tokens", type=_cli.positive_int, help="max_tokens of requests that give none (default: 512, or the model's context if it is shorter).")
     a("--max-tokens-limit", type=_cli.positive_int, help="Refuse requests asking for more tokens than this (default: the model's context length).")
     a("--max-prompt-tokens", type=_cli.positive_int, help="Refuse prompts longer than this many tokens, the --prompt-cache-file document included (default: the model's context, with --yarn's factor). A long prompt pauses every other request until it is processed.")
     a("--prompt-cache-size", type=_cli.positive_int, default=10, help="KV caches of recent prompts kept for reuse (default: 10).")
@@ -453,10 +453,15 @@ def command(argv=None) -> None:
         model, tokenizer = provider.model, provider.tokenizer
         context = context_length(model) or 4096
         limit = args.max_tokens_limit or context
+        args.max_tokens = args.max_tokens or min(512, limit)
+        args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
         if args.max_tokens > limit:
             raise LoadError(f"--max-tokens {args.max_tokens} is above the limit of {limit} tokens.")
         if args.prompt_cache_file is not None:
-            cache, generator.prompt_cache.document = prompt_cache.load_for(args.prompt_cache_file, model)
+            cache, generator.prompt_cache.document = prompt_cache.load_for(args.prompt_cache_file, model, tokenizer)
+            if not all(type(c).__name__ == "KVCache" for c in cache):
+                raise LoadError(f"{args.prompt_cache_file} holds a quantized or rotating cache; the server takes "
+                                "one made without --kv-bits and --max-kv-size.")
             generator.prompt_cache.insert_cache(provider.model_key, [], cache)  # the document alone
         settings = {
             "model_id": args.model, "created": int(time.time()), "has_chat_template": tokenizer.has_chat_template,

@@ -36,7 +36,7 @@ from .files import atomic_file
 from .http_checks import RequestError
 from .position_stats import inlier_range, outliers, select, summary, token_texts
 from .rope import positions
-from .limits import context_length, warn_if_too_long
+from .limits import MAX_CONTEXTS, check_length, context_length
 from .loader import architecture_name
 
 PAGE = Path(__file__).with_name("viewer.html")
@@ -104,6 +104,7 @@ def compute(model, tokenizer, text: str, limit: int, layer="all", head="all", na
     if not ids:
         raise LoadError("The text is empty: type some text or drop a .txt file.")
     total, ids = len(ids), ids[:limit]
+    check_length(model, len(ids), what="The text shown")
     z = {l: np.array(v) for l, v in positions(model, ids).items()}
     return page_data(z, token_texts(tokenizer, ids), layer, head, total, limit, name)
 
@@ -258,8 +259,11 @@ def command(argv=None) -> None:
         model, tokenizer = _cli.load_from_args(args)
         if not model.args.repo_layers:
             raise LoadError(f"{args.model} has no RePo layers (plain {architecture_name(model)}): there are no positions to show.")
-        limit = args.max_tokens or context_length(model) or 4096
-        warn_if_too_long(model, limit)
+        context = context_length(model) or 4096
+        limit = args.max_tokens or context
+        if limit > MAX_CONTEXTS * context:
+            raise LoadError(f"--max-tokens {limit} is more than {MAX_CONTEXTS} times the model's context of {context}, "
+                            "past which RePo's positions are noise; pass at most " + str(MAX_CONTEXTS * context) + ".")
 
         if args.html is not None:
             data = compute(model, tokenizer, text, limit, name=args.model)

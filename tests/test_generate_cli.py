@@ -138,7 +138,7 @@ def test_empty_prompt_and_empty_stdin(fixture_path):
         ("--temp", "-1", "must be a number >= 0, got -1"),  # sampled at random
         ("--top-p", "2", "must be a number from 0 to 1, got 2"),
         ("--min-p", "1.5", "must be a number from 0 to 1, got 1.5"),
-        ("--yarn", "0.5", "must be a number >= 1, got 0.5"),
+        ("--yarn", "0.5", "must be a number from 1 to 4096, got 0.5"),
     ],
 )
 def test_found_flag_values_are_refused(fixture_path, flag, value, message, capsys):

@@ -1,15 +1,20 @@
-"""Generate text with a RePo model: ``python -m repo_mlx.generate --prompt ...``."""
+"""Generate text with a RePo model: ``python -m repo_mlx.generate --prompt ...``.
+
+Every flag of ``mlx_lm.generate`` with its meaning (a model with a chat template
+gets the prompt as a user message, as there), plus RePo's: --yarn,
+--position-blend and --prompt-file.
+"""
 
 import argparse
-import warnings
 
 import mlx.core as mx
+from mlx_lm.generate import generate as mlx_lm_generate
 
 from .. import _cli, prompt_cache
 from ..errors import LoadError
-from ..generation import (KV_BITS, KV_GROUP_SIZES, MIN_KV_SIZE, add_sampling_flags, check_kv_bits,
-                         generate, sampler)
-from ..limits import check_tokens_fit, context_length
+from ..generation import (MIN_KV_SIZE, add_draft_flags, add_kv_flags, add_sampling_flags, check_kv_bits,
+                          load_draft, sampler)
+from ..limits import check_length, check_tokens_fit
 
 DEFAULT_PROMPT = "The key idea of positional encoding in transformers is"
 
@@ -21,67 +26,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cli.add_model_flags(p, yarn=True)
     _cli.add_prompt_flags(p, default=DEFAULT_PROMPT)
-    p.add_argument("--max-tokens", "-m", type=_cli.token_count, default=100, help="Tokens to generate (default: 100).")
+    a = p.add_argument
+    a("--system-prompt", type=_cli.text, help="A system message before the prompt, for a model with a chat template.")
+    a("--prefill-response", type=_cli.text, help="The start of the reply, which the model continues (chat template models).")
+    a("--ignore-chat-template", action="store_true", help="Give the prompt as it is, even to a model with a chat template.")
+    a("--use-default-chat-template", action="store_true", help="Use the tokenizer's default chat template when the model has none.")
+    a("--chat-template-config", type=_cli.json_object, help='JSON arguments for the chat template, e.g. \'{"enable_thinking": false}\'.')
+    a("--extra-eos-token", nargs="+", default=(), type=_cli.text, help="More tokens that end the reply, e.g. '<|im_end|>'.")
+    a("--image", nargs="+", default=(), help="Images for vision models; refused: RePo models read text only.")
+    a("--max-tokens", "-m", type=_cli.token_count, default=100, help="Tokens to generate (default: 100).")
     add_sampling_flags(p)
-    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache to this many bits (default: off); needs a head_dim divisible by 32.")
-    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64, help="Group size for --kv-bits; must divide head_dim (default: 64).")
-    p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
-    p.add_argument(
-        "--position-blend",
-        type=_cli.probability,
-        default=0.0,
-        help="Blend learned positions with token indices: 0 = RePo as trained, "
-        "1 = plain RoPE in every layer (the paper's ablation), default 0.",
-    )
-    p.add_argument(
-        "--prompt-cache-file",
-        type=_cli.existing_file,
-        default=None,
-        help="A document's KV cache made by repo_mlx.cache_prompt: the prompt continues after "
-        "the document. Needs the model, --dtype, --yarn, --position-blend and --adapter-path that made it.",
-    )
+    a("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
+    a("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step; smaller needs less memory (default: 2048).")
+    add_kv_flags(p)
+    add_draft_flags(p)
+    a("--quantize-activations", "-qa", action="store_true", help="Quantize activations as the weights are (nvfp4 and mxfp8 models, see convert --q-mode).")
+    a("--position-blend", type=_cli.probability, default=0.0, help="Blend learned positions with token indices: 0 = RePo as trained, 1 = plain RoPE in every layer (the paper's ablation) (default: 0).")
+    a("--prompt-cache-file", type=_cli.existing_file, help="A document's KV cache made by repo_mlx.cache_prompt: the prompt continues after the document. Needs the model, --dtype, --yarn, --position-blend and --adapter-path that made it.")
     _cli.add_trust_remote_code(p)
-    p.add_argument("--verbose", type=int, choices=[0, 1], default=1, help="1 prints separators and speed (default); 0 prints the text only.")
+    a("--verbose", type=_cli.boolean, default=True, help="True prints separators and speed; False the text only (default: True).")
     return p
+
+
+def format_prompt(tokenizer, args, prompt: str, continuation: bool) -> list:
+    """The prompt's tokens; a model with a chat template gets it as a user message
+    (after --system-prompt, before --prefill-response), as in mlx_lm.generate."""
+    if args.ignore_chat_template or not tokenizer.has_chat_template:
+        # After a cached document the prompt is a continuation: no BOS in the middle.
+        return tokenizer.encode(prompt, add_special_tokens=not continuation)
+    messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt is not None else []
+    prefill = args.prefill_response is not None
+    messages += [{"role": "user", "content": prompt}] + ([{"role": "assistant", "content": args.prefill_response}] if prefill else [])
+    kw = dict(tokenize=False, continue_final_message=prefill, add_generation_prompt=not prefill, **(args.chat_template_config or {}))
+    text = tokenizer.apply_chat_template(messages, **kw)
+    if continuation:  # the document in the cache is the conversation's start: keep what follows it
+        messages[-1 - prefill]["content"] = "<query>"
+        text = text[tokenizer.apply_chat_template(messages, **kw).index("<query>"):]
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.image:
+        raise LoadError("--image is for vision models: RePo models read text only.")
     if args.prompt_cache_file is not None and args.max_kv_size is not None:
         raise LoadError("--max-kv-size cannot be used with --prompt-cache-file: the cached document is in a plain KV cache.")
     prompt = _cli.read_prompt(args, DEFAULT_PROMPT)
+    if args.prompt not in (None, "-"):  # mlx-lm's escapes in --prompt
+        prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt:
         raise LoadError("The prompt is empty; give text with --prompt, --prompt-file or on stdin (--prompt -).")
-    model, tokenizer = _cli.load_from_args(args, position_blend=args.position_blend)
-    check_kv_bits(model, args.kv_bits, args.kv_group_size)
+    model, tokenizer = _cli.load_from_args(args, position_blend=args.position_blend, quantize_activations=args.quantize_activations)
+    for token in args.extra_eos_token:
+        tokenizer.add_eos_token(token)
+    args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
+    draft = load_draft(args.draft_model, tokenizer) if args.draft_model else None
     cache = None
     if args.prompt_cache_file is not None:
-        cache, _ = prompt_cache.load_for(args.prompt_cache_file, model)
-    # After a cached document the prompt is a continuation: no BOS in the middle.
-    prompt = tokenizer.encode(prompt, add_special_tokens=cache is None)
+        cache, _ = prompt_cache.load_for(args.prompt_cache_file, model, tokenizer)
+    prompt = format_prompt(tokenizer, args, prompt, cache is not None)
     if not prompt:
         raise LoadError("The prompt encodes to no tokens; give some text.")
-    check_tokens_fit(model, len(prompt) + args.max_tokens, "--max-tokens")
-    limit = context_length(model)
-    if limit and len(prompt) <= limit < len(prompt) + args.max_tokens:
-        warnings.warn(
-            f"--max-tokens {args.max_tokens} after a prompt of {len(prompt)} tokens runs past the "
-            f"model's context of {limit}; text past it may degrade (see --yarn)."
-        )
+    cached = cache[0].offset if cache else 0
+    check_length(model, cached + len(prompt), args.max_tokens, cached=cached)
+    check_tokens_fit(model, cached + len(prompt) + args.max_tokens, "--max-tokens")
     if args.seed is not None:  # after loading: building the model draws random numbers
         mx.random.seed(args.seed)
-    text = generate(
-        model,
-        tokenizer,
-        prompt,
-        verbose=bool(args.verbose),
-        max_tokens=args.max_tokens,
-        sampler=sampler(args),
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-        max_kv_size=args.max_kv_size,
-        prompt_cache=cache,
-    )
+    text = mlx_lm_generate(  # not repo_mlx.generate: the length is checked above, the document included
+        model, tokenizer, prompt, verbose=args.verbose, max_tokens=args.max_tokens,
+        sampler=sampler(args, tokenizer), max_kv_size=args.max_kv_size, prefill_step_size=args.prefill_step_size,
+        prompt_cache=cache, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start, draft_model=draft, num_draft_tokens=args.num_draft_tokens,
+    )  # fmt: skip
     if not args.verbose:
         print(text)
 
@@ -89,4 +105,3 @@ def command(argv=None) -> None:
 def main(argv=None) -> None:
     """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
-

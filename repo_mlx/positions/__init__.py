@@ -17,7 +17,7 @@ from .. import _cli
 from ..position_stats import inlier_range, outliers, select, summary, token_texts
 from ..rope import positions
 from ..errors import LoadError
-from ..limits import warn_if_too_long
+from ..limits import check_length
 from ..files import atomic_file
 
 
@@ -157,7 +157,7 @@ def command(argv=None) -> None:
         raise LoadError("The prompt is empty.")
     total = len(ids)
     ids = ids[: args.max_tokens]
-    warn_if_too_long(model, len(ids))
+    check_length(model, len(ids))
     z = {l: np.array(v) for l, v in positions(model, ids).items()}
     chosen = select(z, args.layer, args.head)
     tokens = token_texts(tokenizer, ids)
