@@ -14,9 +14,10 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from mlx_lm.cli_ui import rprint
 from mlx_lm.tuner.trainer import default_loss, evaluate, iterate_batches
-from mlx_lm.tuner.utils import build_schedule
+from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
+from mlx_lm.utils import save_config
 
-from .adapters import check_names
+from .adapters import check_names, setup_trainable
 from .errors import LoadError, one_line
 from .finetune_data import Example
 from .trainer import Trainer, derived_seed, newest_intact, resume, save_checkpoint, state_file
@@ -78,9 +79,9 @@ def build_optimizer(args):
         raise LoadError(f"Bad optimizer_config for {name}: {one_line(e)}") from None
 
 
-def make_trainer(model, args) -> Trainer:
+def make_trainer(model, args, loss=token_weighted_loss) -> Trainer:
     """mlx-lm's iterations: one batch each, an update every --grad-accumulation-steps."""
-    return Trainer(model, build_optimizer(args), token_weighted_loss, seed=args.seed,
+    return Trainer(model, build_optimizer(args), loss, seed=args.seed,
                    accumulate=args.grad_accumulation_steps, grad_checkpoint=args.grad_checkpoint)
 
 
@@ -165,19 +166,53 @@ def train(trainer: Trainer, train_set: List[Example], valid_set: List[Example], 
         if callback is not None:
             callback.on_val_loss_report({"iteration": it, "val_loss": val_loss, "val_time": val_time})
 
-    def save(it):
-        # Counted on every process: all_sum must not run on rank 0 alone.
-        tokens = start_tokens + int(mx.distributed.all_sum(trainer.totals[1], stream=mx.cpu).item())
-        files = [adapter_file]
-        if it % args.save_every == 0:
-            files.append(adapter_file.with_name(f"{it:07d}_adapters.safetensors"))
-        if world.rank() == 0:
-            save_checkpoint(trainer, files, {"trained_tokens": tokens, "seed": args.seed, "batch_size": args.batch_size})
-        rprint(f"Iter {it}: saved {', '.join(str(f) for f in files)}", flush=True)
-
     start_tokens = trained
     batches = train_batches(train_set, args, world, skip=start)
     train_loop(trainer, lambda: next(batches), iters=args.iters,
                steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
-               save_every=args.save_every, report=report, evaluate=validate, save=save,
+               save_every=args.save_every, report=report, evaluate=validate,
+               save=lambda it: save_adapters(trainer, adapter_file, it, start_tokens, args),
                clear_cache_threshold=args.clear_cache_threshold)
+
+
+def save_adapters(trainer: Trainer, adapter_file: Path, it: int, start_tokens: int, args) -> None:
+    """adapters.safetensors and, every --save-every iterations, a numbered copy, in the
+    shared loop's checkpoint format (mlx-lm's adapter file and its state file)."""
+    # Counted on every process: all_sum must not run on rank 0 alone.
+    tokens = start_tokens + int(mx.distributed.all_sum(trainer.totals[1], stream=mx.cpu).item())
+    files = [adapter_file]
+    if it % args.save_every == 0:
+        files.append(adapter_file.with_name(f"{it:07d}_adapters.safetensors"))
+    if trainer.world.rank() == 0:
+        save_checkpoint(trainer, files, {"trained_tokens": tokens, "seed": args.seed, "batch_size": args.batch_size})
+    rprint(f"Iter {it}: saved {', '.join(str(f) for f in files)}", flush=True)
+
+
+def setup(args, model) -> None:
+    """Make trainable what the flags ask for (LoRA layers drawn from --seed)."""
+    mx.random.seed(args.seed)
+    n, total = args.num_layers, len(model.layers)
+    if n is not None and n > total:
+        raise LoadError(f"--num-layers {n} is more than the model's {total} layers; pass {total} or -1 for all.")
+    args.num_layers = min(16, total) if n is None else n
+    args.lora_parameters = setup_trainable(model, args.fine_tune_type, args.num_layers, args.lora_parameters,
+                                           args.position_module)
+    if any(layer.self_attn.repo for layer in model.layers):
+        rprint(f"Position module: {args.position_module}", flush=True)
+
+
+def start(args, model, loss=token_weighted_loss):
+    """The trainer of a run, resumed from --resume-adapter-file if given, with
+    adapter_config.json written; returns it and the tokens trained so far."""
+    trainer, trained = make_trainer(model, args, loss), 0
+    if args.resume_adapter_file is not None:
+        trained = resume_from(trainer, args.resume_adapter_file, args)
+        rprint(f"Resuming from {args.resume_adapter_file} at iteration {trainer.step}", flush=True)
+        if trainer.step >= args.iters:
+            raise LoadError(f"{args.resume_adapter_file} is from iteration {trainer.step}; pass an --iters above it.")
+    print_trainable_parameters(model)
+    adapter_path = Path(args.adapter_path)
+    if mx.distributed.init().rank() == 0:
+        adapter_path.mkdir(parents=True, exist_ok=True)
+        save_config(dict(vars(args)), adapter_path / "adapter_config.json")
+    return trainer, trained

@@ -25,7 +25,7 @@ class PlainCompletions(CompletionsDataset):
         return tokens, len(prompt) if self.mask_prompt else 0
 
 
-def _read_jsonl(path: Path) -> List[Tuple[int, dict]]:
+def read_jsonl(path: Path) -> List[Tuple[int, dict]]:
     records = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -144,7 +144,7 @@ def _load_split(path: Path, name: str, args, tokenizer) -> List[Example]:
         if mx.distributed.init().rank() == 0:
             warnings.warn(f"{path} does not exist; training without validation.")
         return []
-    records = _read_jsonl(path)
+    records = read_jsonl(path)
     dataset = _make_dataset(records, tokenizer, args, str(path))
     examples = tokenize(dataset, [n for n, _ in records], str(path), args.max_seq_length)
     if len(examples) < args.batch_size:

@@ -16,12 +16,10 @@ from mlx_lm import lora as _mlx_lm_lora
 from mlx_lm.cli_ui import rprint
 from mlx_lm.tuner.callbacks import get_reporting_callbacks
 from mlx_lm.tuner.trainer import evaluate
-from mlx_lm.tuner.utils import print_trainable_parameters
-from mlx_lm.utils import save_config
 
-from . import _cli, finetune
+from . import _cli, finetune, preference
 from .finetune_data import load_data
-from .adapters import POSITION_MODULE_CHOICES, load_adapters, setup_trainable
+from .adapters import POSITION_MODULE_CHOICES, load_adapters
 from .errors import LoadError, one_line
 from .files import remove_stale
 from .loader import DEFAULT_MODEL, load
@@ -34,6 +32,11 @@ CONFIG_DEFAULTS = {
     "position_module": "frozen",
     "num_layers": None,  # mlx-lm's 16, or all layers of a smaller model
     "force": False,
+    # Preference tuning (preference.py); mlx-lm-lora's flag names.
+    "train_mode": "sft",
+    "beta": 0.1,
+    "dpo_loss_type": "sigmoid",
+    "reference_model_path": None,
 }
 # Checked while parsing, and the same checks for values from -c config.yaml.
 TYPES = {
@@ -44,6 +47,7 @@ TYPES = {
     ),
     **dict.fromkeys(["num_layers", "val_batches", "test_batches"], _cli.all_or_positive),
     "learning_rate": _cli.positive_float,
+    "beta": _cli.positive_float,
     "seed": _cli.seed,
     "resume_adapter_file": _cli.existing_file,
     "adapter_path": _cli.output_dir,
@@ -103,6 +107,22 @@ def build_parser():
         "learned in pre-training), lora (adapt it like the other linears) or full "
         "(train its weights).",
     )
+    p.add_argument(
+        "--train-mode", choices=preference.TRAIN_MODES, default=None,
+        help="sft (default: the data's text or completions), or preference tuning on "
+        "'prompt'/'chosen'/'rejected' lines: dpo or orpo (see docs/finetune.md).",
+    )
+    p.add_argument(
+        "--beta", type=_cli.positive_float, default=None,
+        help="DPO: how closely the model keeps to the reference (higher: closer); ORPO: the "
+        "weight of the odds-ratio term (default: 0.1).",
+    )
+    p.add_argument("--dpo-loss-type", choices=preference.DPO_LOSS_TYPES, default=None, help="DPO loss: sigmoid (default), hinge or ipo.")
+    p.add_argument(
+        "--reference-model-path", default=None,
+        help="DPO reference model, folder or Hub id (default: the base; with LoRA/DoRA the "
+        "model with its adapters off, with full fine-tuning a frozen copy).",
+    )
     return p
 
 
@@ -150,39 +170,11 @@ def check_adapter_path(args: dict) -> None:
             f.unlink()
 
 
-def _num_layers(args, model) -> int:
-    n, total = args.num_layers, len(model.layers)
-    if n is None:
-        return min(16, total)
-    if n > total:
-        raise LoadError(f"--num-layers {n} is more than the model's {total} layers; pass {total} or -1 for all.")
-    return n
-
-
 def train_model(args, model, train_set, valid_set, callback=None):
-    mx.random.seed(args.seed)  # LoRA initialisation
-    args.num_layers = _num_layers(args, model)
-    args.lora_parameters = setup_trainable(
-        model, args.fine_tune_type, args.num_layers, args.lora_parameters, args.position_module
-    )
-    if any(layer.self_attn.repo for layer in model.layers):
-        rprint(f"Position module: {args.position_module}", flush=True)
-    trainer = finetune.make_trainer(model, args)
-    trained = 0
-    if args.resume_adapter_file is not None:
-        trained = finetune.resume_from(trainer, args.resume_adapter_file, args)
-        rprint(f"Resuming from {args.resume_adapter_file} at iteration {trainer.step}", flush=True)
-        if trainer.step >= args.iters:
-            raise LoadError(
-                f"{args.resume_adapter_file} is from iteration {trainer.step}; pass an --iters above it."
-            )
-    print_trainable_parameters(model)
-    adapter_path = Path(args.adapter_path)
-    if mx.distributed.init().rank() == 0:
-        adapter_path.mkdir(parents=True, exist_ok=True)
-        save_config(dict(vars(args)), adapter_path / "adapter_config.json")
-    finetune.train(trainer, train_set, valid_set, args, adapter_path / "adapters.safetensors",
-                trained=trained, callback=callback)
+    finetune.setup(args, model)
+    trainer, trained = finetune.start(args, model)
+    finetune.train(trainer, train_set, valid_set, args, Path(args.adapter_path) / "adapters.safetensors",
+                   trained=trained, callback=callback)
 
 
 def run(args) -> None:
@@ -191,6 +183,9 @@ def run(args) -> None:
         raise LoadError("Pass --train, --test or both.")
     rprint(f"Loading {args.model}", flush=True)
     model, tokenizer = load(args.model)
+    if args.train_mode != "sft":
+        preference.run(args, model, tokenizer)
+        return
     train_set, valid_set, test_set = load_data(args, tokenizer)
     if args.train:
         try:

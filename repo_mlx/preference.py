@@ -1,0 +1,465 @@
+"""Preference tuning for ``lora``: DPO and ORPO on the shared training loop.
+
+``python -m repo_mlx.lora --train-mode dpo|orpo`` reads JSONL lines of
+``prompt``, ``chosen`` and ``rejected`` and trains on the pairs with every
+fine-tune type, on the loop of ``trainer.py`` (exact resume, float32 masters,
+Ctrl-C). Only response tokens count. With ``sum_c``, ``sum_r`` the summed
+log-probabilities of the chosen and rejected response tokens under the model,
+``ref_c``, ``ref_r`` under the reference, ``avg_*`` the same divided by the
+number of response tokens, and ``d = (sum_c - ref_c) - (sum_r - ref_r)``:
+
+- DPO sigmoid: ``-log sigmoid(beta d)``; hinge: ``max(0, 1 - beta d)``; ipo:
+  ``(d' - 1 / (2 beta))^2`` with ``d'`` from the averages instead of the sums.
+  Rewards ``beta (sum_c - ref_c)`` and ``beta (sum_r - ref_r)`` (averages for ipo).
+- ORPO: ``NLL - beta log sigmoid(log_odds)`` with ``log_odds = (avg_c - avg_r) -
+  (log(1 - exp(avg_c)) - log(1 - exp(avg_r)))`` and NLL the mean over the
+  batch's chosen response tokens of ``-log p``. Rewards ``beta avg_c`` and
+  ``beta avg_r``.
+
+Each loss is averaged over the pairs of a batch; accuracy is the share of pairs
+whose chosen reward is above the rejected one. These are TRL's conventions.
+The DPO reference is the model with its adapters switched off when only
+adapters train (no second copy in memory), else a frozen copy of the base or
+``--reference-model-path``.
+"""
+
+import json
+import time
+import warnings
+from contextlib import contextmanager
+from itertools import islice
+from pathlib import Path
+from typing import List, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.cli_ui import rprint
+from mlx_lm.tuner.callbacks import get_reporting_callbacks
+from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+from .adapters import load_adapters
+from .errors import LoadError, one_line
+from .trainer import Trainer, derived_seed
+from .trainer import train as train_loop
+from .finetune import save_adapters, setup, start
+from .finetune_data import read_jsonl
+from .loader import load
+
+TRAIN_MODES = ("sft", "dpo", "orpo")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+KEYS = ("prompt", "chosen", "rejected")
+# Each adapter layer and the attribute holding the layer it wraps.
+ADAPTERS = {LoRALinear: "linear", LoRASwitchLinear: "linear", DoRALinear: "linear",
+            LoRAEmbedding: "embedding", DoRAEmbedding: "embedding"}
+
+Example = Tuple[List[int], int]  # tokens, index of the first response token
+Pair = Tuple[Example, Example]  # chosen, rejected
+
+
+# --- data ----------------------------------------------------------------------
+
+
+def _messages(value, role: str, key: str, where: str) -> list:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        return value
+    raise LoadError(
+        f"{where}: {key!r} must be a string or a list of chat messages "
+        f"({{\"role\": ..., \"content\": ...}}), got {json.dumps(value)[:60]}."
+    )
+
+
+def _text(messages) -> str:
+    return "".join(m["content"] for m in messages)
+
+
+def encode_pair(record: dict, tokenizer, where: str) -> Pair:
+    """(tokens, offset) of prompt + chosen and of prompt + rejected.
+
+    With a chat template: the prompt (after an optional ``system`` message) is
+    rendered with the generation prompt and each response as the assistant's
+    turn. Without one (RePo base models): ``prompt + response + <eos>`` joined
+    as they are, as ``lora`` joins completions.
+    """
+    missing = [k for k in KEYS if k not in record]
+    if missing:
+        raise LoadError(
+            f"{where}: missing {', '.join(map(repr, missing))} (a preference line needs "
+            f"'prompt', 'chosen' and 'rejected'; found keys: {', '.join(map(repr, record)) or 'none'})."
+        )
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise LoadError(f"{where}: 'system' must be a string, got {type(system).__name__}.")
+    prompt = _messages(record["prompt"], "user", "prompt", where)
+    responses = [_messages(record[k], "assistant", k, where) for k in KEYS[1:]]
+    for key, messages in zip(KEYS[1:], responses):
+        if not _text(messages).strip():
+            raise LoadError(f"{where}: {key!r} is empty; every pair needs two responses to compare.")
+    if tokenizer.has_chat_template:
+        prompt = ([{"role": "system", "content": system}] if system else []) + prompt
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+        pair = []
+        for messages in responses:
+            tokens = tokenizer.apply_chat_template(prompt + messages, return_dict=False)
+            # The response starts where the rendering leaves the prompt's (its end, for every usual template).
+            offset = next((i for i, (a, b) in enumerate(zip(head, tokens)) if a != b), min(len(head), len(tokens)))
+            pair.append((list(tokens), offset))
+    else:
+        if not all(isinstance(record[k], str) for k in KEYS) or system is not None:
+            raise LoadError(
+                f"{where}: chat messages and 'system' need a chat template and this tokenizer has "
+                "none (RePo is a base model); give 'prompt', 'chosen' and 'rejected' as strings, "
+                "or add a chat_template to the model's tokenizer_config.json."
+            )
+        head = tokenizer.encode(record["prompt"])
+        pair = [(head + tokenizer.encode(record[k], add_special_tokens=False) + [tokenizer.eos_token_id], len(head))
+                for k in KEYS[1:]]
+    if pair[0][1] == 0:
+        raise LoadError(f"{where}: 'prompt' is empty; the first response token needs a token before it.")
+    for key, (tokens, offset) in zip(KEYS[1:], pair):
+        if offset >= len(tokens):
+            raise LoadError(f"{where}: {key!r} adds no tokens after the prompt.")
+    return tuple(pair)
+
+
+def load_pairs(path: Path, tokenizer, max_seq_length: int, batch_size: int) -> List[Pair]:
+    """Every line of ``path`` as a pair; pairs longer than ``max_seq_length``
+    lose the end of their responses (one warning), a prompt that leaves no room
+    for a response is an error."""
+    pairs, long = [], []
+    for n, record in read_jsonl(path):
+        where = f"{path}, line {n}"
+        try:
+            pair = encode_pair(record, tokenizer, where)
+        except LoadError:
+            raise
+        except Exception as e:
+            raise LoadError(f"{where}: cannot tokenize it ({one_line(e)}).") from None
+        prompt = max(offset for _, offset in pair)
+        if prompt >= max_seq_length:
+            raise LoadError(
+                f"{where}: the prompt is {prompt} tokens, which leaves no room for a response "
+                f"within --max-seq-length {max_seq_length}; shorten it or raise --max-seq-length."
+            )
+        if any(len(tokens) > max_seq_length for tokens, _ in pair):
+            long.append(n)
+            pair = tuple((tokens[:max_seq_length], offset) for tokens, offset in pair)
+        pairs.append(pair)
+    if long and mx.distributed.init().rank() == 0:
+        lines = ", ".join(map(str, long[:5])) + (" ..." if len(long) > 5 else "")
+        warnings.warn(f"{path}: {len(long)} pair(s) longer than --max-seq-length {max_seq_length} "
+                      f"tokens lose the end of their responses (line {lines}).")
+    if len(pairs) < batch_size:
+        raise LoadError(f"{path} has {len(pairs)} pairs, fewer than --batch-size {batch_size}.")
+    return pairs
+
+
+def load_data(args, tokenizer) -> Tuple[List[Pair], List[Pair], List[Pair]]:
+    """train, valid and test pairs from the folder ``args.data``."""
+    if args.data is None:
+        raise LoadError("--data is required: a folder with train.jsonl and valid.jsonl.")
+    folder = Path(args.data)
+    if not folder.is_dir():
+        raise LoadError(f"--data {folder}: preference data must be a local folder holding train.jsonl.")
+    out = []
+    for name, wanted in (("train", args.train), ("valid", args.train), ("test", args.test)):
+        path = folder / f"{name}.jsonl"
+        if not wanted:
+            out.append([])
+        elif path.exists():
+            out.append(load_pairs(path, tokenizer, args.max_seq_length, args.batch_size))
+        elif name == "valid":
+            if mx.distributed.init().rank() == 0:
+                warnings.warn(f"{path} does not exist; training without validation.")
+            out.append([])
+        else:
+            raise LoadError(f"{path} does not exist; --{name} needs it.")
+    return tuple(out)
+
+
+# --- batches -------------------------------------------------------------------
+
+
+def collate(pairs: List[Pair], max_seq_length: int):
+    """Chosen rows, then rejected rows, padded as mlx-lm pads (to 32k + 1 tokens:
+    few shapes to compile); lengths hold [response offset, length] per row."""
+    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    longest = max(len(t) for t, _ in rows)
+    width = min(1 + 32 * ((longest + 31) // 32), max_seq_length)
+    batch = np.zeros((len(rows), width), np.int32)
+    for i, (tokens, _) in enumerate(rows):
+        batch[i, : len(tokens)] = tokens
+    return mx.array(batch), mx.array([[offset, len(tokens)] for tokens, offset in rows])
+
+
+def iterate_pairs(pairs: List[Pair], batch_size: int, max_seq_length: int, seed: int, world=None):
+    """One pass over the pairs in batches, as mlx-lm's iterate_batches: sorted by
+    length, batches in an order drawn from ``seed``, each process its share."""
+    rank, size = (world.rank(), world.size()) if world is not None else (0, 1)
+    order = sorted(range(len(pairs)), key=lambda i: max(len(t) for t, _ in pairs[i]))
+    batches = [order[i + rank : i + batch_size : size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    for b in np.random.RandomState(seed).permutation(len(batches)):
+        yield collate([pairs[i] for i in batches[b]], max_seq_length)
+
+
+def train_batches(pairs: List[Pair], args, world, skip: int = 0):
+    """Endless batches; epoch e's order depends only on (seed, e), so a resumed
+    run continues with the batches of an uninterrupted one."""
+    epoch, skip = divmod(skip, len(pairs) // args.batch_size)
+    while True:
+        batches = iterate_pairs(pairs, args.batch_size, args.max_seq_length, derived_seed(args.seed, 0, epoch), world)
+        yield from islice(batches, skip, None)
+        epoch, skip = epoch + 1, 0
+
+
+# --- losses --------------------------------------------------------------------
+
+
+def sequence_logps(model, batch, lengths):
+    """Per row: the summed log-probability of its response tokens, and their number."""
+    logits = model(batch[:, :-1])
+    targets = batch[:, 1:]
+    steps = mx.arange(1, targets.shape[1] + 1)  # index in the row of each target token
+    mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+    logp = -nn.losses.cross_entropy(logits, targets).astype(mx.float32)
+    return (logp * mask).sum(-1), mask.sum(-1).astype(mx.float32)
+
+
+def dpo_losses(pi_c, pi_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"):
+    """Per-pair DPO losses and the chosen and rejected rewards."""
+    d = (pi_c - ref_c) - (pi_r - ref_r)
+    if loss_type == "sigmoid":
+        losses = -nn.log_sigmoid(beta * d)
+    elif loss_type == "hinge":
+        losses = nn.relu(1 - beta * d)
+    elif loss_type == "ipo":
+        losses = (d - 1 / (2 * beta)) ** 2
+    else:
+        raise LoadError(f"dpo_loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}.")
+    return losses, beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+
+
+def log1m_exp(x):
+    """log(1 - exp(x)) for x < 0, accurate near 0 and far below it. Each branch
+    gets an input inside its range, so the unused one gives no inf (or NaN gradient)."""
+    near = x > -0.6931
+    return mx.where(near, mx.log(-mx.expm1(mx.maximum(x, -0.6931))), mx.log1p(-mx.exp(mx.minimum(x, -0.6931))))
+
+
+def orpo_losses(avg_c, avg_r, beta: float):
+    """Per-pair ORPO odds-ratio terms ``-beta log sigmoid(log_odds)`` and the rewards."""
+    log_odds = (avg_c - avg_r) - (log1m_exp(avg_c) - log1m_exp(avg_r))
+    return -beta * nn.log_sigmoid(log_odds), beta * avg_c, beta * avg_r
+
+
+def adapter_layers(model) -> list:
+    return [(name, m) for name, m in model.named_modules() if type(m) in ADAPTERS]
+
+
+@contextmanager
+def adapters_off(model):
+    """The model as its base: every adapter layer replaced by the layer it wraps.
+
+    The wrapped layer computes exactly what the base model's layer computes
+    (scale 0 would not do for DoRA, whose trained magnitude rescales the base output).
+    """
+    adapted = adapter_layers(model)
+    model.update_modules(tree_unflatten([(n, getattr(m, ADAPTERS[type(m)])) for n, m in adapted]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(adapted))
+
+
+def only_adapters_train(model) -> bool:
+    """True when every trainable weight is an adapter's own (switching them off gives the base)."""
+    own = {f"{name}.{k}" for name, m in adapter_layers(model) for k, v in m.items() if isinstance(v, mx.array)}
+    return {k for k, _ in tree_flatten(model.trainable_parameters())} <= own
+
+
+def make_loss(train_mode: str, beta: float, loss_type: str = "sigmoid", reference=None, world=None):
+    """The Trainer's ``loss(model, batch, lengths) -> (value, metrics)``.
+
+    ``reference``: the frozen DPO reference, or None for the model with its
+    adapters off. Metrics, summed over batches and processes: (loss x pairs,
+    response tokens, pairs, chosen rewards, rejected rewards, pairs ranked right).
+    """
+    world = world or mx.distributed.init()
+
+    def loss(model, batch, lengths):
+        n = batch.shape[0] // 2
+        if train_mode == "orpo":
+            logps, counts = sequence_logps(model, batch, lengths)
+            avg = logps / counts
+            odds, rc, rr = orpo_losses(avg[:n], avg[n:], beta)
+            tokens = counts[:n].sum()
+            nll = -logps[:n].sum() / tokens
+            if world.size() > 1:  # each process's NLL weighted by its share of tokens
+                nll = nll * (tokens * world.size() / mx.distributed.all_sum(tokens, group=world, stream=mx.cpu))
+            value = nll + odds.mean()
+        else:
+            if reference is None:
+                with adapters_off(model):
+                    ref = sequence_logps(model, batch, lengths)[0]
+            else:
+                ref = sequence_logps(reference, batch, lengths)[0]
+            ref = mx.stop_gradient(ref)  # a constant of the batch
+            # The reference pass first, its logits freed before the model's pass allocates its own.
+            logps, counts = sequence_logps(model, mx.depends(batch, ref), lengths)
+            if loss_type == "ipo":
+                logps, ref = logps / counts, ref / counts
+            losses, rc, rr = dpo_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type)
+            value = losses.mean()
+        pairs = mx.array(float(n))
+        return value, (value * pairs, counts.sum(), pairs, rc.sum(), rr.sum(),
+                       (rc > rr).astype(mx.float32).sum())
+
+    return loss
+
+
+def summary(totals) -> dict:
+    """Means over pairs of summed metrics."""
+    loss, tokens, pairs, rc, rr, right = totals
+    return {"loss": loss / pairs, "rewards_chosen": rc / pairs, "rewards_rejected": rr / pairs,
+            "margin": (rc - rr) / pairs, "accuracy": right / pairs, "tokens": tokens}
+
+
+def describe(s: dict) -> str:
+    return (f"loss {s['loss']:.3f}, rewards chosen {s['rewards_chosen']:.3f}, rejected "
+            f"{s['rewards_rejected']:.3f}, margin {s['margin']:.3f}, accuracy {s['accuracy']:.3f}")
+
+
+def evaluate(model, pairs: List[Pair], loss, batch_size: int, num_batches: int, max_seq_length: int,
+             seed: int) -> dict:
+    """The metrics over ``num_batches`` batches (-1: all), the same batches for the same seed."""
+    model.eval()
+    world = mx.distributed.init()
+    totals = None
+    batches = iterate_pairs(pairs, batch_size, max_seq_length, seed, world)
+    for batch in islice(batches, None if num_batches == -1 else num_batches):
+        metrics = loss(model, *batch)[1]
+        totals = metrics if totals is None else tuple(a + b for a, b in zip(totals, metrics))
+        mx.eval(totals)
+    return summary([mx.distributed.all_sum(m, stream=mx.cpu).item() for m in totals])
+
+
+# --- the reference model -------------------------------------------------------
+
+
+def reference_model(args, model, tokenizer):
+    """The frozen model DPO compares against, or None for ``model`` with its adapters off."""
+    if args.train_mode != "dpo":
+        return None
+    path = args.reference_model_path
+    if path is None:
+        if only_adapters_train(model):
+            rprint("Reference model: the base (adapters switched off)", flush=True)
+            return None
+        path = args.model
+        rprint("Reference model: a frozen copy of the base", flush=True)
+    else:
+        rprint(f"Reference model: {path}", flush=True)
+    reference, ref_tokenizer = load(path)
+    if path != args.model and ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise LoadError(
+            f"--reference-model-path {path} has another vocabulary than --model {args.model}; "
+            "DPO compares the two models' log-probabilities of the same tokens."
+        )
+    reference.freeze()
+    reference.eval()
+    return reference
+
+
+def check_args(args) -> None:
+    if args.train_mode not in TRAIN_MODES:
+        raise LoadError(f"train_mode must be one of {', '.join(TRAIN_MODES)}, got {args.train_mode!r}.")
+    if args.dpo_loss_type not in DPO_LOSS_TYPES:
+        raise LoadError(f"dpo_loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {args.dpo_loss_type!r}.")
+    if args.reference_model_path is not None and args.train_mode != "dpo":
+        raise LoadError(f"--reference-model-path is for --train-mode dpo; {args.train_mode} uses none.")
+
+
+# --- training ------------------------------------------------------------------
+
+
+def train(trainer: Trainer, train_set: List[Pair], valid_set: List[Pair], args, adapter_file,
+          loss, trained: int = 0, callback=None) -> None:
+    """The shared loop with preference batches, metrics and mlx-lm's adapter files."""
+    world = trainer.world
+    adapter_file = Path(adapter_file)
+    start, start_tokens = trainer.step, trained
+
+    def report(it, metrics, norm, steps, seconds):
+        nonlocal trained
+        s = summary(metrics)
+        trained += int(s["tokens"])
+        info = {"iteration": it, **{f"train_{k}": v for k, v in s.items() if k != "tokens"},
+                "learning_rate": trainer.optimizer.learning_rate.item(),
+                "iterations_per_second": steps / seconds, "tokens_per_second": s["tokens"] / seconds,
+                "trained_tokens": trained, "peak_memory": mx.get_peak_memory() / 1e9}
+        rprint(f"Iter {it}: train {describe(s)}, lr {info['learning_rate']:.3e}, it/s "
+               f"{info['iterations_per_second']:.3f}, tokens/s {info['tokens_per_second']:.1f}, "
+               f"trained tokens {trained}, peak mem {info['peak_memory']:.3f} GB", flush=True)
+        if callback is not None:
+            callback.on_train_loss_report(info)
+
+    def validate(it):
+        if not valid_set:
+            return
+        tic = time.perf_counter()
+        # The same batches every time: a resumed run reports what an uninterrupted one does.
+        s = evaluate(trainer.model, valid_set, loss, args.batch_size, args.val_batches,
+                     args.max_seq_length, derived_seed(args.seed, 2))
+        val_time = time.perf_counter() - tic
+        rprint(f"Iter {it}: val {describe(s)}, val took {val_time:.3f}s", flush=True)
+        if callback is not None:
+            callback.on_val_loss_report({"iteration": it, **{f"val_{k}": v for k, v in s.items() if k != "tokens"},
+                                         "val_time": val_time})
+
+    batches = train_batches(train_set, args, world, skip=start)
+    train_loop(trainer, lambda: next(batches), iters=args.iters,
+               steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
+               save_every=args.save_every, report=report, evaluate=validate,
+               save=lambda it: save_adapters(trainer, adapter_file, it, start_tokens, args),
+               clear_cache_threshold=args.clear_cache_threshold)
+
+
+def train_model(args, model, tokenizer, train_set, valid_set, callback=None):
+    """Train as ``args`` say; returns the loss (``--test`` uses it with the same reference)."""
+    setup(args, model)
+    loss = make_loss(args.train_mode, args.beta, args.dpo_loss_type, reference_model(args, model, tokenizer))
+    trainer, trained = start(args, model, loss)
+    train(trainer, train_set, valid_set, args, Path(args.adapter_path) / "adapters.safetensors", loss,
+          trained=trained, callback=callback)
+    return loss
+
+
+def run(args, model, tokenizer) -> None:
+    """``lora --train-mode dpo|orpo``: data checks, training, ``--test``."""
+    check_args(args)
+    train_set, valid_set, test_set = load_data(args, tokenizer)
+    loss = None
+    if args.train:
+        try:
+            callback = get_reporting_callbacks(args.report_to, args.project_name, args.adapter_path, vars(args))
+        except (ValueError, ImportError) as e:
+            raise LoadError(f"--report-to: {one_line(e)}") from None
+        loss = train_model(args, model, tokenizer, train_set, valid_set, callback)
+    elif args.adapter_path and Path(args.adapter_path, "adapter_config.json").exists():
+        load_adapters(model, args.adapter_path)
+    else:
+        rprint(f"No adapters in {args.adapter_path}: testing the base model", flush=True)
+        model.freeze()
+    if args.test:
+        loss = loss or make_loss(args.train_mode, args.beta, args.dpo_loss_type,
+                                 reference_model(args, model, tokenizer))
+        s = evaluate(model, test_set, loss, args.batch_size, args.test_batches, args.max_seq_length,
+                     derived_seed(args.seed, 3))
+        rprint(f"Test {describe(s)}.", flush=True)
