@@ -1,11 +1,13 @@
-"""Corrupted model folders through ``repo_mlx.generate``: no traceback, no hang, no silent NaN.
+"""Corrupted model and adapter folders through ``repo_mlx.generate``: no traceback,
+no hang, no silent NaN.
 
-Each case is the official tiny checkpoint with one fault: config.json of the
-wrong shape, a key of the wrong type or an absurd size; a safetensors header
-with bad keys, offsets, dtypes or shapes, or a truncated file; a folder,
-symlink loop or FIFO where a file belongs; an index whose weight_map is not a
-mapping; a GGUF file given as the model. Every case runs ``generate`` (two
-tokens) in a worker process that is killed past a timeout. The outcomes:
+Each case is the official tiny checkpoint, or LoRA adapters for it, with one
+fault: config.json (adapter_config.json) of the wrong shape, a key of the wrong
+type or an absurd size; a safetensors header with bad keys, offsets, dtypes or
+shapes, or a truncated file; a folder, symlink loop or FIFO where a file
+belongs; an index whose weight_map is not a mapping; a GGUF file given as the
+model. Every case runs ``generate`` (two tokens) in a worker process that is
+killed past a timeout. The outcomes:
 
     clean      one line ``error: ...``, exit status 2
     ran        generated text with finite logits, or warned that they are NaN
@@ -47,19 +49,19 @@ CONFIG_KEYS = [
 
 # --- how a case spoils the folder ------------------------------------------------
 
-def _config(folder):
-    return json.loads((folder / "config.json").read_text())
+def _config(folder, name="config.json"):
+    return json.loads((folder / name).read_text())
 
 
-def _write_config(folder, config):
-    (folder / "config.json").write_text(json.dumps(config))  # NaN/Infinity as Python writes them
+def _write_config(folder, config, name="config.json"):
+    (folder / name).write_text(json.dumps(config))  # NaN/Infinity as Python writes them
 
 
-def set_config(key, value):
+def set_config(key, value, name="config.json"):
     def spoil(folder):
-        config = _config(folder)
+        config = _config(folder, name)
         config[key] = value
-        _write_config(folder, config)
+        _write_config(folder, config, name)
     return spoil
 
 
@@ -75,32 +77,32 @@ def whole_config(text):
     return lambda folder: (folder / "config.json").write_text(text)
 
 
-def _read_st(folder):
-    raw = (folder / "model.safetensors").read_bytes()
+def _read_st(folder, name="model.safetensors"):
+    raw = (folder / name).read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
-def _write_st(folder, header, data, n=None):
+def _write_st(folder, header, data, n=None, name="model.safetensors"):
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
-    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(h) if n is None else n) + h + data)
+    (folder / name).write_bytes(struct.pack("<Q", len(h) if n is None else n) + h + data)
 
 
-def header_edit(fn):
+def header_edit(fn, name="model.safetensors"):
     """Apply fn(header, names) to the safetensors header, data unchanged."""
     def spoil(folder):
-        header, data = _read_st(folder)
+        header, data = _read_st(folder, name)
         names = sorted(k for k in header if k != "__metadata__")
         fn(header, names)
-        _write_st(folder, header, data)
+        _write_st(folder, header, data, name=name)
     return spoil
 
 
-def entry(i, field, value):
+def entry(i, field, value, edit=True):
     def fn(header, names):
         header[names[i % len(names)]][field] = value
-    return header_edit(fn)
+    return header_edit(fn) if edit else fn
 
 
 def rename(i, new):
@@ -113,19 +115,19 @@ def remove(i):
     return header_edit(lambda header, names: header.pop(names[i % len(names)]))
 
 
-def raw_header(n=None, text=None):
+def raw_header(n=None, text=None, name="model.safetensors"):
     def spoil(folder):
-        header, data = _read_st(folder)
+        header, data = _read_st(folder, name)
         if text is None:
-            _write_st(folder, header, data, n)
+            _write_st(folder, header, data, n, name)
         else:
-            (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data)
+            (folder / name).write_bytes(struct.pack("<Q", len(text)) + text + data)
     return spoil
 
 
-def truncate(fraction):
+def truncate(fraction, name="model.safetensors"):
     def spoil(folder):
-        p = folder / "model.safetensors"
+        p = folder / name
         raw = p.read_bytes()
         p.write_bytes(raw[: int(len(raw) * fraction)])
     return spoil
@@ -165,9 +167,29 @@ def gguf(as_file):
     return spoil
 
 
+def adapter_cases():
+    """The same faults in an adapter folder (``adapters/`` beside the model)."""
+    inside = lambda spoil: lambda folder: spoil(folder / "adapters")
+    out = [(f"adapter_config.json is {t!r}", lambda f, t=t: (f / "adapters" / "adapter_config.json").write_text(t))
+           for t in ("[]", "null", "{", "", '{"position_module": "frozen"}')]
+    for key, v in [("num_layers", "4"), ("num_layers", 99), ("num_layers", None), ("fine_tune_type", "nope"),
+                   ("lora_parameters", 5), ("lora_parameters", {"rank": -1}), ("position_module", "sideways")]:
+        out.append((f"adapter_config {key}={v!r}", inside(set_config(key, v, "adapter_config.json"))))
+    for fraction in (0.0, 0.3, 0.999):
+        out.append((f"adapters truncated to {fraction}", inside(truncate(fraction, "adapters.safetensors"))))
+    for n in (0, 7, 2**40):
+        out.append((f"adapters header length {n}", inside(raw_header(n=n, name="adapters.safetensors"))))
+    for i in (0, 5):
+        for field, v in [("dtype", "XX"), ("shape", [1]), ("data_offsets", [0, 10**15])]:
+            out.append((f"adapter tensor {i} {field}={v!r}", inside(header_edit(entry(i, field, v, edit=False), "adapters.safetensors"))))
+    for what in ("dir", "fifo", "empty"):
+        out.append((f"adapters.safetensors is a {what}", inside(replace_with("adapters.safetensors", what))))
+    return out
+
+
 def cases():
     """(name, spoil) for every case, in a fixed order."""
-    out = []
+    out = adapter_cases()
     for text in ("[]", "null", '"olmo2"', "3", "{", "", '{"model_type": "olmo2"}'):
         out.append((f"config.json is {text!r}", whole_config(text)))
     for key in CONFIG_KEYS:
@@ -210,10 +232,40 @@ def cases():
     return out
 
 
+def write_adapters(folder: Path) -> None:
+    """LoRA adapters for the fixture (random B, so they change the output), as lora writes them."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from repo_mlx import load
+    from repo_mlx.adapters import setup_trainable
+
+    model, _ = load(str(FIXTURE))
+    lora = setup_trainable(model, "lora", 4, {"rank": 4, "scale": 10.0, "dropout": 0.0}, "frozen")
+    mx.random.seed(0)
+    weights = {k: mx.random.normal(v.shape) * 0.1 for k, v in tree_flatten(model.trainable_parameters())}
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 4, "lora_parameters": lora, "position_module": "frozen"}))
+
+
+_TEMPLATE = []
+
+
+def adapter_template() -> Path:
+    """The adapters, written once a run."""
+    if not _TEMPLATE:
+        _TEMPLATE.append(Path(tempfile.mkdtemp()) / "adapters")
+        write_adapters(_TEMPLATE[0])
+    return _TEMPLATE[0]
+
+
 def make_case(spoil, root: Path) -> Path:
-    """A spoiled copy of the fixture; the path to pass as --model."""
+    """A spoiled copy of the fixture (with adapters/ beside it); the path to pass as --model."""
     folder = root / "model"
     shutil.copytree(FIXTURE, folder, ignore=shutil.ignore_patterns("*.npz"))
+    shutil.copytree(adapter_template(), folder / "adapters")
     blob = spoil(folder)
     if isinstance(blob, bytes):
         (root / "model.gguf").write_bytes(blob)
@@ -230,7 +282,7 @@ def _worker(jobs, results):
 
     import importlib
 
-    from repo_mlx import _cli, load
+    from repo_mlx import load
 
     generate = importlib.import_module("repo_mlx.generate")  # the package's generate is the function
 
@@ -241,7 +293,7 @@ def _worker(jobs, results):
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("always")
             try:
-                _cli.run(generate.main, ["--model", model, "-p", "hello", "-m", "2", "--verbose", "0"])
+                generate.main(["--model", model, "-p", "hello", "-m", "2", "--verbose", "0", "--adapter-path", f"{model}/adapters"])
             except SystemExit as e:
                 code = e.code
             except BaseException as e:  # noqa: BLE001 - anything else is the finding
@@ -252,7 +304,7 @@ def _worker(jobs, results):
             try:  # did the model's output go NaN?
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    m, tok = load(model)
+                    m, tok = load(model, adapter_path=f"{model}/adapters")
                     finite = bool(mx.isfinite(m(mx.array([tok.encode("hello")]))).all())
             except BaseException:  # noqa: BLE001
                 finite = False

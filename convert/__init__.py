@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with --trust-remote-code.",
     )
     p.add_argument("--hf-path", "--model", required=True, help="Source: local Hugging Face folder or Hub id.")
-    p.add_argument("--mlx-path", type=_cli.output_dir, default="mlx_model", help="Output folder (default: mlx_model).")
+    p.add_argument("--mlx-path", type=_cli.new_folder, default="mlx_model", help="Output folder (default: mlx_model); an existing one is replaced with --force, if repo_mlx wrote it.")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the float weights (default: config's torch_dtype).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the linear layers and embeddings (the position module stays float).")
     p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="Bits per quantized weight, with -q (default: the --q-mode's, 4 for affine).")

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from .errors import LoadError, one_line
+from .files import check_outputs
 from .loader import DEFAULT_MODEL, DTYPES, load, yarn_scaling
 
 
@@ -50,11 +51,39 @@ class ArgumentParser(argparse.ArgumentParser):
         for a in sys.argv[1:] if args is None else args:
             if str(a).split("=")[0] in self.elsewhere:
                 self.error(f"{str(a).split('=')[0]} is not a flag of {self.prog}: {self.elsewhere[str(a).split('=')[0]]}")
-        return super().parse_args(args, namespace)
+        namespace = super().parse_args(args, namespace)
+        outputs, inputs, replaced = paths(self, namespace)
+        try:
+            check_outputs(outputs, inputs, getattr(namespace, "force", False), replaced)
+        except LoadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return namespace
 
     def error(self, message: str):
         print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+# Flags whose value, where it is a local path, the command reads.
+INPUT_FLAGS = ("model", "hf_path", "data", "val_data", "draft_model", "reference_model_path")
+
+
+def paths(parser, namespace):
+    """(outputs, inputs, replaced folders) of a parsed command line, by flag."""
+    outputs, inputs, replaced = {}, {}, set()
+    for a in parser._actions:
+        if not a.option_strings or getattr(namespace, a.dest, None) is None:
+            continue
+        flag, kind, value = max(a.option_strings, key=len), getattr(a.type, "kind", None), getattr(namespace, a.dest)
+        if kind in ("output_file", "output_dir"):
+            outputs[flag] = value
+            if getattr(a.type, "replaced", False):
+                replaced.add(flag)
+        elif kind in ("file", "dir") or a.dest in INPUT_FLAGS:
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                inputs[flag if not i else f"{flag} ({i + 1})"] = v
+    return outputs, inputs, replaced
 
 
 def add_trust_remote_code(p) -> None:
@@ -153,9 +182,19 @@ def _byte_size(s: str) -> int:
         v = int(float(number) * units[s.strip()[len(number):].upper()])
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"must be a size like 500MB or 2GB, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive size, got {s!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a size like 500MB or 2GB, got {s!r}")
     return v
+
+
+def _layer_ids(s: str) -> str:
+    # pretrain --repo-layer-ids: comma-separated layer indices; the model bounds them.
+    if not all(p.strip().isdecimal() for p in s.split(",")):
+        raise argparse.ArgumentTypeError(f"must be comma-separated layer numbers like 5,6,7, got {s!r}")
+    return ",".join(str(int(p)) for p in s.split(","))
+
+
+layer_ids = _typed(_layer_ids, "text")
 
 
 def _json_object(s: str) -> dict:
@@ -192,6 +231,7 @@ def _path_check(kind: str, check):
     def parse(s: str) -> Path:
         if not s.strip():
             raise argparse.ArgumentTypeError("must be a path, got ''")
+        _text(s)  # MLX writes and reads UTF-8 names only: a rename beats a crash after the work
         p = Path(s).expanduser()
         problem = check(p)
         if problem:
@@ -238,6 +278,7 @@ def _out(want_dir: bool):
 existing_file = _path_check("file", _file)
 existing_dir = _path_check("dir", _dir)
 output_dir = _path_check("output_dir", _out(True))
+new_folder = _typed(_path_check("output_dir", _out(True)), "output_dir", replaced=True)  # replaced whole: --force rules
 output_file = _path_check("output_file", _out(False))
 
 

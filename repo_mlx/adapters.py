@@ -16,6 +16,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
 
 from .errors import LoadError, one_line
+from .folder_checks import safetensors_header
 from .rope import POSITION_WEIGHTS
 
 POSITION_MODULE_CHOICES = ("frozen", "lora", "full")
@@ -123,31 +124,29 @@ def check_names(weights: dict, model: nn.Module, source) -> None:
 
 
 def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
-    """Apply the adapters in ``adapter_path`` (from repo_mlx.lora or mlx-lm)."""
+    """Apply the adapters in ``adapter_path`` (from repo_mlx.lora or mlx-lm), checked
+    as model weights are: a damaged file is one LoadError naming it."""
     path = Path(adapter_path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapters.safetensors"
     try:
-        config = json.loads((path / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LoadError(f"Cannot read {path / 'adapter_config.json'}: {one_line(e)}") from None
-    weights_file = path / "adapters.safetensors"
-    if not weights_file.exists():
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"Cannot read {config_file}: {one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{config_file} must hold a JSON object.")
+    if not weights_file.is_file():
         raise LoadError(f"{path} has no adapters.safetensors.")
-    if "position_module" not in config:  # written by stock mlx-lm
-        try:
-            return mlx_lm_load_adapters(model, str(path))
-        except (ValueError, KeyError, TypeError) as e:
-            raise LoadError(f"Cannot apply the adapters in {path}: {one_line(e)}") from None
+    safetensors_header(weights_file)  # truncated or corrupt: a clear message, not MLX's
     try:
-        setup_trainable(
-            model,
-            config.get("fine_tune_type", "lora"),
-            config["num_layers"],
-            config.get("lora_parameters"),
-            config["position_module"],
-        )
+        if "position_module" not in config:  # written by stock mlx-lm
+            return mlx_lm_load_adapters(model, str(path))
+        setup_trainable(model, config.get("fine_tune_type", "lora"), config["num_layers"],
+                        config.get("lora_parameters"), config["position_module"])
+        weights = mx.load(str(weights_file))
     except KeyError as e:
-        raise LoadError(f"{path / 'adapter_config.json'} lacks {e}.") from None
-    weights = mx.load(str(weights_file))
+        raise LoadError(f"{config_file} lacks {e}.") from None
+    except (ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise LoadError(f"Cannot apply the adapters in {path}: {one_line(e)}") from None
     check_names(weights, model, weights_file)
     model.load_weights(list(weights.items()), strict=False)
     return model

@@ -12,6 +12,7 @@ with the released 1B's shapes: no download.
 import argparse
 import os
 import platform
+import sys
 import time
 from importlib.metadata import version
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model of its architecture (mlx-lm) on the same weights, with the machine, as Markdown to paste into a bug report.",
     )
     p.add_argument("--model", default=None, help="Model folder or Hub id (default: a random model, see --shape; no download).")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="Shape of the random model without --model (default: 1b, the released model's).")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="Shape of the random model without --model (default: 1b, the released model's, on a Metal GPU; tiny on a CPU, where a 1B trial takes minutes).")
     p.add_argument("--prompt-tokens", "-p", type=_cli.token_count, default=512, help="Prompt length in tokens (default: 512).")
     p.add_argument("--generation-tokens", "-g", type=_cli.int_range(2, _cli.MAX_TOKENS), default=128, help="Tokens to generate, at least 2 (default: 128).")
     p.add_argument("--batch-size", "-b", type=_cli.positive_int, default=1, help="Prompts generated together (mlx-lm's batch_generate) (default: 1).")
@@ -120,6 +121,9 @@ def command(argv=None) -> None:
     if args.kv_bits is not None and args.batch_size > 1:
         raise LoadError("--kv-bits works with --batch-size 1 only: mlx-lm's batch generation has no quantized KV cache.")
     if args.model is None:
+        if args.shape is None:  # said, as it depends on the machine
+            args.shape = "1b" if mx.metal.is_available() else "tiny"
+            print(f"Building a random model in {SHAPE_NAMES[args.shape]}", file=sys.stderr, flush=True)
         model, config = random_model(args.shape, args.dtype or "bfloat16")
         where = f"random weights in {SHAPE_NAMES[args.shape]}"
     else:

@@ -10,6 +10,10 @@ from typing import Iterator
 
 from .errors import LoadError
 
+# What this project writes at the top of its output folders: only a folder holding one
+# of them (or an empty one) is replaced with --force.
+OURS = ("config.json", "adapter_config.json", "pretrain_args.json", "results.json")
+
 
 # Scratch names of a write in progress: .NAME.partial-PID[...] and .NAME.old-PID.
 SCRATCH = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(\.[^.]*)?")
@@ -48,6 +52,36 @@ def remove_stale(folder) -> list:
             p.unlink(missing_ok=True)
         done.append(p)
     return done
+
+
+def check_outputs(outputs: dict, inputs: dict, force: bool, replaced: set) -> None:
+    """The output rule of every command, before any work: an output never names an
+    input or another output, an output file never replaces a file of an input folder,
+    and a folder in ``replaced`` never holds an input; if it exists it needs --force,
+    and is replaced only if this project wrote it (or it is empty), never the current
+    folder or one above it. Both maps: flag -> path."""
+    here = Path.cwd().resolve()
+    ins = {f: Path(p).resolve() for f, p in inputs.items() if p is not None and Path(p).exists()}
+    seen = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        out = Path(path).resolve()
+        for other, was in seen.items():
+            if out == was:
+                raise LoadError(f"{flag} and {other} name the same place, {path}: each output needs its own.")
+        seen[flag] = out
+        for f, p in ins.items():
+            if out == p or (out.is_file() and p in out.parents) or (flag in replaced and out in p.parents):
+                raise LoadError(f"{flag} {path} would overwrite {f} {inputs[f]}, an input of this run: choose another place.")
+        if flag in replaced and out.exists():
+            if out == here or out in here.parents:
+                raise LoadError(f"{flag} {path} is the current folder or one above it, which repo_mlx never replaces: name a new folder.")
+            if not force:
+                raise LoadError(f"{flag} {path} already exists; pass --force to replace it.")
+            if any(out.iterdir()) and not any((out / name).is_file() for name in OURS):
+                raise LoadError(f"{flag} {path} holds files repo_mlx did not write; --force replaces only a folder it "
+                                "wrote (or an empty one): name a new folder.")
 
 
 @contextlib.contextmanager

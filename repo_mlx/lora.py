@@ -21,7 +21,7 @@ from . import _cli, finetune, preference
 from .finetune_data import load_data
 from .adapters import POSITION_MODULE_CHOICES, load_adapters
 from .errors import LoadError, one_line
-from .files import remove_stale
+from .files import check_outputs, remove_stale
 from .loader import DEFAULT_MODEL, load
 
 CONFIG_DEFAULTS = {
@@ -48,6 +48,7 @@ TYPES = {
     **dict.fromkeys(["num_layers", "val_batches", "test_batches"], _cli.all_or_positive),
     "learning_rate": _cli.positive_float,
     "beta": _cli.positive_float,
+    "clear_cache_threshold": _cli.byte_size,
     "seed": _cli.seed,
     "resume_adapter_file": _cli.existing_file,
     "adapter_path": _cli.output_dir,
@@ -139,6 +140,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
             args[k] = v
     if args["save_every"] % args["grad_accumulation_steps"]:
         raise LoadError("--save-every must be a multiple of --grad-accumulation-steps.")
+    check_outputs({"--adapter-path": args["adapter_path"]}, {"--model": args["model"], "--data": args["data"]}, False, set())
     if args["train"]:
         check_adapter_path(args)
     if args["batch_size"] % mx.distributed.init().size():
@@ -158,12 +160,15 @@ def check_adapter_path(args: dict) -> None:
     remove_stale(path)
     run = list(path.glob("*adapters.safetensors"))
     old = [f for pattern in RUN_FILES for f in path.glob(pattern)]
+    if not old and any(path.iterdir()):
+        raise LoadError(f"--adapter-path {path} holds files that are not a lora run; name a new folder for the adapters.")
     resume = args["resume_adapter_file"]
     resuming_here = resume is not None and Path(resume).resolve().parent == path.resolve()
     if run and not resuming_here and not args["force"]:
+        newest = path / "adapters.safetensors"
         raise LoadError(
-            f"--adapter-path {path} holds an earlier run ({len(old)} files); pass --force "
-            "to replace it, or choose another folder."
+            f"--adapter-path {path} holds an earlier run ({len(old)} files); continue it with "
+            f"--resume-adapter-file {newest}, replace it with --force, or name another folder."
         )
     if not resuming_here and mx.distributed.init().rank() == 0:
         for f in old:

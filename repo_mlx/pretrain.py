@@ -34,7 +34,7 @@ from mlx_lm import cli_ui
 from mlx_lm.utils import get_total_parameters
 
 from . import _cli, adapters, pretrain_data
-from .files import atomic_file, atomic_folder, remove_stale
+from .files import atomic_file, atomic_folder, check_outputs, remove_stale
 from .convert.export_hf import check_exportable, export_hf
 from .errors import LoadError, one_line
 from .position_stats import summary
@@ -172,9 +172,10 @@ def prepare_model(args, log=rprint):
     elif existing:
         pe = config["pe_config"]
         if args.repo_start_layer is not None or ids:
-            wanted = repo_layer_ids(
-                pe_config(args.repo_start_layer or 0, ids or ""), n
-            )
+            try:
+                wanted = repo_layer_ids(pe_config(args.repo_start_layer or 0, ids or ""), n)
+            except ValueError as e:
+                raise LoadError(f"--repo-layer-ids: {one_line(e)}") from None
             if wanted != existing:
                 raise LoadError(
                     f"{args.model} is already a RePo model with RePo layers {existing}; "
@@ -595,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", metavar="OUT", help="Continue the run in OUT from its newest checkpoint, exactly as if uninterrupted (its settings are reused; flags given here override them).")
     a("-c", "--config", help="YAML file of options (names with underscores, e.g. seq_len: 2048).")
     a("--repo-start-layer", type=_cli.non_negative_int, help="Plain BASE: layers with index >= N get the position module (default: round(5/16 of the layers), the release's 5 of 16).")
-    a("--repo-layer-ids", help="Plain BASE: comma-separated layers that may get the module (with the start-layer rule; default: all).")
+    a("--repo-layer-ids", type=_cli.layer_ids, help="Plain BASE: comma-separated layers that may get the module (with the start-layer rule; default: all).")
     a("--plain", action="store_true", default=None, help="Continue a plain BASE as plain RoPE, without the position module: the same-recipe control the paper compares RePo against.")
     a("--nope", action="store_true", default=None, help="Plain BASE: the NoPE control. The RePo layers get a position module fixed at 0 (frozen), so they rotate nothing; the rest trains as with RePo. RePo must beat both --plain and --nope to show it re-positions (docs/experiment.md).")
     a("--position-warmup", type=_cli.non_negative_int, help="Blend positions from integers (so step 0 is the base model) to learned over K steps (default: 0, the paper's cold start; docs/pretrain.md measures both).")
@@ -603,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--iters", type=_cli.positive_int, help="Optimizer steps; the learning rate reaches 0 at the last one (default: 1000).")
     a("--batch-size", type=_cli.positive_int, help="Sequences per batch over all processes (default: 4; the official run used 512).")
     a("--grad-accumulation-steps", type=_cli.positive_int, help="Batches whose gradients make one optimizer step (default: 1).")
-    a("--seq-len", type=_cli.positive_int, help="Tokens per packed sequence (default: 4096).")
+    a("--seq-len", type=_cli.int_range(2), help="Tokens per packed sequence, at least 2 (default: 4096).")
     a("--learning-rate", type=_cli.positive_float, help="Peak AdamW learning rate, decayed linearly to 0 (default: 7.4487e-5).")
     a("--warmup", type=_cli.non_negative_int, help="Linear learning-rate warm-up steps (default: 0).")
     a("--betas", type=_cli.float_range(0, 1, hi_open=True), nargs=2, help="AdamW betas (default: 0.9 0.95).")
@@ -665,6 +666,11 @@ def parse_args(argv=None) -> types.SimpleNamespace:
     if args["plot"] and importlib.util.find_spec("matplotlib") is None:
         raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]' (or drop --plot).")
     args["repo_layer_ids"] = _layer_ids(args["repo_layer_ids"])
+    # The output rule (files.check_outputs); an existing OUT without --force is refused in run(),
+    # which can offer --resume.
+    check_outputs({f"--{k.replace('_', '-')}": args[k] for k in ("save_path", "export_hf", "plot")},
+                  {f"--{k.replace('_', '-')}": args[k] for k in ("model", "data", "val_data")},
+                  args["force"], {"--save-path", "--export-hf"} if args["force"] and not args["resume"] else set())
     return types.SimpleNamespace(**args)
 
 

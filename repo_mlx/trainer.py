@@ -7,6 +7,7 @@ clipping, the RePo position warm-up, and Ctrl-C or SIGTERM saving a
 checkpoint before stopping. Each command brings its loss, batches and reports.
 """
 
+import math
 import signal
 import time
 import warnings
@@ -211,10 +212,15 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
             trainer.set_blend()
             evaluate(0)
             trainer.model.train()
-        window, steps, seconds = None, 0, 0.0
+        window, steps, seconds, saved = None, 0, 0.0, trainer.step or None
         while trainer.step < iters:
             tic = time.perf_counter()
             metrics, norm = trainer.train_step(next_batch)
+            loss = metrics[0] if world.size() == 1 else mx.distributed.all_sum(metrics[0], stream=mx.cpu)
+            if not math.isfinite(loss.item()):  # nothing of this step is saved
+                kept = f"the last checkpoint, of step {saved}, is kept" if saved else "no checkpoint was saved"
+                raise LoadError(f"The loss is {loss.item()} at step {trainer.step}: training diverged (is the "
+                                f"learning rate too high?); {kept}.")
             if clear_cache_threshold and mx.get_cache_memory() > clear_cache_threshold:
                 mx.clear_cache()
             seconds += time.perf_counter() - tic
@@ -239,6 +245,7 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
                     stop.append(signal.SIGINT)
             if step % save_every == 0 or step == iters or (stop and on_boundary):
                 save(step)
+                saved = step
             if stop and on_boundary:
                 raise KeyboardInterrupt
     finally:

@@ -70,9 +70,16 @@ def test_report_of_a_loaded_model_in_batches(fixture_path):
         assert key in r.stdout
 
 
-def test_default_is_the_1b_shape_without_download():
+def test_default_is_the_1b_shape_without_download(monkeypatch, capsys):
+    """The released 1B's shape on a Metal GPU; on a CPU, where a 1B trial takes minutes
+    (and Ctrl-C waits for it), the tiny one, said first."""
     args = benchmark.build_parser().parse_args([])
-    assert (args.model, args.shape, args.prompt_tokens, args.generation_tokens, args.num_trials) == (None, "1b", 512, 128, 5)
+    assert (args.model, args.shape, args.prompt_tokens, args.generation_tokens, args.num_trials) == (None, None, 512, 128, 5)
+    monkeypatch.setattr(benchmark, "alternate", lambda *a: (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr(benchmark.mx.metal, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        benchmark.command([])
+    assert capsys.readouterr().err.startswith("Building a random model in the tiny test shape")
     # The released model's shapes, as the test checkpoints have them.
     assert benchmark.SHAPES["1b"] == {k: v for k, v in synthetic.config_1b().items() if k in benchmark.SHAPES["1b"]}
 

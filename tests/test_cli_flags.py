@@ -30,6 +30,7 @@ ZERO_OK = {
     "--temp", "--top-p", "--top-k", "--min-p", "--seed", "--position-blend", "--port",
     "--num-shots", "--warmup", "--position-warmup", "--weight-decay", "--z-loss",
     "--repo-start-layer", "--val-share", "--grad-clip", "--quantized-kv-start",
+    "--delay", "--xtc-probability", "--xtc-threshold", "--clear-cache-threshold", "--prompt-cache-bytes",
 }
 # Flags for which -1 means "all" (as in mlx-lm); other negatives are still refused.
 MINUS_ONE_OK = {"--num-layers", "--val-batches", "--test-batches"}

@@ -127,12 +127,17 @@ def test_existing_destination_needs_force(fixture_path, tmp_path):
     (dst / "keep.txt").write_text("mine")
     r = run("-m", "repo_mlx.convert", "--hf-path", str(fixture_path), "--mlx-path", str(dst))
     assert r.returncode == 2
-    assert r.stderr.strip() == f"error: {dst} already exists; pass --force to replace it."
+    assert r.stderr.strip() == f"error: --mlx-path {dst} already exists; pass --force to replace it."
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    # --force replaces only a folder repo_mlx wrote (or an empty one): not this one.
     r = run("-m", "repo_mlx.convert", "--hf-path", str(fixture_path), "--mlx-path", str(dst), "--force")
-    assert r.returncode == 0, r.stderr
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert r.returncode == 2 and "holds files repo_mlx did not write" in r.stderr and r.stderr.count("\n") == 1
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    (dst / "keep.txt").unlink()
+    for _ in range(2):  # an empty folder, then the converted one
+        r = run("-m", "repo_mlx.convert", "--hf-path", str(fixture_path), "--mlx-path", str(dst), "--force")
+        assert r.returncode == 0, r.stderr
+        assert (dst / "config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_failed_conversion_leaves_nothing(fixture_path, tmp_path):

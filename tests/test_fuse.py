@@ -135,7 +135,7 @@ def test_fuse_errors_leave_no_folder(trained, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: {out} already exists; pass --force to replace it."
+        f"error: --save-path {out} already exists; pass --force to replace it."
     ]
 
 

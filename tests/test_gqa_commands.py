@@ -92,7 +92,11 @@ def out_of(capsys):
 def test_generate_and_chat(arch, folders, loaded, capsys, monkeypatch):
     model, tokenizer = loaded[arch]
     assert model.args.num_key_value_heads == 2 and model.args.repo_layers == [1]
+    # As mlx_lm.generate: the prompt as a user message of the folder's chat template, or as is.
     generate_cli.command(["--model", str(folders[arch]), "-p", PROMPT, "-m", str(N), "--verbose", "0"])
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    assert out_of(capsys) == repo_mlx.generate(model, tokenizer, templated, max_tokens=N) + "\n"
+    generate_cli.command(["--model", str(folders[arch]), "-p", PROMPT, "-m", str(N), "--verbose", "0", "--ignore-chat-template"])
     assert out_of(capsys) == repo_mlx.generate(model, tokenizer, PROMPT, max_tokens=N) + "\n"
     # One turn from piped stdin, through the folder's chat template.
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))

@@ -444,7 +444,7 @@ def test_existing_adapter_path_needs_force(base, data, tmp_path):
     old = sorted(p.name for p in adapters.iterdir())
     assert "0000002_adapters.safetensors" in old
     before = {p.name: p.read_bytes() for p in adapters.iterdir()}
-    with pytest.raises(LoadError, match=r"holds an earlier run .*pass --force"):
+    with pytest.raises(LoadError, match=r"holds an earlier run .*--resume-adapter-file .*adapters.safetensors, replace it with --force"):
         short_run(base, data, adapters, "--iters", 1)
     assert {p.name: p.read_bytes() for p in adapters.iterdir()} == before
     # --force replaces the earlier run: none of its numbered checkpoints stay behind.

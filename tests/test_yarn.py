@@ -95,5 +95,5 @@ def test_every_layer_uses_yarn(yarn_model):
 
 
 def test_yarn_factor_below_one_is_refused():
-    with pytest.raises(LoadError, match="at least 1"):
+    with pytest.raises(LoadError, match="must be from 1 to 4096"):
         yarn_scaling(0.5)

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_draft_flags(p)
     a("--quantize-activations", "-qa", action="store_true", help="Quantize activations as the weights are (nvfp4 and mxfp8 models, see convert --q-mode).")
     a("--position-blend", type=_cli.probability, default=0.0, help="Blend learned positions with token indices: 0 = RePo as trained, 1 = plain RoPE in every layer (the paper's ablation) (default: 0).")
-    a("--prompt-cache-file", type=_cli.existing_file, help="A document's KV cache made by repo_mlx.cache_prompt: the prompt continues after the document. Needs the model, --dtype, --yarn, --position-blend and --adapter-path that made it.")
+    a("--prompt-cache-file", type=_cli.existing_file, help="A document's KV cache made by repo_mlx.cache_prompt: the prompt continues after the document, as plain text. Needs the model, --dtype, --yarn, --position-blend and --adapter-path that made it.")
     _cli.add_trust_remote_code(p)
     a("--verbose", type=_cli.boolean, default=True, help="True prints separators and speed; False the text only (default: True).")
     return p
@@ -50,19 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_prompt(tokenizer, args, prompt: str, continuation: bool) -> list:
     """The prompt's tokens; a model with a chat template gets it as a user message
-    (after --system-prompt, before --prefill-response), as in mlx_lm.generate."""
-    if args.ignore_chat_template or not tokenizer.has_chat_template:
-        # After a cached document the prompt is a continuation: no BOS in the middle.
+    (after --system-prompt, before --prefill-response), as in mlx_lm.generate. After
+    a cached document (cache_prompt writes it as plain text) the prompt continues it
+    as plain text, with no BOS in the middle."""
+    if args.ignore_chat_template or not tokenizer.has_chat_template or continuation:
         return tokenizer.encode(prompt, add_special_tokens=not continuation)
     messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt is not None else []
     prefill = args.prefill_response is not None
     messages += [{"role": "user", "content": prompt}] + ([{"role": "assistant", "content": args.prefill_response}] if prefill else [])
     kw = dict(tokenize=False, continue_final_message=prefill, add_generation_prompt=not prefill, **(args.chat_template_config or {}))
-    text = tokenizer.apply_chat_template(messages, **kw)
-    if continuation:  # the document in the cache is the conversation's start: keep what follows it
-        messages[-1 - prefill]["content"] = "<query>"
-        text = text[tokenizer.apply_chat_template(messages, **kw).index("<query>"):]
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, **kw), add_special_tokens=False)
 
 
 def command(argv=None) -> None:
