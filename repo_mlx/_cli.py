@@ -21,6 +21,7 @@ import yaml
 
 from .errors import LoadError, one_line
 from .files import check_outputs
+from .folder_checks import safetensors_header
 from .loader import DEFAULT_MODEL, DTYPES, load, yarn_scaling
 
 
@@ -275,8 +276,28 @@ def _out(want_dir: bool):
     return check
 
 
+def _adapters(p: Path):
+    # Checked as model weights are, while parsing: a damaged folder fails before any work.
+    if problem := _dir(p):
+        return problem
+    try:
+        config = json.loads((p / "adapter_config.json").read_text())
+        if not isinstance(config, dict):
+            return "adapter_config.json does not hold a JSON object"
+        if not (p / "adapters.safetensors").is_file():
+            return "no adapters.safetensors there"
+        safetensors_header(p / "adapters.safetensors")
+    except FileNotFoundError:
+        return "no adapter_config.json there; is it a folder of adapters from repo_mlx.lora?"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"adapter_config.json is unreadable ({one_line(e)})"
+    except LoadError as e:
+        return one_line(e)
+
+
 existing_file = _path_check("file", _file)
 existing_dir = _path_check("dir", _dir)
+adapter_dir = _path_check("dir", _adapters)
 output_dir = _path_check("output_dir", _out(True))
 new_folder = _typed(_path_check("output_dir", _out(True)), "output_dir", replaced=True)  # replaced whole: --force rules
 output_file = _path_check("output_file", _out(False))
@@ -301,7 +322,7 @@ def add_model_flags(p, yarn: bool = False, adapter: bool = True, required: bool 
         )  # fmt: skip
     if adapter:
         p.add_argument(
-            "--adapter-path", type=existing_dir, default=None,
+            "--adapter-path", type=adapter_dir, default=None,
             help="Folder of LoRA/DoRA adapters to apply (from repo_mlx.lora).",
         )  # fmt: skip
 

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repo_mlx.lora into the base model and save a standalone model.",
     )
     p.add_argument("--model", help="The base model the adapters were trained on: folder or Hub id (default: the one adapter_config.json names).")
-    p.add_argument("--adapter-path", type=_cli.existing_dir, default="adapters", help="Folder with adapter_config.json and adapters.safetensors (default: adapters).")
+    p.add_argument("--adapter-path", type=_cli.adapter_dir, default="adapters", help="Folder with adapter_config.json and adapters.safetensors (default: adapters).")
     p.add_argument("--save-path", type=_cli.new_folder, default="fused_model", help="Output folder (default: fused_model); an existing one is replaced with --force, if repo_mlx wrote it.")
     p.add_argument("--de-quantize", "--dequantize", dest="de_quantize", action="store_true", help="Write float weights even if the base model is quantized (otherwise fused layers are re-quantized).")
     p.add_argument("--export-hf", dest="export_hf_format", action="store_true", help="Write the official Hugging Face format (float weights, HF config.json, tokenizer) instead of the MLX format; it loads in the official PyTorch code.")

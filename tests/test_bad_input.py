@@ -213,3 +213,121 @@ def test_outputs_are_written_whole_into_new_folders_and_errors_are_one_line(tmp_
         with pytest.raises(LoadError, match=r"^Cannot write /proc/x/out"):
             with atomic_folder(Path("/proc/x/out"), force=False):
                 pass
+
+
+# --- outputs that are inputs, or not ours to replace ----------------------------------
+
+
+def output_cases(model, tmp):
+    import mlx.core as mx
+
+    """(command, argv) that name an input (or another output) as an output, or replace
+    a folder repo_mlx did not write: one per command with outputs."""
+    import mlx.core as mx
+
+    notes, unrelated = tmp / "notes.txt", tmp / "unrelated"
+    notes.write_text("a prompt")
+    unrelated.mkdir(exist_ok=True)
+    (unrelated / "mine.txt").write_text("keep")
+    adapters = tmp / "adapters"  # whole, as the parser checks them
+    adapters.mkdir(exist_ok=True)
+    (adapters / "adapter_config.json").write_text("{}")
+    mx.save_safetensors(str(adapters / "adapters.safetensors"), {"a": mx.zeros((1,))})
+    return [
+        ("positions", ["--model", model, "--prompt-file", notes, "--csv", notes]),
+        ("positions", ["--model", model, "--prompt", "hi", "--csv", tmp / "a", "--json", tmp / "a"]),
+        ("viewer", ["--model", model, "--prompt-file", notes, "--html", notes]),
+        ("cache_prompt", ["--model", model, "--prompt", "hi", "--prompt-cache-file", model / "model.safetensors"]),
+        ("evaluate", ["--model", model, "--task", "perplexity", "--data", notes, "--output", notes]),
+        ("convert", ["--model", model, "--mlx-path", ".", "--force"]),
+        ("convert", ["--model", model, "--mlx-path", unrelated, "--force"]),
+        ("convert", ["--model", model, "--mlx-path", model.parent, "--force"]),
+        ("fuse", ["--model", model, "--adapter-path", adapters, "--save-path", model, "--force"]),
+        ("pretrain", ["--model", model, "--data", notes, "--save-path", tmp / "o", "--export-hf", tmp / "o"]),
+        ("pretrain", ["--model", model, "--data", notes, "--save-path", tmp / "o", "--plot", notes]),
+        ("pretrain", ["--model", model, "--data", notes, "--save-path", unrelated, "--force"]),
+        ("lora", ["--model", model, "--train", "--data", tmp, "--adapter-path", unrelated]),
+        ("lm_eval", ["--model", model, "--tasks", "x", "--output-dir", ".", "--include-path", "."]),
+    ]
+
+
+def snapshot(root):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_outputs_never_replace_inputs_or_foreign_folders(fixture_path, tmp_path, monkeypatch, capsys):
+    """One rule over every command with outputs: refused in one line, nothing touched."""
+    model = tmp_path / "models" / "m"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(fixture_path, model, ignore=__import__("shutil").ignore_patterns("*.npz"))
+    monkeypatch.chdir(tmp_path)
+    cases = output_cases(model, tmp_path)
+    assert {c for c, _ in cases} >= {n for n, p in parsers() if any(kind(a) in ("output_file", "output_dir") for a in value_flags(p))} - {"doctor"}
+    for name, argv in cases:
+        before = snapshot(tmp_path)
+        err = one_line_exit_2(importlib.import_module(f"repo_mlx.{name}"), [str(a) for a in argv], capsys)
+        assert any(w in err for w in ("an input of this run", "name the same place", "never replaces",
+                                      "did not write", "not a lora run")), (name, err)
+        assert snapshot(tmp_path) == before, name
+
+
+# --- damaged adapters -----------------------------------------------------------------
+
+
+def test_damaged_adapters_are_one_line_for_every_command(fixture_path, tmp_path, capsys):
+    """A truncated adapters.safetensors, wherever --adapter-path is read."""
+    import json
+
+    import mlx.core as mx
+
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    mx.save_safetensors(str(adapters / "adapters.safetensors"), {"x.lora_a": mx.zeros((64, 4))})
+    raw = (adapters / "adapters.safetensors").read_bytes()
+    (adapters / "adapters.safetensors").write_bytes(raw[: len(raw) // 2])
+    (adapters / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 4, "lora_parameters": {"rank": 4, "scale": 1.0, "dropout": 0.0}, "position_module": "frozen"}))
+    extra = {"generate": ["-p", "hi"], "cache_prompt": ["-p", "hi", "--prompt-cache-file", tmp_path / "c.safetensors"], "chat": [],
+             "fuse": ["--save-path", tmp_path / "f"], "lm_eval": ["--tasks", "arc_easy"]}
+    readers = [n for n, p in parsers() if "--adapter-path" in p._option_string_actions and n not in ("lora", "server")]
+    assert set(readers) == set(extra)
+    for name in readers:
+        argv = ["--model", fixture_path, "--adapter-path", adapters, *extra[name]]
+        err = one_line_exit_2(importlib.import_module(f"repo_mlx.{name}"), [str(a) for a in argv], capsys)
+        assert "adapters.safetensors" in err and "truncated" in err, (name, err)
+    from repo_mlx import LoadError, load
+
+    with pytest.raises(LoadError, match="truncated"):  # the Python API's error, as documented
+        load(str(fixture_path), adapter_path=str(adapters))
+
+
+# --- training that diverges -----------------------------------------------------------
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_checkpoint(fixture_path, tmp_path, capsys):
+    from finetune_helpers import make_data
+
+    data = make_data(tmp_path / "data")
+    lora = importlib.import_module("repo_mlx.lora")
+    # Finite for its first steps at a normal rate, then a rate that blows up: resume with it.
+    ok = ["--model", fixture_path, "--train", "--data", data, "--adapter-path", tmp_path / "a", "--batch-size", "2",
+          "--steps-per-eval", "100", "--val-batches", "1", "--save-every", "2"]
+    lora.main([str(a) for a in ok + ["--iters", "2"]])
+    kept = (tmp_path / "a" / "adapters.safetensors").read_bytes()
+    capsys.readouterr()
+    argv = ok + ["--iters", "6", "--learning-rate", "1e30", "--resume-adapter-file", tmp_path / "a" / "adapters.safetensors"]
+    with pytest.raises(SystemExit) as e:
+        lora.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "training diverged" in err and "of step 2, is kept" in err, err
+    assert (tmp_path / "a" / "adapters.safetensors").read_bytes() == kept
+    pretrain = importlib.import_module("repo_mlx.pretrain")
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 400)
+    argv = ["--model", fixture_path, "--data", text, "--save-path", tmp_path / "p", "--seq-len", "32", "--batch-size", "2",
+            "--iters", "3", "--learning-rate", "1e30", "--dtype", "float32", "--steps-per-eval", "100"]
+    with pytest.raises(SystemExit) as e:
+        pretrain.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "training diverged" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p" / "config.json").exists()  # no final model of NaN weights

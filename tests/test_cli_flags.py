@@ -92,12 +92,20 @@ def bad_values(action):
         return [("a folder", "{dir}"), ("missing", "{dir}/missing"), ("empty", "")]
     if k == "dir":
         return [("a file", "{file}"), ("missing", "{dir}/missing"), ("empty", "")]
-    # A place no one can write, even root (Linux): refused while parsing, not after the work.
+    # A place no one can write, even root (Linux): refused while parsing, not after the work;
+    # and a name MLX's writer cannot take (not UTF-8): refused before the work, not by a crash after it.
     unwritable = [("not writable", "/proc/repo-mlx-out/x")] if Path("/proc/self").is_dir() else []
+    unwritable.append(("a name not UTF-8", "{dir}/caf\udce9"))
     if k == "output_dir":
         return [("an existing file", "{file}"), ("under a file", "{file}/out"), ("empty", ""), *unwritable]
     if k == "output_file":
         return [("an existing folder", "{dir}"), ("under a file", "{file}/out"), ("empty", ""), *unwritable]
+    if k == "size":
+        return [("negative", "-1"), ("not a size", "lots")]
+    if k == "json":
+        return [("not JSON", "{"), ("not an object", "[1]")]
+    if k == "bool":
+        return [("not a truth value", "perhaps")]
     return []
 
 
