@@ -33,8 +33,13 @@ import json, shutil, sys
 from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from repo_mlx import load, synthetic
+from repo_mlx import load
 from repo_mlx.adapters import setup_trainable
+try:
+    from repo_mlx import synthetic  # older versions
+except ImportError:
+    sys.path.insert(0, sys.argv[3])  # tests/synthetic.py
+    import synthetic
 root = Path(sys.argv[1])
 synthetic.write_checkpoint(root / "plain", synthetic.config(repo=False), seed=1)
 model, _ = load(sys.argv[2])
@@ -55,7 +60,8 @@ def make_inputs(python: str, root: Path) -> dict:
     import shutil
 
     shutil.copytree(FIXTURE, root / "model", ignore=shutil.ignore_patterns("*.npz"))
-    subprocess.run([python, "-c", SETUP, str(root), str(root / "model")], check=True, capture_output=True)
+    subprocess.run([python, "-c", SETUP, str(root), str(root / "model"), str(Path(__file__).parents[1] / "tests")],
+                   check=True, capture_output=True)
     (root / "data").mkdir()
     for split in ("train", "valid"):
         (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps({"text": f"the cat sat on mat {i}"}) + "\n" for i in range(8)))

@@ -10,6 +10,7 @@ alternates them and reports medians. Prints the ratio repo / mlx-lm.
     python bench/bench_lora.py --shape small --seq-len 512 --iters 30
 """
 
+import sys
 import argparse
 import contextlib
 import io
@@ -26,7 +27,9 @@ from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.tuner.trainer import train as mlx_lm_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from repo_mlx import finetune, synthetic
+from repo_mlx import finetune
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # synthetic.py lives with the tests
+import synthetic  # noqa: E402  random official-format checkpoints
 from repo_mlx.adapters import POSITION_MODULE_CHOICES, setup_trainable
 from repo_mlx.kernel_checks import plain_twin
 from repo_mlx.repo_olmo2 import Model, ModelArgs

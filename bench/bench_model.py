@@ -16,6 +16,8 @@ median of the per-run ratios.
 many quick runs, for when whole-model timings are noisier than the effect.
 """
 
+import sys
+from pathlib import Path
 import argparse
 import statistics
 import time
@@ -24,11 +26,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from repo_mlx import synthetic
-from repo_mlx.benchmark import alternate
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # synthetic.py lives with the tests
+import synthetic  # noqa: E402  random official-format checkpoints
+from repo_mlx.speed import alternate
 from repo_mlx.kernel_checks import plain_twin
 from repo_mlx.rope import pe_config
-from repo_mlx.utils import model_file
+from repo_mlx.loader import model_file
 
 SHAPES = {
     "1b": synthetic.config_1b(),

@@ -13,6 +13,7 @@ machine slows each mode alike. Prints the ratios mode / SFT.
     python bench/bench_preference.py --shape small --seq-len 256 --batch-size 2
 """
 
+import sys
 import argparse
 import contextlib
 import gc
@@ -27,7 +28,9 @@ import mlx.core as mx
 import numpy as np
 
 import repo_mlx
-from repo_mlx import finetune, preference, synthetic
+from repo_mlx import finetune, preference
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # synthetic.py lives with the tests
+import synthetic  # noqa: E402  random official-format checkpoints
 from repo_mlx.adapters import setup_trainable
 from repo_mlx.trainer import Trainer
 

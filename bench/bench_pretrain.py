@@ -38,6 +38,8 @@ from mlx.utils import tree_flatten
 
 from bench_model import SHAPES as MODEL_SHAPES
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # synthetic.py lives with the tests
+
 SHAPES = {
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                   intermediate_size=2048, vocab_size=32000, start_layer=2),
@@ -50,7 +52,7 @@ SHAPES = {
 
 
 def config(shape: str) -> dict:
-    from repo_mlx import synthetic
+    import synthetic  # tests/synthetic.py
 
     cfg = SHAPES[shape]
     return dict(cfg) if "model_type" in cfg else synthetic.config(**cfg)
@@ -70,7 +72,7 @@ def trainer_args(a, **kw):
 def one(a) -> dict:
     """One measurement in this process: steps/s and peak memory."""
     from repo_mlx import pretrain, pretrain_data
-    from repo_mlx.utils import model_file
+    from repo_mlx.loader import model_file
 
     cfg = config(a.shape)
     rng = np.random.default_rng(0)
@@ -193,7 +195,8 @@ def spike_text(n: int, seed: int = 0) -> list:
 
 
 def spike(a) -> None:
-    from repo_mlx import pretrain, pretrain_data, synthetic
+    from repo_mlx import pretrain, pretrain_data
+    import synthetic  # tests/synthetic.py
     import repo_mlx
 
     root = Path(a.tmp)
@@ -216,7 +219,7 @@ def spike(a) -> None:
         if (step + 1) % 100 == 0:
             print(f"plain pre-training step {step + 1}: loss {ce.item():.3f}", flush=True)
     trained = root / "trained"
-    from repo_mlx.utils import save_standalone
+    from repo_mlx.loader import save_standalone
     save_standalone(trained, base, model, tok, json.loads((base / "config.json").read_text()), donate_model=False)
     # 2. Continue into RePo on fresh data from the same source: cold start vs warm-up.
     fresh = root / "fresh.jsonl"

@@ -25,11 +25,13 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # synthetic.py lives with the tests
+
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "repo-olmo2-tiny"
 
 
 def synthetic_model(shape: str, folder: Path) -> Path:
-    from repo_mlx import synthetic
+    import synthetic  # tests/synthetic.py
 
     if shape == "1b":
         cfg = synthetic.config_1b()

@@ -8,6 +8,8 @@ backed by numbers. On a real checkpoint:
     python bench/quantized_positions.py --model SakanaAI/RePo-OLMo2-1B-stage2-L5
 """
 
+import sys
+from pathlib import Path
 import argparse
 
 import mlx.core as mx
@@ -15,7 +17,8 @@ import mlx.nn as nn
 import numpy as np
 
 import repo_mlx
-from repo_mlx import synthetic
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # synthetic.py lives with the tests
+import synthetic  # noqa: E402  random official-format checkpoints
 from repo_mlx.rope import POSITION_WEIGHTS
 from repo_mlx.repo_olmo2 import Model, ModelArgs
 

@@ -7,7 +7,7 @@ import random
 import re
 from pathlib import Path
 
-from repo_mlx import synthetic
+import synthetic
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bee", "horse", "tiger", "penguin"]
 PLACES = ["mat", "log", "box", "hill", "tree", "old barn", "river bank"]

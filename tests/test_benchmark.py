@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from repo_mlx import benchmark, speed, synthetic
+from repo_mlx import benchmark, speed
+import synthetic
 
 ROW = r"\| {} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|"
 

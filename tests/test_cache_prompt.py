@@ -14,7 +14,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import save_prompt_cache
 
 import repo_mlx
-from repo_mlx import prompt_cache, synthetic
+from repo_mlx import prompt_cache
+import synthetic
 from repo_mlx.errors import LoadError
 from repo_mlx import yarn_scaling
 

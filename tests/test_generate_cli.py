@@ -8,7 +8,8 @@ import types
 import pytest
 
 import repo_mlx
-from repo_mlx import LoadError, _cli, synthetic
+from repo_mlx import LoadError, _cli
+import synthetic
 from repo_mlx.generate import main as generate_main
 from mlx_lm.sample_utils import make_sampler
 

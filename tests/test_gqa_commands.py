@@ -21,7 +21,8 @@ from test_pretrain import run_cli
 from test_server import post, start_server, stop_server
 
 import repo_mlx
-from repo_mlx import LoadError, benchmark, cache_prompt, chat, doctor, evaluate, synthetic, viewer
+from repo_mlx import LoadError, benchmark, cache_prompt, chat, doctor, evaluate, viewer
+import synthetic
 from repo_mlx import positions as positions_of
 from repo_mlx.convert import convert
 from repo_mlx.fuse import fuse

@@ -12,7 +12,7 @@ import pytest
 from mlx_lm.models import olmo2
 
 import repo_mlx
-from repo_mlx import synthetic
+import synthetic
 from repo_mlx.rope import repo_layer_ids
 from repo_mlx import LoadError
 

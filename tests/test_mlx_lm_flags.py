@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 
 import repo_mlx
-from repo_mlx import synthetic
+import synthetic
 
 OURS = {"generate": "mlx_lm.generate", "chat": "mlx_lm.chat", "server": "mlx_lm.server",
         "convert": "mlx_lm.convert", "fuse": "mlx_lm.fuse", "cache_prompt": "mlx_lm.cache_prompt",

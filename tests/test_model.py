@@ -8,7 +8,7 @@ from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_promp
 
 import repo_mlx
 from repo_mlx import kernel_checks as kc
-from repo_mlx import synthetic
+import synthetic
 
 
 def rel_err(a, b):

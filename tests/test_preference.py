@@ -19,7 +19,8 @@ from finetune_helpers import ANIMALS, PLACES, make_model
 from mlx.utils import tree_flatten, tree_map
 
 import repo_mlx
-from repo_mlx import LoadError, finetune, lora, preference, synthetic
+from repo_mlx import LoadError, finetune, lora, preference
+import synthetic
 from repo_mlx.adapters import setup_trainable
 from repo_mlx.convert import convert
 from repo_mlx.fuse import fuse

@@ -22,7 +22,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from test_distributed import free_port_pair
 
 import repo_mlx
-from repo_mlx import _cli, pretrain, pretrain_data, synthetic
+from repo_mlx import _cli, pretrain, pretrain_data
+import synthetic
 from repo_mlx.trainer import MASTER, clip_grad_norm
 
 FIXTURE = Path(__file__).parent / "fixtures" / "repo-olmo2-tiny"

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import repo_mlx
-from repo_mlx import synthetic, viewer
+from repo_mlx import viewer
+import synthetic
 from repo_mlx.errors import LoadError
 from repo_mlx.positions import inlier_range, outliers, positions, summary, token_texts
 from repo_mlx import set_position_blend

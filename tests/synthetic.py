@@ -1,6 +1,7 @@
 """Random RePo checkpoints in the official Hugging Face format, for the tests and
 the bench scripts (no Hub access needed): the config keys, weight names and
-tokenizer kind of ``SakanaAI/RePo-OLMo2-1B-stage2-L5``. No command uses them.
+tokenizer kind of ``SakanaAI/RePo-OLMo2-1B-stage2-L5``. The bench scripts import it
+from here too; no command uses it.
 """
 
 import json
@@ -12,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .rope import pe_config
+from repo_mlx.rope import pe_config
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -74,7 +75,7 @@ def random_weights(cfg: dict, seed: int = 0, position_scale: float = 1.0) -> dic
     ``position_scale`` scales final_map so positions spread over about
     +-150 * position_scale, as in the official fixture.
     """
-    from .loader import model_file
+    from repo_mlx.loader import model_file
 
     arch = model_file(cfg)
     shapes = tree_flatten(arch.Model(arch.ModelArgs.from_dict(cfg)).parameters())  # lazy: nothing computed
