@@ -331,3 +331,33 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_checkpoint(fixture
     err = capsys.readouterr().err
     assert e.value.code == 2 and "training diverged" in err and err.count("\n") == 1, err
     assert not (tmp_path / "p" / "config.json").exists()  # no final model of NaN weights
+
+
+def test_one_context_warning_for_every_command_that_takes_a_prompt(fixture_path, tmp_path, capsys):
+    """Past the context: the same warning from every command, counting what runs (the
+    cached document included); past 4 contexts: refused."""
+    import json
+    import shutil
+    import warnings
+
+    short = tmp_path / "short"
+    shutil.copytree(fixture_path, short, ignore=shutil.ignore_patterns("*.npz"))
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    words = "abcdefghij" * 2  # 20 tokens (a byte each): past 16, under 64
+    runs = {
+        "cache_prompt": ["-p", words, "--prompt-cache-file", tmp_path / "doc.safetensors"],
+        "generate": ["--prompt-cache-file", tmp_path / "doc.safetensors", "-p", " and", "-m", "1", "--verbose", "False"],
+        "positions": ["-p", words],
+        "benchmark": ["-p", "20", "-g", "2", "-n", "1"],
+        "viewer": ["-p", words, "--html", tmp_path / "v.html", "--max-tokens", "20"],  # it shows the context by default
+    }
+    for name, argv in runs.items():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            importlib.import_module(f"repo_mlx.{name}").main([str(a) for a in ["--model", short, *argv]])
+        said = [str(w.message) for w in seen if "context of 16" in str(w.message)]
+        assert len(said) == 1 and "more than the model's context of 16" in said[0], (name, said)
+    capsys.readouterr()
+    err = one_line_exit_2(importlib.import_module("repo_mlx.positions"), ["--model", str(short), "-p", words * 4], capsys)
+    assert "more than 4 times the model's context of 16" in err

@@ -769,3 +769,13 @@ def test_nope_control_keeps_positions_at_zero(plain, tmp_path):
     code, _, err = run_cli("--model", base, "--data", data, "--save-path", tmp_path / "p",
                            "--nope", "--plain", *SMALL, "--iters", "1")
     assert code == 2 and "two different controls" in err
+
+
+def test_plot_into_a_new_folder(plain, tmp_path):
+    """--plot names a folder that does not exist yet: made at the end, as every output."""
+    pytest.importorskip("matplotlib")
+    base, data, _ = plain
+    plot = tmp_path / "new" / "deeper" / "loss.png"
+    code, _, err = run_cli("--model", base, "--data", data, "--save-path", tmp_path / "o", *SMALL, "--iters", "1", "--plot", plot)
+    assert code == 0, err
+    assert plot.read_bytes()[:4] == b"\x89PNG"
