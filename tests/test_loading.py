@@ -219,3 +219,15 @@ def test_long_prompt_warns(tiny):
         text = repo_mlx.generate(model, tokenizer, prompt, max_tokens=2)
     assert isinstance(text, str)
     assert any("more than the model's context of 4096" in str(w.message) for w in caught)
+
+
+def test_import_stays_light():
+    """import repo_mlx loads the model and the loader, not the training stack or the
+    server: mlx-lm's own load imports adapter code only when adapters are asked for."""
+    import subprocess
+    import sys
+
+    heavy = ("mlx_lm.tuner", "mlx.optimizers", "mlx_lm.server", "mlx_lm.lora", "repo_mlx.trainer", "repo_mlx.server")
+    r = subprocess.run([sys.executable, "-c", f"import sys, repo_mlx; print([m for m in {heavy!r} if m in sys.modules])"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
