@@ -172,7 +172,7 @@ def cases(i: dict) -> list:
                   ("diverges", "pretrain", [*base["pretrain"], "--learning-rate", "1e30", "--dtype", "float32"])]
     # 5. absurd sizes
     out_cases += [
-        ("absurd size", "evaluate", [*base["evaluate"][:-2], "--samples", "100000000"]),
+        ("absurd size", "evaluate", ["--model", m, "--task", "niah_single", "--lengths", "1K", "--samples", "100000000"]),
         ("absurd size", "generate", ["--model", m, "--prompt-file", i["big.txt"], "-m", "2"]),
         ("absurd size", "positions", ["--model", m, "--prompt-file", i["big.txt"]]),
         ("absurd size", "cache_prompt", ["--model", m, "--prompt-file", i["big.txt"], "--prompt-cache-file", "c.safetensors"]),
@@ -250,7 +250,7 @@ def main():
         c = Counter(r["outcome"] for r in rows if r["class"] == cls)
         print(f"  {cls:17s} " + ", ".join(f"{c[o]} {o}" for o in OUTCOMES if c[o]))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

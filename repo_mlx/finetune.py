@@ -125,52 +125,54 @@ def resume_from(trainer: Trainer, adapter_file, args) -> int:
 
 def train(trainer: Trainer, train_set: List[Example], valid_set: List[Example], args,
           adapter_file, trained: int = 0, callback=None) -> None:
-    """The shared loop with mlx-lm's batches, evaluation, reports and adapter files."""
-    world = trainer.world
-    adapter_file = Path(adapter_file)
-    start = trainer.step
+    """SFT on the shared loop: mlx-lm's batches, loss and evaluation."""
+    def validation():
+        # The same validation batches every time, so a resumed run reports what an uninterrupted one does.
+        batches = partial(iterate_batches, seed=derived_seed(args.seed, 2))
+        return {"loss": evaluate(trainer.model, valid_set, args.batch_size, args.val_batches, args.max_seq_length,
+                                 iterate_batches=batches, clear_cache_threshold=args.clear_cache_threshold)}
+
+    run_loop(trainer, train_batches(train_set, args, trainer.world, skip=trainer.step), args, adapter_file, trained,
+             callback, summarize=lambda m, steps: {"loss": m[0] / (steps * trainer.world.size()), "tokens": m[1]},
+             validation=validation if valid_set else None, describe=lambda s: f"loss {s['loss']:.3f}")
+
+
+def run_loop(trainer: Trainer, batches, args, adapter_file, trained: int, callback, summarize, validation, describe) -> None:
+    """The shared loop with mlx-lm's report lines and callbacks, and adapter checkpoints.
+
+    ``summarize(metrics, steps)``: the report's numbers (with ``tokens``) from the summed
+    metrics; ``validation()``: the validation numbers (None: no validation);
+    ``describe(numbers)``: them as text.
+    """
+    adapter_file, start_tokens = Path(adapter_file), trained
 
     def report(it, metrics, norm, steps, seconds):
         nonlocal trained
-        train_loss = metrics[0] / (steps * world.size())
-        trained += int(metrics[1])
-        info = {
-            "iteration": it,
-            "train_loss": train_loss,
-            "learning_rate": trainer.optimizer.learning_rate.item(),
-            "iterations_per_second": steps / seconds,
-            "tokens_per_second": metrics[1] / seconds,
-            "trained_tokens": trained,
-            "peak_memory": mx.get_peak_memory() / 1e9,
-        }
-        rprint(
-            f"Iter {it}: train loss {train_loss:.3f}, lr {info['learning_rate']:.3e}, "
-            f"it/s {info['iterations_per_second']:.3f}, tokens/s "
-            f"{info['tokens_per_second']:.1f}, trained tokens {trained}, "
-            f"peak mem {info['peak_memory']:.3f} GB",
-            flush=True,
-        )
+        s = summarize(metrics, steps)
+        tokens = s.pop("tokens")
+        trained += int(tokens)
+        info = {"iteration": it, **{f"train_{k}": v for k, v in s.items()},
+                "learning_rate": trainer.optimizer.learning_rate.item(), "iterations_per_second": steps / seconds,
+                "tokens_per_second": tokens / seconds, "trained_tokens": trained, "peak_memory": mx.get_peak_memory() / 1e9}
+        rprint(f"Iter {it}: train {describe(s)}, lr {info['learning_rate']:.3e}, it/s {info['iterations_per_second']:.3f}, "
+               f"tokens/s {info['tokens_per_second']:.1f}, trained tokens {trained}, peak mem {info['peak_memory']:.3f} GB",
+               flush=True)
         if callback is not None:
             callback.on_train_loss_report(info)
 
     def validate(it):
-        if not valid_set:
+        if validation is None:
             return
         tic = time.perf_counter()
-        # The same validation batches every time, so a resumed run reports what an uninterrupted one does.
-        batches = partial(iterate_batches, seed=derived_seed(args.seed, 2))
-        val_loss = evaluate(trainer.model, valid_set, args.batch_size, args.val_batches, args.max_seq_length,
-                            iterate_batches=batches, clear_cache_threshold=args.clear_cache_threshold)
+        s = validation()
         val_time = time.perf_counter() - tic
-        rprint(f"Iter {it}: val loss {val_loss:.3f}, val took {val_time:.3f}s", flush=True)
+        rprint(f"Iter {it}: val {describe(s)}, val took {val_time:.3f}s", flush=True)
         if callback is not None:
-            callback.on_val_loss_report({"iteration": it, "val_loss": val_loss, "val_time": val_time})
+            callback.on_val_loss_report({"iteration": it, **{f"val_{k}": v for k, v in s.items() if k != "tokens"},
+                                         "val_time": val_time})
 
-    start_tokens = trained
-    batches = train_batches(train_set, args, world, skip=start)
-    train_loop(trainer, lambda: next(batches), iters=args.iters,
-               steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
-               save_every=args.save_every, report=report, evaluate=validate,
+    train_loop(trainer, lambda: next(batches), iters=args.iters, steps_per_report=args.steps_per_report,
+               steps_per_eval=args.steps_per_eval, save_every=args.save_every, report=report, evaluate=validate,
                save=lambda it: save_adapters(trainer, adapter_file, it, start_tokens, args),
                clear_cache_threshold=args.clear_cache_threshold)
 

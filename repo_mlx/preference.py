@@ -24,7 +24,6 @@ adapters train (no second copy in memory), else a frozen copy of the base or
 """
 
 import json
-import time
 import warnings
 from contextlib import contextmanager
 from itertools import islice
@@ -43,8 +42,7 @@ from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from .adapters import load_adapters
 from .errors import LoadError, one_line
 from .trainer import Trainer, derived_seed
-from .trainer import train as train_loop
-from .finetune import save_adapters, setup, start
+from .finetune import run_loop, setup, start
 from .finetune_data import read_jsonl
 from .loader import load
 
@@ -391,44 +389,13 @@ def check_args(args) -> None:
 
 def train(trainer: Trainer, train_set: List[Pair], valid_set: List[Pair], args, adapter_file,
           loss, trained: int = 0, callback=None) -> None:
-    """The shared loop with preference batches, metrics and mlx-lm's adapter files."""
-    world = trainer.world
-    adapter_file = Path(adapter_file)
-    start, start_tokens = trainer.step, trained
-
-    def report(it, metrics, norm, steps, seconds):
-        nonlocal trained
-        s = summary(metrics)
-        trained += int(s["tokens"])
-        info = {"iteration": it, **{f"train_{k}": v for k, v in s.items() if k != "tokens"},
-                "learning_rate": trainer.optimizer.learning_rate.item(),
-                "iterations_per_second": steps / seconds, "tokens_per_second": s["tokens"] / seconds,
-                "trained_tokens": trained, "peak_memory": mx.get_peak_memory() / 1e9}
-        rprint(f"Iter {it}: train {describe(s)}, lr {info['learning_rate']:.3e}, it/s "
-               f"{info['iterations_per_second']:.3f}, tokens/s {info['tokens_per_second']:.1f}, "
-               f"trained tokens {trained}, peak mem {info['peak_memory']:.3f} GB", flush=True)
-        if callback is not None:
-            callback.on_train_loss_report(info)
-
-    def validate(it):
-        if not valid_set:
-            return
-        tic = time.perf_counter()
-        # The same batches every time: a resumed run reports what an uninterrupted one does.
-        s = evaluate(trainer.model, valid_set, loss, args.batch_size, args.val_batches,
-                     args.max_seq_length, derived_seed(args.seed, 2))
-        val_time = time.perf_counter() - tic
-        rprint(f"Iter {it}: val {describe(s)}, val took {val_time:.3f}s", flush=True)
-        if callback is not None:
-            callback.on_val_loss_report({"iteration": it, **{f"val_{k}": v for k, v in s.items() if k != "tokens"},
-                                         "val_time": val_time})
-
-    batches = train_batches(train_set, args, world, skip=start)
-    train_loop(trainer, lambda: next(batches), iters=args.iters,
-               steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
-               save_every=args.save_every, report=report, evaluate=validate,
-               save=lambda it: save_adapters(trainer, adapter_file, it, start_tokens, args),
-               clear_cache_threshold=args.clear_cache_threshold)
+    """Preference pairs on the shared loop, with their metrics in the report lines."""
+    # The same validation batches every time: a resumed run reports what an uninterrupted one does.
+    validation = lambda: evaluate(trainer.model, valid_set, loss, args.batch_size, args.val_batches,
+                                  args.max_seq_length, derived_seed(args.seed, 2))
+    run_loop(trainer, train_batches(train_set, args, trainer.world, skip=trainer.step), args, adapter_file, trained,
+             callback, summarize=lambda metrics, steps: summary(metrics), validation=validation if valid_set else None,
+             describe=describe)
 
 
 def train_model(args, model, tokenizer, train_set, valid_set, callback=None):

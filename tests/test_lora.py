@@ -208,7 +208,7 @@ def test_resume_equals_uninterrupted_run(base, data, tmp_path):
 def test_half_precision_full_fine_tuning_keeps_float32_masters(data, tmp_path):
     """As pretrain: at a small lr a bfloat16 update vanishes, the float32 master keeps it."""
     from repo_mlx import lora
-import synthetic
+    import synthetic
 
     path = synthetic.write_checkpoint(tmp_path / "bf16", synthetic.config(), seed=1, dtype="bfloat16",
                                       position_scale=0.05)
