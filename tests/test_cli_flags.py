@@ -103,7 +103,7 @@ def bad_values(action):
     if k == "size":
         return [("negative", "-1"), ("not a size", "lots")]
     if k == "json":
-        return [("not JSON", "{"), ("not an object", "[1]")]
+        return [("not JSON", "{{"), ("not an object", "[1]")]  # "{{" is "{" after format
     if k == "bool":
         return [("not a truth value", "perhaps")]
     return []

@@ -89,13 +89,16 @@ def test_refused_flags_say_why(capsys, tmp_path):
     from repo_mlx import benchmark, chat, fuse
 
     generate = importlib.import_module("repo_mlx.generate")  # the command, not the function
+    # A well-formed adapter folder, so that fuse reaches the refusal (the folder is checked while parsing).
+    (tmp_path / "adapter_config.json").write_text("{}")
+    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), {"a": mx.zeros((1,))})
     cases = {generate: ["--model", "demo", "--image", "x.png"], fuse: ["--adapter-path", str(tmp_path), "--export-gguf"],
              chat: ["--model", "demo", "--pipeline"], benchmark: ["--shape", "tiny", "--pipeline"]}
     for module, argv in cases.items():
         with pytest.raises(SystemExit) as e:
             module.main(argv)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and "not supported" in err or "text only" in err, err
+        assert e.value.code == 2 and err.count("\n") == 1 and ("not supported" in err or "text only" in err), err
     r = subprocess.run([sys.executable, "-m", "repo_mlx.server", "--model", "demo", "--pipeline"], capture_output=True, text=True)
     assert r.returncode == 2 and "one machine" in r.stderr and r.stderr.count("\n") == 1
 
