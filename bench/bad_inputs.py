@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,8 +58,6 @@ raw = (root / "damaged" / "adapters.safetensors").read_bytes()
 
 def make_inputs(python: str, root: Path) -> dict:
     """The inputs every case draws on, under ``root``."""
-    import shutil
-
     shutil.copytree(FIXTURE, root / "model", ignore=shutil.ignore_patterns("*.npz"))
     subprocess.run([python, "-c", SETUP, str(root), str(root / "model"), str(Path(__file__).parents[1] / "tests")],
                    check=True, capture_output=True)
@@ -235,6 +234,7 @@ def main():
         root = Path(tmp)
         (root / "inputs").mkdir()
         inputs = make_inputs(args.python, root / "inputs")
+        shutil.copytree(root / "inputs", root / "pristine", symlinks=True)
         selected = cases(inputs)[:: args.every]
         rows = []
         for n, (cls, name, argv) in enumerate(selected):
@@ -242,6 +242,9 @@ def main():
             work.mkdir()
             outcome, detail = run_case(args.python, work, root / "inputs", name, argv, args.timeout)
             rows.append({"class": cls, "command": name, "argv": argv, "outcome": outcome, "detail": detail[:300]})
+            if outcome == "lost":  # the next cases get the inputs back
+                shutil.rmtree(root / "inputs")
+                shutil.copytree(root / "pristine", root / "inputs", symlinks=True)
             if args.verbose:
                 print(f"{outcome:9s} {cls:17s} {name} {' '.join(map(repr, argv[-4:]))}: {detail[:140]}", flush=True)
     counts = Counter(r["outcome"] for r in rows)
