@@ -34,16 +34,12 @@ class JSONErrors:
     shape, which its clients show), those http.server writes itself too (an unknown
     method, an oversized header): they were HTML. The handler has ``send_json``."""
 
+    headers = {}  # a request's, once read: http.server's errors can come first
+
     def send_error(self, code, message=None, explain=None):
-        # http.server's errors can come before the headers are read: no send_json here.
         short, long = self.responses.get(code, ("Error", ""))
-        body = json.dumps({"error": {"message": f"{message or short}: {explain or long}", "type": "invalid_request_error"}}).encode()
         self.close_connection = True
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_error_json(code, f"{message or short}: {explain or long}")
 
     def send_error_json(self, status: int, message: str) -> None:
         kind = {403: "permission_error", 404: "not_found_error"}.get(status, "invalid_request_error")
