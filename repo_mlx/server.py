@@ -21,6 +21,7 @@ does not hand a handler class on to the HTTP server, so ``command`` builds them.
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -110,6 +111,7 @@ class Provider(ModelProvider):
                 self.draft_model = load_draft(a.draft_model, self.tokenizer)
             self.is_batchable = a.draft_model is None and all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
             self.model_key = (a.model, a.adapter_path, a.draft_model)
+            self.created = int(time.time())  # the model card's
         except Exception as e:
             self.load_error = e
         self.loaded.set()
@@ -259,13 +261,11 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
 
 
 class Handler(http_checks.JSONErrors, APIHandler):
-    """mlx-lm's request handler behind a check of every request."""
+    """mlx-lm's request handler behind a check of every request. Its settings are
+    mlx-lm's: the command line (with the limits ``command`` fills in) and the model
+    provider."""
 
     timeout = 60  # seconds a client may stall while sending; frees its thread
-
-    def __init__(self, generator, settings, *args, **kwargs):
-        self.settings = settings
-        super().__init__(generator, *args, **kwargs)
 
     def log_message(self, format, *args):
         logging.info("%s %s", self.address_string(), format % args)
@@ -278,10 +278,11 @@ class Handler(http_checks.JSONErrors, APIHandler):
         self.wfile.write(body)
 
     def do_POST(self):
-        s = self.settings
+        cli, provider = self.response_generator.cli_args, self.response_generator.model_provider
         try:
-            self.path, body = http_checks.read_json(self, POST_PATHS, s["max_request_bytes"], s["allowed_origins"], "server")
-            body = check_request(body, self.path, s["limits"], s["model_id"], s["has_chat_template"])
+            self.path, body = http_checks.read_json(self, POST_PATHS, cli.max_request_bytes, cli.allowed_origins, "server")
+            limits = Limits(cli.max_tokens_limit, provider.model.args.vocab_size)
+            body = check_request(body, self.path, limits, cli.model, provider.tokenizer.has_chat_template)
             self.read_request(body)
             try:
                 self.validate_model_parameters()  # mlx-lm's own checks
@@ -321,7 +322,7 @@ class Handler(http_checks.JSONErrors, APIHandler):
         come back the same through the tokenizer are refused."""
         if isinstance(prompt, str):
             return prompt
-        tokenizer = self.settings["tokenizer"]
+        tokenizer = self.response_generator.model_provider.tokenizer
         text = tokenizer.decode(prompt)
         if tokenizer.encode(text) not in (prompt, tokenizer.encode("") + prompt):
             raise RequestError("This prompt of token ids does not come back the same through the model's tokenizer, "
@@ -330,12 +331,12 @@ class Handler(http_checks.JSONErrors, APIHandler):
 
     def check_length(self, prompt) -> None:
         """Refuse a prompt over --max-prompt-tokens, counted as mlx-lm's generation thread will."""
-        tokenizer, limit = self.settings["tokenizer"], self.settings["max_prompt_tokens"]
-        document = self.response_generator.prompt_cache.document
+        cli, tokenizer = self.response_generator.cli_args, self.response_generator.model_provider.tokenizer
+        document, limit = self.response_generator.prompt_cache.document, cli.max_prompt_tokens
         if isinstance(prompt, str):
             n = len(tokenizer.encode(prompt))
         elif tokenizer.has_chat_template:
-            kwargs = {**self.response_generator.cli_args.chat_template_args, **(self.chat_template_kwargs or {})}
+            kwargs = {**cli.chat_template_args, **(self.chat_template_kwargs or {})}
             n = len(tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tools=prompt.tools, **kwargs))
         else:
             n = len(tokenizer.encode(convert_chat(prompt.messages, prompt.role_mapping)))
@@ -386,7 +387,7 @@ class Handler(http_checks.JSONErrors, APIHandler):
             tokens, token_logprobs, top_tokens = [r.token for r in seen], [r.logprob for r in seen], [r.top_tokens for r in seen]
         if not self.logprobs:
             return response
-        decode = self.settings["tokenizer"].decode
+        decode = self.response_generator.model_provider.tokenizer.decode
 
         def entry(token_id, logprob):
             text = decode([token_id])
@@ -422,18 +423,17 @@ class Handler(http_checks.JSONErrors, APIHandler):
         return response
 
     def do_GET(self):
-        path, s = urlsplit(self.path).path, self.settings
-        card = {"id": s["model_id"], "object": "model", "created": s["created"], "owned_by": "local"}
+        path, cli = unquote(urlsplit(self.path).path), self.response_generator.cli_args
+        created = self.response_generator.model_provider.created
+        card = {"id": cli.model, "object": "model", "created": created, "owned_by": "local"}
+        replies = {"/v1/models": {"object": "list", "data": [card]}, f"/v1/models/{cli.model}": card}
         try:
-            http_checks.check_origin(self, s["allowed_origins"], "server")
-            if path == "/v1/models":
-                self.send_json({"object": "list", "data": [card]})
-            elif path.startswith("/v1/models/") and unquote(path[len("/v1/models/"):]) == s["model_id"]:
-                self.send_json(card)
-            elif path == "/health":
-                self.handle_health_check()
-            else:
+            http_checks.check_origin(self, cli.allowed_origins, "server")
+            if path == "/health":
+                return self.handle_health_check()
+            if path not in replies:
                 raise RequestError(f"No such endpoint: GET {path}.", 404)
+            self.send_json(replies[path])
         except RequestError as e:
             self.send_error_json(e.status, str(e))
 
@@ -450,26 +450,21 @@ def command(argv=None) -> None:
         provider.loaded.wait()
         if (e := provider.load_error) is not None:
             raise e if isinstance(e, LoadError) else LoadError(f"Cannot load {args.model}: {one_line(e)}")
-        model, tokenizer = provider.model, provider.tokenizer
-        context = context_length(model) or 4096
-        limit = args.max_tokens_limit or context
-        args.max_tokens = args.max_tokens or min(512, limit)
+        model, context = provider.model, context_length(provider.model) or 4096
+        # The defaults that depend on the model, where the handlers read the flags.
+        args.max_tokens_limit = args.max_tokens_limit or context
+        args.max_prompt_tokens = args.max_prompt_tokens or context
+        args.max_tokens = args.max_tokens or min(512, args.max_tokens_limit)
         args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
-        if args.max_tokens > limit:
-            raise LoadError(f"--max-tokens {args.max_tokens} is above the limit of {limit} tokens.")
+        if args.max_tokens > args.max_tokens_limit:
+            raise LoadError(f"--max-tokens {args.max_tokens} is above the limit of {args.max_tokens_limit} tokens.")
         if args.prompt_cache_file is not None:
-            cache, generator.prompt_cache.document = prompt_cache.load_for(args.prompt_cache_file, model, tokenizer)
+            cache, generator.prompt_cache.document = prompt_cache.load_for(args.prompt_cache_file, model, provider.tokenizer)
             if not all(type(c).__name__ == "KVCache" for c in cache):
                 raise LoadError(f"{args.prompt_cache_file} holds a quantized or rotating cache; the server takes "
                                 "one made without --kv-bits and --max-kv-size.")
             generator.prompt_cache.insert_cache(provider.model_key, [], cache)  # the document alone
-        settings = {
-            "model_id": args.model, "created": int(time.time()), "has_chat_template": tokenizer.has_chat_template,
-            "tokenizer": tokenizer, "allowed_origins": args.allowed_origins, "max_request_bytes": args.max_request_bytes,
-            "max_prompt_tokens": args.max_prompt_tokens or context, "limits": Limits(limit, model.args.vocab_size),
-        }  # fmt: skip
-        fingerprint = get_system_fingerprint()
-        httpd.RequestHandlerClass = lambda *a, **kw: Handler(generator, settings, *a, system_fingerprint=fingerprint, **kw)
+        httpd.RequestHandlerClass = functools.partial(Handler, generator, system_fingerprint=get_system_fingerprint())
         print(f"Serving {args.model} at {http_checks.url(httpd, args.host)}/v1 (Ctrl-C stops)", flush=True)
         httpd.serve_forever()
     finally:
