@@ -293,8 +293,6 @@ class Handler(http_checks.JSONErrors, APIHandler):
                 self.check_length(request)
                 return self.handle_completion(request, body["stop"])
             prompts = [self.text(p) for p in body.get("prompts", [body["prompt"]])]
-            for prompt in prompts:
-                self.check_length(prompt)
             if "prompts" not in body:  # one prompt: mlx-lm's handler replies, or streams
                 body["prompt"], self.offset = prompts[0], len(prompts[0])
                 return self.handle_completion(self.handle_text_completions(), body["stop"])
@@ -318,15 +316,14 @@ class Handler(http_checks.JSONErrors, APIHandler):
         self.choice_index, self.offset = 0, 0
 
     def text(self, prompt) -> str:
-        """A completions prompt as the text mlx-lm tokenizes; token ids that do not
-        come back the same through the tokenizer are refused."""
-        if isinstance(prompt, str):
-            return prompt
+        """A completions prompt as the text mlx-lm tokenizes, its length checked; token
+        ids that do not come back the same through the tokenizer are refused."""
         tokenizer = self.response_generator.model_provider.tokenizer
-        text = tokenizer.decode(prompt)
-        if tokenizer.encode(text) not in (prompt, tokenizer.encode("") + prompt):
+        text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+        if isinstance(prompt, list) and tokenizer.encode(text) not in (prompt, tokenizer.encode("") + prompt):
             raise RequestError("This prompt of token ids does not come back the same through the model's tokenizer, "
                                "which the server runs prompts through: send its text instead.")
+        self.check_length(text)
         return text
 
     def check_length(self, prompt) -> None:
