@@ -22,6 +22,7 @@ does not hand a handler class on to the HTTP server, so ``command`` builds them.
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -159,9 +160,7 @@ class Generator(ResponseGenerator):
     """mlx-lm's generation thread; replies end at stop strings found in their text,
     and the handler's thread sees the Responses it is sent (``seen``), for logprobs."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.seen = threading.local()
+    seen = threading.local()  # one server a process; each handler thread its own
 
     def generate(self, request, args, progress_callback=None):
         # Tokens stop at end of text only: mlx-lm's match of stop strings' tokens would
@@ -312,7 +311,6 @@ class Handler(http_checks.JSONErrors, APIHandler):
         self.top_k, self.min_p = get("top_k", cli.top_k), get("min_p", cli.min_p)
         for key, default in REQUEST_DEFAULTS.items():
             setattr(self, key, get(key, default))
-        self.completion_logprobs = get("top_logprobs") if self.path == "/v1/completions" and self.logprobs else None
         self.choice_index, self.offset = 0, 0
 
     def text(self, prompt) -> str:
@@ -355,10 +353,9 @@ class Handler(http_checks.JSONErrors, APIHandler):
         for self.choice_index, prompt in enumerate(prompts):
             self.offset = len(prompt)
             ctx, responses = self.response_generator.generate(CompletionRequest("text", prompt, [], None, None), args)
-            state, text, finish, seen = ctx.text_sm.make_state(ctx.initial_state), "", "stop", []
+            state, text, finish, n = ctx.text_sm.make_state(ctx.initial_state), "", "stop", 0
             try:
-                for r in responses:
-                    seen.append(r)
+                for n, r in enumerate(responses, 1):
                     state, parts = TextStateMachine.split(state, r.text)
                     if r.finish_reason == "length":
                         state, rest, now = TextStateMachine.flush(state)
@@ -367,45 +364,38 @@ class Handler(http_checks.JSONErrors, APIHandler):
                     finish = r.finish_reason or finish
             finally:
                 ctx.stop()
-            replies.append(self.generate_response(
-                text, finish, len(ctx.prompt), len(seen), ctx.prompt_cache_count, tokens=[r.token for r in seen],
-                token_logprobs=[r.logprob for r in seen], top_tokens=[r.top_tokens for r in seen]))  # fmt: skip
+            replies.append(self.generate_response(text, finish, len(ctx.prompt), n, ctx.prompt_cache_count))
         merged = replies[0]
         merged["choices"] = [r["choices"][0] for r in replies]
         merged["usage"] = {k: sum(r["usage"][k] for r in replies) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         self.send_json(merged)
 
-    def generate_response(self, text, finish_reason, *args, token_logprobs=None, top_tokens=None, tokens=None, **kwargs):
-        response = self.add_document(super().generate_response(text, finish_reason, *args, **kwargs))
-        choice = response["choices"][0]
-        choice["index"] = self.choice_index
-        if self.stream and self.logprobs:  # mlx-lm's stream events carry none: each carries its tokens'
-            seen, self.response_generator.seen.responses = self.response_generator.seen.responses, []
-            tokens, token_logprobs, top_tokens = [r.token for r in seen], [r.logprob for r in seen], [r.top_tokens for r in seen]
-        if not self.logprobs:
-            return response
-        decode = self.response_generator.model_provider.tokenizer.decode
-
-        def entry(token_id, logprob):
-            text = decode([token_id])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        # OpenAI's chat shape: each token with its logprob and the most likely tokens there.
-        entries = [{**entry(t, lp), "top_logprobs": [entry(x["id"], x["logprob"]) for x in sorted(top or (), key=lambda x: -x["logprob"])]}
-                   for t, lp, top in zip(tokens, token_logprobs, top_tokens or [()] * len(tokens))]
-        if self.completion_logprobs is None:
-            choice["logprobs"] = {"content": entries}
-            return response
-        offsets = []  # the completions shape: text_offset counts from the prompt's start
-        for e in entries:
-            offsets.append(self.offset)
-            self.offset += len(e["token"])
-        choice["logprobs"] = {
-            "tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries] if self.completion_logprobs else None,
-            "text_offset": offsets,
-        }  # fmt: skip
+    def generate_response(self, *args, **kwargs):
+        response = self.add_document(super().generate_response(*args, **kwargs))
+        response["choices"][0]["index"] = self.choice_index
+        # The Responses since the last reply: all of them, or a stream event's.
+        seen, self.response_generator.seen.responses = self.response_generator.seen.responses, []
+        if self.logprobs:
+            response["choices"][0]["logprobs"] = self.openai_logprobs(seen)
         return response
+
+    def openai_logprobs(self, seen) -> dict:
+        """OpenAI's logprobs of the Responses ``seen``: each token, its logprob and the most
+        likely tokens there, in chat's shape or in the completions shape."""
+        decode = self.response_generator.model_provider.tokenizer.decode
+        texts = [decode([r.token]) for r in seen]
+        by_logprob = lambda top: sorted(top, key=lambda x: -x["logprob"])
+        tops = [[(decode([x["id"]]), x["logprob"]) for x in by_logprob(r.top_tokens)] for r in seen]
+        if self.object_type == "text_completion":
+            offsets = list(itertools.accumulate(map(len, texts), initial=self.offset))  # from the prompt's start
+            self.offset = offsets.pop()
+            return {
+                "tokens": texts, "token_logprobs": [r.logprob for r in seen],
+                "top_logprobs": [dict(top) for top in tops] if self.top_logprobs > 0 else None, "text_offset": offsets,
+            }  # fmt: skip
+        entry = lambda text, logprob: {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        entries = [{**entry(t, r.logprob), "top_logprobs": [entry(*x) for x in top]} for t, r, top in zip(texts, seen, tops)]
+        return {"content": entries}
 
     def completion_usage_response(self, *args, **kwargs):
         return self.add_document(super().completion_usage_response(*args, **kwargs))
