@@ -287,16 +287,16 @@ class Handler(http_checks.JSONErrors, APIHandler):
                 self.validate_model_parameters()  # mlx-lm's own checks
             except ValueError as e:
                 raise RequestError(f"{e}.") from None
-            if self.path != "/v1/completions":
+            if self.path == "/v1/completions":
+                prompts = [self.text(p) for p in body.get("prompts", [body["prompt"]])]
+                body["prompt"], self.offset = prompts[0], len(prompts[0])
+                request = self.handle_text_completions()  # also the reply's id and kind
+                if "prompts" in body:  # mlx-lm's handler serves one prompt a request
+                    return self.serve_prompts(prompts, body["stop"])
+            else:
                 request = self.handle_chat_completions()
                 self.check_length(request)
-                return self.handle_completion(request, body["stop"])
-            prompts = [self.text(p) for p in body.get("prompts", [body["prompt"]])]
-            if "prompts" not in body:  # one prompt: mlx-lm's handler replies, or streams
-                body["prompt"], self.offset = prompts[0], len(prompts[0])
-                return self.handle_completion(self.handle_text_completions(), body["stop"])
-            self.handle_text_completions()  # the reply's id and kind
-            self.serve_prompts(prompts, body["stop"])
+            self.handle_completion(request, body["stop"])
         except RequestError as e:
             self.send_error_json(e.status, str(e))
 
@@ -360,7 +360,7 @@ class Handler(http_checks.JSONErrors, APIHandler):
                     if r.finish_reason == "length":
                         state, rest, now = TextStateMachine.flush(state)
                         parts.append((now, rest))
-                    text += "".join(t for where, t in parts if where == "normal") if r.finish_reason != "stop" else ""
+                    text += "".join(t for where, t in parts if where == "normal")  # cut_at_stop sends no "stop"
                     finish = r.finish_reason or finish
             finally:
                 ctx.stop()
