@@ -34,16 +34,12 @@ class JSONErrors:
     shape, which its clients show), those http.server writes itself too (an unknown
     method, an oversized header): they were HTML. The handler has ``send_json``."""
 
+    headers = {}  # a request's, once read: http.server's errors can come first
+
     def send_error(self, code, message=None, explain=None):
-        # http.server's errors can come before the headers are read: no send_json here.
         short, long = self.responses.get(code, ("Error", ""))
-        body = json.dumps({"error": {"message": f"{message or short}: {explain or long}", "type": "invalid_request_error"}}).encode()
         self.close_connection = True
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_error_json(code, f"{message or short}: {explain or long}")
 
     def send_error_json(self, status: int, message: str) -> None:
         kind = {403: "permission_error", 404: "not_found_error"}.get(status, "invalid_request_error")
@@ -61,11 +57,9 @@ def check_origin(handler, allowed, what: str) -> None:
 def read_json(handler, paths, limit: int, allowed, what: str):
     """(path, body) of a POST to one of ``paths``, read and parsed once: its size,
     origin and JSON checked, or a RequestError saying what is wrong."""
-    length = handler.headers.get("Content-Length")
-    if length is None:
-        raise RequestError("A Content-Length header is required.", 411)
-    if not length.strip().isdecimal():
-        raise RequestError("Content-Length must be a non-negative integer.")
+    length = handler.headers.get("Content-Length", "").strip()
+    if not length.isdecimal():
+        raise RequestError("A Content-Length header with the body's size in bytes is required.", 400 if length else 411)
     length = int(length)
     if length > limit:
         # Drop a body of sane size, so the client sees the reply; a larger one is never read.
@@ -84,7 +78,7 @@ def read_json(handler, paths, limit: int, allowed, what: str):
         raise RequestError(f"The body is not valid JSON: {e}.") from None
     except RecursionError:  # deeper than Python's parser goes
         raise RequestError(TOO_DEEP) from None
-    if depth(body) > MAX_JSON_DEPTH:
+    if too_deep(body):
         raise RequestError(TOO_DEEP)
     return path, body
 
@@ -93,15 +87,12 @@ def _no_constant(name):
     raise ValueError(f"{name} is not allowed in JSON")
 
 
-def depth(value) -> int:
-    """How deeply lists and objects nest in ``value``, without recursion."""
-    deepest, todo = 0, [(value, 1)]
-    while todo and deepest <= MAX_JSON_DEPTH:
-        value, level = todo.pop()
-        if isinstance(value, (list, dict)):
-            deepest = max(deepest, level)
-            todo.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
-    return deepest
+def too_deep(value) -> bool:
+    """Whether lists and objects nest in ``value`` more than MAX_JSON_DEPTH levels, level by level."""
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [v for x in level if isinstance(x, (list, dict)) for v in (x.values() if isinstance(x, dict) else x)]
+    return any(isinstance(x, (list, dict)) for x in level)
 
 
 def number(body: dict, key: str, low=-math.inf, high=math.inf, integer=False):
@@ -114,23 +105,14 @@ def number(body: dict, key: str, low=-math.inf, high=math.inf, integer=False):
     return v
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False
-    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+def is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address.split("%")[0]).is_loopback
 
 
 def bind(host: str, port: int) -> ThreadingHTTPServer:
     """A listening HTTP server (IPv4 or IPv6, as the host resolves), before any model loads."""
-    try:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise LoadError(f"Cannot resolve --host {host}: {e.strerror}.") from None
 
     class Server(ThreadingHTTPServer):
-        address_family = info[0]
         daemon_threads = True
         request_queue_size = LISTEN_BACKLOG
 
@@ -141,16 +123,18 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
             else:
                 super().handle_error(request, client_address)
 
-    try:
-        return Server(info[4], None)
-    except OSError as e:
+    try:  # as mlx-lm's server: the family of the host's first address
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        Server.address_family, *_, address = info
+        return Server(address, None)
+    except OSError as e:  # an unknown host, a busy port
         raise LoadError(f"Cannot listen on {host}:{port}: {e.strerror or e}.") from None
 
 
 def url(httpd, host: str) -> str:
     """The server's base URL, warning first if ``host`` lets other machines in."""
     bound, port = httpd.server_address[:2]
-    if not is_loopback(host):
+    if not is_loopback(bound):
         warnings.warn(
             f"Listening on {host}, not only this machine: anyone who can reach "
             f"port {port} can use the model, without authentication."

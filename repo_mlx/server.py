@@ -21,6 +21,8 @@ does not hand a handler class on to the HTTP server, so ``command`` builds them.
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import os
@@ -110,6 +112,7 @@ class Provider(ModelProvider):
                 self.draft_model = load_draft(a.draft_model, self.tokenizer)
             self.is_batchable = a.draft_model is None and all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
             self.model_key = (a.model, a.adapter_path, a.draft_model)
+            self.created = int(time.time())  # the model card's
         except Exception as e:
             self.load_error = e
         self.loaded.set()
@@ -157,9 +160,7 @@ class Generator(ResponseGenerator):
     """mlx-lm's generation thread; replies end at stop strings found in their text,
     and the handler's thread sees the Responses it is sent (``seen``), for logprobs."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.seen = threading.local()
+    seen = threading.local()  # one server a process; each handler thread its own
 
     def generate(self, request, args, progress_callback=None):
         # Tokens stop at end of text only: mlx-lm's match of stop strings' tokens would
@@ -259,13 +260,11 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
 
 
 class Handler(http_checks.JSONErrors, APIHandler):
-    """mlx-lm's request handler behind a check of every request."""
+    """mlx-lm's request handler behind a check of every request. Its settings are
+    mlx-lm's: the command line (with the limits ``command`` fills in) and the model
+    provider."""
 
     timeout = 60  # seconds a client may stall while sending; frees its thread
-
-    def __init__(self, generator, settings, *args, **kwargs):
-        self.settings = settings
-        super().__init__(generator, *args, **kwargs)
 
     def log_message(self, format, *args):
         logging.info("%s %s", self.address_string(), format % args)
@@ -278,27 +277,26 @@ class Handler(http_checks.JSONErrors, APIHandler):
         self.wfile.write(body)
 
     def do_POST(self):
-        s = self.settings
+        cli, provider = self.response_generator.cli_args, self.response_generator.model_provider
         try:
-            self.path, body = http_checks.read_json(self, POST_PATHS, s["max_request_bytes"], s["allowed_origins"], "server")
-            body = check_request(body, self.path, s["limits"], s["model_id"], s["has_chat_template"])
+            self.path, body = http_checks.read_json(self, POST_PATHS, cli.max_request_bytes, cli.allowed_origins, "server")
+            limits = Limits(cli.max_tokens_limit, provider.model.args.vocab_size)
+            body = check_request(body, self.path, limits, cli.model, provider.tokenizer.has_chat_template)
             self.read_request(body)
             try:
                 self.validate_model_parameters()  # mlx-lm's own checks
             except ValueError as e:
                 raise RequestError(f"{e}.") from None
-            if self.path != "/v1/completions":
+            if self.path == "/v1/completions":
+                prompts = [self.text(p) for p in body.get("prompts", [body["prompt"]])]
+                body["prompt"], self.offset = prompts[0], len(prompts[0])
+                request = self.handle_text_completions()  # also the reply's id and kind
+                if "prompts" in body:  # mlx-lm's handler serves one prompt a request
+                    return self.serve_prompts(prompts, body["stop"])
+            else:
                 request = self.handle_chat_completions()
                 self.check_length(request)
-                return self.handle_completion(request, body["stop"])
-            prompts = [self.text(p) for p in body.get("prompts", [body["prompt"]])]
-            for prompt in prompts:
-                self.check_length(prompt)
-            if "prompts" not in body:  # one prompt: mlx-lm's handler replies, or streams
-                body["prompt"], self.offset = prompts[0], len(prompts[0])
-                return self.handle_completion(self.handle_text_completions(), body["stop"])
-            self.handle_text_completions()  # the reply's id and kind
-            self.serve_prompts(prompts, body["stop"])
+            self.handle_completion(request, body["stop"])
         except RequestError as e:
             self.send_error_json(e.status, str(e))
 
@@ -313,29 +311,27 @@ class Handler(http_checks.JSONErrors, APIHandler):
         self.top_k, self.min_p = get("top_k", cli.top_k), get("min_p", cli.min_p)
         for key, default in REQUEST_DEFAULTS.items():
             setattr(self, key, get(key, default))
-        self.completion_logprobs = get("top_logprobs") if self.path == "/v1/completions" and self.logprobs else None
         self.choice_index, self.offset = 0, 0
 
     def text(self, prompt) -> str:
-        """A completions prompt as the text mlx-lm tokenizes; token ids that do not
-        come back the same through the tokenizer are refused."""
-        if isinstance(prompt, str):
-            return prompt
-        tokenizer = self.settings["tokenizer"]
-        text = tokenizer.decode(prompt)
-        if tokenizer.encode(text) not in (prompt, tokenizer.encode("") + prompt):
+        """A completions prompt as the text mlx-lm tokenizes, its length checked; token
+        ids that do not come back the same through the tokenizer are refused."""
+        tokenizer = self.response_generator.model_provider.tokenizer
+        text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+        if isinstance(prompt, list) and tokenizer.encode(text) not in (prompt, tokenizer.encode("") + prompt):
             raise RequestError("This prompt of token ids does not come back the same through the model's tokenizer, "
                                "which the server runs prompts through: send its text instead.")
+        self.check_length(text)
         return text
 
     def check_length(self, prompt) -> None:
         """Refuse a prompt over --max-prompt-tokens, counted as mlx-lm's generation thread will."""
-        tokenizer, limit = self.settings["tokenizer"], self.settings["max_prompt_tokens"]
-        document = self.response_generator.prompt_cache.document
+        cli, tokenizer = self.response_generator.cli_args, self.response_generator.model_provider.tokenizer
+        document, limit = self.response_generator.prompt_cache.document, cli.max_prompt_tokens
         if isinstance(prompt, str):
             n = len(tokenizer.encode(prompt))
         elif tokenizer.has_chat_template:
-            kwargs = {**self.response_generator.cli_args.chat_template_args, **(self.chat_template_kwargs or {})}
+            kwargs = {**cli.chat_template_args, **(self.chat_template_kwargs or {})}
             n = len(tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tools=prompt.tools, **kwargs))
         else:
             n = len(tokenizer.encode(convert_chat(prompt.messages, prompt.role_mapping)))
@@ -357,57 +353,49 @@ class Handler(http_checks.JSONErrors, APIHandler):
         for self.choice_index, prompt in enumerate(prompts):
             self.offset = len(prompt)
             ctx, responses = self.response_generator.generate(CompletionRequest("text", prompt, [], None, None), args)
-            state, text, finish, seen = ctx.text_sm.make_state(ctx.initial_state), "", "stop", []
+            state, text, finish, n = ctx.text_sm.make_state(ctx.initial_state), "", "stop", 0
             try:
-                for r in responses:
-                    seen.append(r)
+                for n, r in enumerate(responses, 1):
                     state, parts = TextStateMachine.split(state, r.text)
                     if r.finish_reason == "length":
                         state, rest, now = TextStateMachine.flush(state)
                         parts.append((now, rest))
-                    text += "".join(t for where, t in parts if where == "normal") if r.finish_reason != "stop" else ""
+                    text += "".join(t for where, t in parts if where == "normal")  # cut_at_stop sends no "stop"
                     finish = r.finish_reason or finish
             finally:
                 ctx.stop()
-            replies.append(self.generate_response(
-                text, finish, len(ctx.prompt), len(seen), ctx.prompt_cache_count, tokens=[r.token for r in seen],
-                token_logprobs=[r.logprob for r in seen], top_tokens=[r.top_tokens for r in seen]))  # fmt: skip
+            replies.append(self.generate_response(text, finish, len(ctx.prompt), n, ctx.prompt_cache_count))
         merged = replies[0]
         merged["choices"] = [r["choices"][0] for r in replies]
         merged["usage"] = {k: sum(r["usage"][k] for r in replies) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         self.send_json(merged)
 
-    def generate_response(self, text, finish_reason, *args, token_logprobs=None, top_tokens=None, tokens=None, **kwargs):
-        response = self.add_document(super().generate_response(text, finish_reason, *args, **kwargs))
-        choice = response["choices"][0]
-        choice["index"] = self.choice_index
-        if self.stream and self.logprobs:  # mlx-lm's stream events carry none: each carries its tokens'
-            seen, self.response_generator.seen.responses = self.response_generator.seen.responses, []
-            tokens, token_logprobs, top_tokens = [r.token for r in seen], [r.logprob for r in seen], [r.top_tokens for r in seen]
-        if not self.logprobs:
-            return response
-        decode = self.settings["tokenizer"].decode
-
-        def entry(token_id, logprob):
-            text = decode([token_id])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        # OpenAI's chat shape: each token with its logprob and the most likely tokens there.
-        entries = [{**entry(t, lp), "top_logprobs": [entry(x["id"], x["logprob"]) for x in sorted(top or (), key=lambda x: -x["logprob"])]}
-                   for t, lp, top in zip(tokens, token_logprobs, top_tokens or [()] * len(tokens))]
-        if self.completion_logprobs is None:
-            choice["logprobs"] = {"content": entries}
-            return response
-        offsets = []  # the completions shape: text_offset counts from the prompt's start
-        for e in entries:
-            offsets.append(self.offset)
-            self.offset += len(e["token"])
-        choice["logprobs"] = {
-            "tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries] if self.completion_logprobs else None,
-            "text_offset": offsets,
-        }  # fmt: skip
+    def generate_response(self, *args, **kwargs):
+        response = self.add_document(super().generate_response(*args, **kwargs))
+        response["choices"][0]["index"] = self.choice_index
+        # The Responses since the last reply: all of them, or a stream event's.
+        seen, self.response_generator.seen.responses = self.response_generator.seen.responses, []
+        if self.logprobs:
+            response["choices"][0]["logprobs"] = self.openai_logprobs(seen)
         return response
+
+    def openai_logprobs(self, seen) -> dict:
+        """OpenAI's logprobs of the Responses ``seen``: each token, its logprob and the most
+        likely tokens there, in chat's shape or in the completions shape."""
+        decode = self.response_generator.model_provider.tokenizer.decode
+        texts = [decode([r.token]) for r in seen]
+        by_logprob = lambda top: sorted(top, key=lambda x: -x["logprob"])
+        tops = [[(decode([x["id"]]), x["logprob"]) for x in by_logprob(r.top_tokens)] for r in seen]
+        if self.object_type == "text_completion":
+            offsets = list(itertools.accumulate(map(len, texts), initial=self.offset))  # from the prompt's start
+            self.offset = offsets.pop()
+            return {
+                "tokens": texts, "token_logprobs": [r.logprob for r in seen],
+                "top_logprobs": [dict(top) for top in tops] if self.top_logprobs > 0 else None, "text_offset": offsets,
+            }  # fmt: skip
+        entry = lambda text, logprob: {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        entries = [{**entry(t, r.logprob), "top_logprobs": [entry(*x) for x in top]} for t, r, top in zip(texts, seen, tops)]
+        return {"content": entries}
 
     def completion_usage_response(self, *args, **kwargs):
         return self.add_document(super().completion_usage_response(*args, **kwargs))
@@ -422,18 +410,17 @@ class Handler(http_checks.JSONErrors, APIHandler):
         return response
 
     def do_GET(self):
-        path, s = urlsplit(self.path).path, self.settings
-        card = {"id": s["model_id"], "object": "model", "created": s["created"], "owned_by": "local"}
+        path, cli = unquote(urlsplit(self.path).path), self.response_generator.cli_args
+        created = self.response_generator.model_provider.created
+        card = {"id": cli.model, "object": "model", "created": created, "owned_by": "local"}
+        replies = {"/v1/models": {"object": "list", "data": [card]}, f"/v1/models/{cli.model}": card}
         try:
-            http_checks.check_origin(self, s["allowed_origins"], "server")
-            if path == "/v1/models":
-                self.send_json({"object": "list", "data": [card]})
-            elif path.startswith("/v1/models/") and unquote(path[len("/v1/models/"):]) == s["model_id"]:
-                self.send_json(card)
-            elif path == "/health":
-                self.handle_health_check()
-            else:
+            http_checks.check_origin(self, cli.allowed_origins, "server")
+            if path == "/health":
+                return self.handle_health_check()
+            if path not in replies:
                 raise RequestError(f"No such endpoint: GET {path}.", 404)
+            self.send_json(replies[path])
         except RequestError as e:
             self.send_error_json(e.status, str(e))
 
@@ -450,26 +437,21 @@ def command(argv=None) -> None:
         provider.loaded.wait()
         if (e := provider.load_error) is not None:
             raise e if isinstance(e, LoadError) else LoadError(f"Cannot load {args.model}: {one_line(e)}")
-        model, tokenizer = provider.model, provider.tokenizer
-        context = context_length(model) or 4096
-        limit = args.max_tokens_limit or context
-        args.max_tokens = args.max_tokens or min(512, limit)
+        model, context = provider.model, context_length(provider.model) or 4096
+        # The defaults that depend on the model, where the handlers read the flags.
+        args.max_tokens_limit = args.max_tokens_limit or context
+        args.max_prompt_tokens = args.max_prompt_tokens or context
+        args.max_tokens = args.max_tokens or min(512, args.max_tokens_limit)
         args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
-        if args.max_tokens > limit:
-            raise LoadError(f"--max-tokens {args.max_tokens} is above the limit of {limit} tokens.")
+        if args.max_tokens > args.max_tokens_limit:
+            raise LoadError(f"--max-tokens {args.max_tokens} is above the limit of {args.max_tokens_limit} tokens.")
         if args.prompt_cache_file is not None:
-            cache, generator.prompt_cache.document = prompt_cache.load_for(args.prompt_cache_file, model, tokenizer)
+            cache, generator.prompt_cache.document = prompt_cache.load_for(args.prompt_cache_file, model, provider.tokenizer)
             if not all(type(c).__name__ == "KVCache" for c in cache):
                 raise LoadError(f"{args.prompt_cache_file} holds a quantized or rotating cache; the server takes "
                                 "one made without --kv-bits and --max-kv-size.")
             generator.prompt_cache.insert_cache(provider.model_key, [], cache)  # the document alone
-        settings = {
-            "model_id": args.model, "created": int(time.time()), "has_chat_template": tokenizer.has_chat_template,
-            "tokenizer": tokenizer, "allowed_origins": args.allowed_origins, "max_request_bytes": args.max_request_bytes,
-            "max_prompt_tokens": args.max_prompt_tokens or context, "limits": Limits(limit, model.args.vocab_size),
-        }  # fmt: skip
-        fingerprint = get_system_fingerprint()
-        httpd.RequestHandlerClass = lambda *a, **kw: Handler(generator, settings, *a, system_fingerprint=fingerprint, **kw)
+        httpd.RequestHandlerClass = functools.partial(Handler, generator, system_fingerprint=get_system_fingerprint())
         print(f"Serving {args.model} at {http_checks.url(httpd, args.host)}/v1 (Ctrl-C stops)", flush=True)
         httpd.serve_forever()
     finally:

@@ -210,7 +210,7 @@ class Handler(http_checks.JSONErrors, BaseHTTPRequestHandler):
 def own_origins(host: str, bound: str, port: int) -> list:
     """The origins of the viewer's own page, which may call it whatever --allowed-origins says."""
     names = {host, bound}
-    if http_checks.is_loopback(host):
+    if http_checks.is_loopback(bound):
         names |= {"localhost", "127.0.0.1", "::1"}
     return [f"http://[{n}]:{port}" if ":" in n else f"http://{n}:{port}" for n in sorted(names)]
 
