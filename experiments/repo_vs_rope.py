@@ -309,8 +309,11 @@ def labelled_items(cfg, tok):
     items = []
     for task in cfg.tasks.split(","):
         if task in LABELLED_TASKS:
-            for s in tasks.make_samples(task, tok, cfg.seq_len, min(cfg.samples, 4), EVAL_SEED):
-                items.append((task, *analysis.task_item_labels(tok, s)))
+            try:
+                samples = tasks.make_samples(task, tok, cfg.seq_len, min(cfg.samples, 4), EVAL_SEED)
+            except ValueError:  # the training length is too short for this task (tiny runs)
+                continue
+            items += [(task, *analysis.task_item_labels(tok, s)) for s in samples]
     return items
 
 
@@ -351,11 +354,11 @@ def position_stats(cfg, out, folder):
     return stats
 
 
-def index_reference(cfg, out):
+def index_reference(cfg, out, folder=None):
     """The same placement with integer positions (a RoPE layer's): the reference row."""
     from repo_mlx.utils import load
 
-    _, tok = load(str(out / "stage1"))
+    _, tok = load(str(folder or out / "stage1"))
     per = [analysis.placement(np.arange(len(ids), dtype=float), lab) for _, ids, lab in labelled_items(cfg, tok)]
     return {g: {k: float(np.mean([p[g][k] for p in per if g in p])) for k in ("percentile", "to_query")}
             for g in analysis.GROUPS if any(g in p for p in per)}
@@ -405,14 +408,17 @@ def fmt_pair(p, task):
     return analysis.fmt_paired(p, scale=100, decimals=0)
 
 
-def build_table(cfg, evals, seeds):
+def build_table(cfg, evals, seeds, settings=None):
+    """The Markdown table and its rows; ``settings``: (label, length, YaRN factor) of each
+    evaluation setting (default: this script's)."""
+    settings = settings or eval_settings(cfg)
     rows, lines = [], []
     head = ("| task | length | base | RoPE arm | NoPE arm | RePo arm | RePo arm, blend 1 | "
             + " | ".join(f"{NAMES[a]} − {NAMES[b]}" for a, b in PAIRS) + " |")
     lines += [head, "|---" * (7 + len(PAIRS)) + "|"]
     keys = list(evals["base"])
     order = ["perplexity"] + cfg.tasks.split(",") + [t + " answer loss" for t in cfg.tasks.split(",")]
-    keys.sort(key=lambda k: (order.index(k.split("|")[0]), [s[0] for s in eval_settings(cfg)].index(k.split("|")[1])))
+    keys.sort(key=lambda k: (order.index(k.split("|")[0]), [s[0] for s in settings].index(k.split("|")[1])))
     for key in keys:
         task, label = key.split("|")
         values = {a: [evals[f"{a}-{s}"][key]["value"] for s in seeds] for a, _ in ARMS}
@@ -420,7 +426,7 @@ def build_table(cfg, evals, seeds):
         base = agg([evals["base"][key]["value"]])
         blend1 = agg([evals[f"repo-{s}@blend1"][key]["value"] for s in seeds])
         pairs = pair_cells(values, task)
-        length = {l: n for l, n, _ in eval_settings(cfg)}[label]
+        length = {l: n for l, n, _ in settings}[label]
         what = {"perplexity": "perplexity (lower is better)"}.get(task, task)
         if task.endswith("answer loss"):
             what += " (nats/token, lower is better)"
