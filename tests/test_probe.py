@@ -67,3 +67,25 @@ def test_one_finite_value_per_layer(model_type, repo):
 def test_too_few_sequences_is_one_clear_error():
     with pytest.raises(ValueError, match="at least 4 sequences"):
         probe.index_probe(tiny("olmo2", False), [[1, 2, 3]] * 3)
+
+
+def test_index_probe_script_writes_one_r2_per_layer(tmp_path, fixture_path):
+    import json
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from repo_mlx.tasks import filler_sentence
+
+    rng = random.Random(0)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(filler_sentence(rng) for _ in range(300)))
+    script = Path(__file__).parents[1] / "experiments" / "index_probe.py"
+    args = [sys.executable, str(script), "--model", str(fixture_path), "--text", str(text), "--out", str(tmp_path / "p")]
+    r = subprocess.run(args + ["--windows", "4", "--length", "64"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert len(result["r2"]) == 4 and all(math.isfinite(v) for v in result["r2"].values())
+    r = subprocess.run(args + ["--windows", "400"], capture_output=True, text=True)
+    assert r.returncode == 2 and "fewer than --windows x --length" in r.stderr
