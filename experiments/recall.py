@@ -347,10 +347,10 @@ def plot(out, seeds, results, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (arm, name), color in zip(ARMS, ("tab:blue", "tab:green", "tab:red")):
+    for (arm, name), color, style in zip(ARMS, ("tab:blue", "tab:green", "tab:red"), ("o-", "o--", "o-")):
         for i, s in enumerate(seeds):
             m = results[f"{arm}-{s}"]["metrics"]
-            ax.plot([r["step"] for r in m], [100 * r["accuracy"] for r in m], "o-", color=color, alpha=0.6,
+            ax.plot([r["step"] for r in m], [100 * r["accuracy"] for r in m], style, color=color, alpha=0.6,
                     label=name if i == 0 else None)
     ax.set(xlabel="step", ylabel="accuracy (%), training setting", title="Recall accuracy during training, every seed")
     ax.legend()

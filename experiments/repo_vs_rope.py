@@ -503,14 +503,16 @@ def plot_losses(out, seeds, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, color in (("rope", "tab:blue"), ("nope", "tab:green"), ("repo", "tab:red")):
+    # NoPE dashed on top: where it matches RePo, both stay visible.
+    for arm, color, style in (("rope", "tab:blue", "-"), ("repo", "tab:red", "-"), ("nope", "tab:green", "--")):
         for i, s in enumerate(seeds):
             m = read_metrics(out / f"{arm}-{s}")
             tr = [r for r in m if "loss" in r]
             va = [r for r in m if "val_loss" in r]
             lab = f"{NAMES[arm]} arm" if i == 0 else None
-            axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], color=color, alpha=0.6, label=lab)
-            axes[1].plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", color=color, alpha=0.6, label=lab)
+            axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], style, color=color, alpha=0.6, label=lab)
+            axes[1].plot([r["step"] for r in va], [r["val_loss"] for r in va], "o" + style, color=color, alpha=0.6,
+                         label=lab)
     axes[0].set(xlabel="step (after stage 1)", ylabel="cross-entropy", title="Training loss, every seed")
     axes[1].set(xlabel="step (after stage 1)", ylabel="cross-entropy", title="Held-out Shakespeare loss")
     for a in axes:

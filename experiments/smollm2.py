@@ -201,23 +201,32 @@ def probe_stats(cfg, out, folder):
 
 # ----------------------------------------------------------------- cost
 def estimate(cfg, base_config, memory_gb, tflops=ASSUMED_TFLOPS):
-    """Tokens, FLOPs and hours of the three training arms, by formula (not measured)."""
+    """Tokens, FLOPs and hours of the training arms and the evaluation, by formula (not measured)."""
     d, L = base_config["hidden_size"], base_config["num_hidden_layers"]
     v, f = base_config["vocab_size"], base_config["intermediate_size"]
     h, kv = base_config["num_attention_heads"], base_config.get("num_key_value_heads") or base_config["num_attention_heads"]
     hd = base_config.get("head_dim") or d // h
     embeddings = v * d * (1 if base_config.get("tie_word_embeddings", True) else 2)
     n = embeddings + L * (d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f)
+
+    def attention(context):  # causal: QK^T and AV, 2 * 2 * (context / 2) * heads * head_dim per layer
+        return L * 2 * 2 * (context / 2) * h * hd
+
     tokens = cfg.iters * cfg.batch_size * cfg.grad_accumulation_steps * cfg.seq_len
-    # 6N per token (forward + backward), 2N more for the recomputed forward with checkpointing,
-    # plus causal attention: 2 matmuls of 2 * (seq/2) * heads * head_dim per layer, times 3 (4).
+    # 6N per token (forward + backward), 2N more for the recomputed forward with checkpointing.
     passes = 4 if cfg.grad_checkpoint else 3
-    per_token = (8 if cfg.grad_checkpoint else 6) * n + passes * L * 2 * 2 * (cfg.seq_len / 2) * h * hd
-    flops = per_token * tokens
+    flops = tokens * ((8 if cfg.grad_checkpoint else 6) * n + passes * attention(cfg.seq_len))
     seeds = len(cfg.seeds.split(","))
+    # Evaluation: every item read twice (the greedy answer, the answer loss), perplexity windows;
+    # for the base and, per seed, 3 arms and RePo at blend 1. Forward only: 2N per token.
+    models = 1 + 4 * seeds
+    n_tasks = len(cfg.tasks.split(","))
+    eval_flops = models * sum(
+        (2 * cfg.samples * n_tasks * m + cfg.ppl_tokens) * (2 * n + attention(m)) for m in lengths(cfg))
+    hours = lambda x: x / (tflops * 1e12) / 3600  # noqa: E731
     return {"parameters": n, "tokens_per_arm": tokens, "flops_per_arm": flops, "arms": 3 * seeds,
-            "flops_total": 3 * seeds * flops, "assumed_tflops": tflops,
-            "hours_total": 3 * seeds * flops / (tflops * 1e12) / 3600, "memory_gb": memory_gb}
+            "flops_total": 3 * seeds * flops, "eval_flops": eval_flops, "assumed_tflops": tflops,
+            "hours_total": hours(3 * seeds * flops), "eval_hours": hours(eval_flops), "memory_gb": memory_gb}
 
 
 def dry_run_memory(cfg, base):
@@ -238,9 +247,10 @@ def cost_text(e):
     return (f"Cost, by estimate (not measured): {e['parameters'] / 1e6:.0f}M parameters; "
             f"{e['tokens_per_arm']:,} training tokens per arm, {e['arms']} arm runs; "
             f"{e['flops_per_arm']:.2g} FLOPs per arm, {e['flops_total']:.2g} in all (6N per token, 8N with "
-            f"gradient checkpointing, plus attention); at an assumed {e['assumed_tflops']:g} TFLOP/s sustained on an "
-            f"Apple-silicon GPU, about {e['hours_total']:.2g} hours of training, plus evaluation; peak memory "
-            f"per training process {e['memory_gb'] if e['memory_gb'] is not None else '?'} GB "
+            f"gradient checkpointing, plus attention), and {e['eval_flops']:.2g} for the evaluation; at an assumed "
+            f"{e['assumed_tflops']:g} TFLOP/s sustained on an Apple-silicon GPU, about {e['hours_total']:.2g} hours "
+            f"of training and {e['eval_hours']:.2g} of evaluation (more: greedy decoding runs a token at a time); "
+            f"peak memory per training process {e['memory_gb'] if e['memory_gb'] is not None else '?'} GB "
             "(pretrain --dry-run's estimate).")
 
 
