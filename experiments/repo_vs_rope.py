@@ -403,8 +403,8 @@ def pair_cells(values, task):
 
 
 def fmt_pair(p, task):
-    if lower_is_better(task):
-        return analysis.fmt_paired(p)
+    if lower_is_better(task):  # answer losses differ in the third decimal
+        return analysis.fmt_paired(p, decimals=3 if task.endswith("answer loss") else 2)
     return analysis.fmt_paired(p, scale=100, decimals=0)
 
 
