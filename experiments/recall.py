@@ -28,7 +28,7 @@ PRESETS = {
                   train_length=32, train_noise="0-3", tests="64:0-3,64:4-8",
                   steps=20, batch_size=8, lr=3e-3, warmup=2, seeds="0", eval_items=16, steps_per_eval=10),
     "default": dict(hidden_size=64, layers=2, heads=4, pairs=6, keys=64, noise_tokens=16,
-                    train_length=64, train_noise="0-3", tests="128:0-3,128:4-8,256:8-16,512:16-32",
+                    train_length=64, train_noise="0-3", tests="64:4-6,96:0-3,128:0-3,128:4-8,256:8-16,512:16-32",
                     steps=4000, batch_size=32, lr=3e-3, warmup=200, seeds="0,1,2", eval_items=500,
                     steps_per_eval=500),
 }
@@ -391,8 +391,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "settings.json"
-    if saved.exists() and json.loads(saved.read_text()) != vars(cfg):
-        fail(f"{out} was started with other settings ({saved}); use another --out or the same flags.")
+    fixed = lambda d: {k: v for k, v in d.items() if k != "tests"}  # noqa: E731 (new test settings reuse the models)
+    if saved.exists() and fixed(json.loads(saved.read_text())) != fixed(vars(cfg)):
+        fail(f"{out} was started with other settings ({saved}); use another --out or the same flags "
+             "(only --tests may change).")
     saved.write_text(json.dumps(vars(cfg), indent=2))
     results, timing = {}, {}
     train_set, last = sets[0], sets[-1]
@@ -403,22 +405,28 @@ def main(argv=None):
             if not done.exists():
                 log(f"{name}: training")
                 t = time.time()
-                train(cfg, arm, s, folder)
-                seconds = round(time.time() - t, 1)
+                model = train(cfg, arm, s, folder)
+                r = {"train_seconds": round(time.time() - t, 1), "accuracy": {}, "eval_seconds": 0.0,
+                     "probe": probe(cfg, model, train_set[1], train_set[2]),
+                     "metrics": json.loads((folder / "metrics.json").read_text())}
+                done.write_text(json.dumps(r, indent=1))
+            r = json.loads(done.read_text())
+            # Settings not evaluated yet (all of them after training, new ones after --tests changed).
+            missing = [x for x in sets if x[0] not in r["accuracy"]]
+            stale = arm == "repo" and r.get("positions", {}).get("test_setting") != last[0]
+            if missing or stale:
                 log(f"{name}: evaluating")
                 t = time.time()
                 model = load(folder)
-                r = {"train_seconds": seconds,
-                     "accuracy": {label: accuracy(model, cfg, length, noise, cfg.eval_items) for label, length, noise in sets},
-                     "probe": probe(cfg, model, train_set[1], train_set[2]),
-                     "metrics": json.loads((folder / "metrics.json").read_text())}
+                for label, length, noise in missing:
+                    r["accuracy"][label] = accuracy(model, cfg, length, noise, cfg.eval_items)
                 if arm == "repo":
-                    r["positions"] = {w: position_stats(cfg, model, n, z) for w, (_, n, z) in
-                                      (("train", train_set), ("test", last))}
-                r["eval_seconds"] = round(time.time() - t, 1)
+                    r["positions"] = {"train": position_stats(cfg, model, train_set[1], train_set[2]),
+                                      "test": position_stats(cfg, model, last[1], last[2]), "test_setting": last[0]}
+                r["eval_seconds"] = round(r["eval_seconds"] + time.time() - t, 1)
                 done.write_text(json.dumps(r, indent=1))
-            results[name] = json.loads(done.read_text())
-            timing[name] = results[name]["train_seconds"] + results[name]["eval_seconds"]
+            results[name] = r
+            timing[name] = r["train_seconds"] + r["eval_seconds"]
     results["integer_placement"] = {w: integer_placement(cfg, n, z) for w, (_, n, z) in
                                     (("train", train_set), ("test", last))}
     (out / "report").mkdir(exist_ok=True)

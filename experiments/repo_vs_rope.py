@@ -398,7 +398,7 @@ NAMES = dict(ARMS)
 
 
 def pair_cells(values, task):
-    """{(a, b): paired stats of arm a against arm b} for one row; values: {arm: per-seed list}."""
+    """{"a-b": paired stats of arm a against arm b} for one row; values: {arm: per-seed list}."""
     return {f"{a}-{b}": analysis.paired(values[a], values[b], lower_is_better(task)) for a, b in PAIRS}
 
 

@@ -58,6 +58,12 @@ def test_smoke_run_writes_the_report_and_resumes(tmp_path):
     assert json.loads((out / "report" / "results.json").read_text())["table"] == results["table"]
     r = run("--preset", "smoke", "--steps", "30", "--out", str(out))
     assert r.returncode == 2 and "other settings" in r.stderr
+    # New test settings reuse the trained models: evaluated, not trained.
+    r = run("--preset", "smoke", "--tests", "64:0-3,48:2-4", "--out", str(out))
+    assert r.returncode == 0 and "training" not in r.stdout and "evaluating" in r.stdout
+    table = json.loads((out / "report" / "results.json").read_text())["table"]
+    assert [row["setting"] for row in table][1:] == ["64, noise 0-3", "48, noise 2-4"]
+    assert table[1] == results["table"][1]
 
 
 @pytest.mark.parametrize("flags, message", [
