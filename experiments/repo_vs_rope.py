@@ -2,12 +2,15 @@
 
 1. stage 1: a small plain OLMo-2 pre-trained from scratch on Shakespeare plus generated
    noisy-context documents, with a tokenizer trained for the experiment;
-2. two arms from that base, same data, order, recipe, tokens and seeds: plain RoPE
-   (``repo_mlx.pretrain --plain``) and RePo (``repo_mlx.pretrain``, module in the upper layers);
-3. the same evaluation items for the base and both arms: the synthetic tasks of
+2. three arms from that base, same data, order, recipe, tokens and seeds: plain RoPE
+   (``repo_mlx.pretrain --plain``), RePo (``repo_mlx.pretrain``, module in the upper layers)
+   and NoPE (``repo_mlx.pretrain --nope``: the same layers with every position fixed at 0);
+3. the same evaluation items for the base and every arm: the synthetic tasks of
    ``repo_mlx.evaluate`` at 1x, 2x and 4x the training length (the longer ones without and
-   with YaRN), held-out perplexity, the RePo arm at position blend 1, position statistics;
-4. a report (Markdown, JSON, plots) in OUT/report.
+   with YaRN), held-out perplexity, the RePo arm at position blend 1; what the learned
+   positions carry (rank correlation with the token index, where filler falls against the
+   key, value and query of task items); the token-index probe of every model;
+4. a report (Markdown, JSON, plots) in OUT/report, arms compared paired by seed.
 
 Every stage leaves a marker in OUT/done; rerunning the same command resumes where it stopped
 (an interrupted training run continues from its checkpoint with ``pretrain --resume``).
@@ -27,6 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import analysis  # experiments/analysis.py, beside this script
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 EVAL_SEED = 1000  # synthetic evaluation items; training documents use seeds below it
@@ -287,23 +292,86 @@ def answer_losses(cfg, out, folder, blend):
     return results
 
 
+LABELLED_TASKS = ("niah_single", "niah_multikey", "kv_retrieval")  # analysis.task_item_labels knows them
+
+
+def heldout_windows(cfg, out, tok, n):
+    """``n`` consecutive windows of the training length from the held-out plays."""
+    ids = tok.encode((out / "data" / "heldout.txt").read_text())
+    L = cfg.seq_len
+    return [ids[i * L : (i + 1) * L] for i in range(min(n, len(ids) // L))]
+
+
+def labelled_items(cfg, tok):
+    """(task, ids, labels) of a few evaluation items per task, at the training length."""
+    from repo_mlx import tasks
+
+    items = []
+    for task in cfg.tasks.split(","):
+        if task in LABELLED_TASKS:
+            try:
+                samples = tasks.make_samples(task, tok, cfg.seq_len, min(cfg.samples, 4), EVAL_SEED)
+            except ValueError:  # the training length is too short for this task (tiny runs)
+                continue
+            items += [(task, *analysis.task_item_labels(tok, s)) for s in samples]
+    return items
+
+
 def position_stats(cfg, out, folder):
-    """Per RePo layer and head: position summary over held-out text and one task item."""
+    """Per RePo layer and head: position summary (IQR, range, increasing) on held-out text and
+    one niah_single item; rank correlation with the token index on held-out windows and on task
+    items; where filler, key, value and query tokens fall on task items."""
     from repo_mlx import tasks
     from repo_mlx import positions
     from repo_mlx.position_stats import summary
     from repo_mlx import load
 
     model, tok = load(str(folder))
-    text_ids = tok.encode((out / "data" / "heldout.txt").read_text())[: cfg.seq_len]
+    windows = heldout_windows(cfg, out, tok, 8)
     task_ids = tok.encode(tasks.make_sample("niah_single", tok, cfg.seq_len, EVAL_SEED, 0).prompt)
     stats = {}
-    for what, ids in (("text", text_ids), ("niah_single", task_ids)):
+    for what, ids in (("text", windows[0]), ("niah_single", task_ids)):
         z = positions(model, ids)
         stats[what] = {
             str(l): [summary(np.array(v[0, h])) for h in range(v.shape[1])] for l, v in z.items()
         }
+    zs = [positions(model, w) for w in windows]
+    for l in stats["text"]:
+        for h, head in enumerate(stats["text"][l]):
+            head["spearman"] = float(np.mean([analysis.spearman(np.array(z[int(l)][0, h])) for z in zs]))
+    items = labelled_items(cfg, tok)
+    zi = [positions(model, ids) for _, ids, _ in items]
+    stats["items"] = {}
+    for l in stats["text"]:
+        heads = []
+        for h in range(len(stats["text"][l])):
+            per = [analysis.placement(np.array(z[int(l)][0, h]), lab) for z, (_, _, lab) in zip(zi, items)]
+            heads.append({
+                "spearman": float(np.mean([analysis.spearman(np.array(z[int(l)][0, h])) for z in zi])),
+                "placement": {g: {k: float(np.mean([p[g][k] for p in per if g in p])) for k in ("percentile", "to_query")}
+                              for g in analysis.GROUPS if any(g in p for p in per)},
+            })
+        stats["items"][l] = heads
     return stats
+
+
+def index_reference(cfg, out, folder=None):
+    """The same placement with integer positions (a RoPE layer's): the reference row."""
+    from repo_mlx.utils import load
+
+    _, tok = load(str(folder or out / "stage1"))
+    per = [analysis.placement(np.arange(len(ids), dtype=float), lab) for _, ids, lab in labelled_items(cfg, tok)]
+    return {g: {k: float(np.mean([p[g][k] for p in per if g in p])) for k in ("percentile", "to_query")}
+            for g in analysis.GROUPS if any(g in p for p in per)}
+
+
+def probe_stats(cfg, out, folder):
+    """{layer: R^2} of the token-index probe on held-out windows (repo_mlx.probe)."""
+    from repo_mlx.probe import index_probe
+    from repo_mlx.utils import load
+
+    model, tok = load(str(folder))
+    return {str(l): r for l, r in index_probe(model, heldout_windows(cfg, out, tok, 16)).items()}
 
 
 # ----------------------------------------------------------------- report
@@ -325,58 +393,102 @@ def fmt(a, task):
     return s + (f" ± {100 * a['sd']:.0f}" if a["n"] > 1 else "")
 
 
-def compare(rope, repo, task):
-    """'RePo' or 'RoPE' when every seed of one arm beats every seed of the other, else ''."""
-    if rope["n"] < 2:
-        return ""
-    low = lower_is_better(task)
-    worst = (lambda a: a["max"]) if low else (lambda a: a["min"])
-    best = (lambda a: a["min"]) if low else (lambda a: a["max"])
-    better = (lambda a, b: a < b) if low else (lambda a, b: a > b)
-    if better(worst(repo), best(rope)):
-        return "RePo"
-    if better(worst(rope), best(repo)):
-        return "RoPE"
-    return ""
+ARMS = (("rope", "RoPE"), ("nope", "NoPE"), ("repo", "RePo"))
+PAIRS = (("repo", "rope"), ("repo", "nope"), ("nope", "rope"))
+NAMES = dict(ARMS)
 
 
-def build_table(cfg, evals, seeds):
+def pair_cells(values, task):
+    """{"a-b": paired stats of arm a against arm b} for one row; values: {arm: per-seed list}."""
+    return {f"{a}-{b}": analysis.paired(values[a], values[b], lower_is_better(task)) for a, b in PAIRS}
+
+
+def fmt_pair(p, task):
+    if lower_is_better(task):  # answer losses differ in the third decimal
+        return analysis.fmt_paired(p, decimals=3 if task.endswith("answer loss") else 2)
+    return analysis.fmt_paired(p, scale=100, decimals=0)
+
+
+def build_table(cfg, evals, seeds, settings=None):
+    """The Markdown table and its rows; ``settings``: (label, length, YaRN factor) of each
+    evaluation setting (default: this script's)."""
+    settings = settings or eval_settings(cfg)
     rows, lines = [], []
-    head = "| task | length | base | RoPE arm | RePo arm | RePo arm, blend 1 | beyond the seed spread |"
-    lines += [head, "|---|---|---|---|---|---|---|"]
+    head = ("| task | length | base | RoPE arm | NoPE arm | RePo arm | RePo arm, blend 1 | "
+            + " | ".join(f"{NAMES[a]} − {NAMES[b]}" for a, b in PAIRS) + " |")
+    lines += [head, "|---" * (7 + len(PAIRS)) + "|"]
     keys = list(evals["base"])
     order = ["perplexity"] + cfg.tasks.split(",") + [t + " answer loss" for t in cfg.tasks.split(",")]
-    keys.sort(key=lambda k: (order.index(k.split("|")[0]), [s[0] for s in eval_settings(cfg)].index(k.split("|")[1])))
+    keys.sort(key=lambda k: (order.index(k.split("|")[0]), [s[0] for s in settings].index(k.split("|")[1])))
     for key in keys:
         task, label = key.split("|")
+        values = {a: [evals[f"{a}-{s}"][key]["value"] for s in seeds] for a, _ in ARMS}
+        cols = {a: agg(v) for a, v in values.items()}
         base = agg([evals["base"][key]["value"]])
-        rope = agg([evals[f"rope-{s}"][key]["value"] for s in seeds])
-        repo = agg([evals[f"repo-{s}"][key]["value"] for s in seeds])
         blend1 = agg([evals[f"repo-{s}@blend1"][key]["value"] for s in seeds])
-        verdict = compare(rope, repo, task)
-        length = {l: n for l, n, _ in eval_settings(cfg)}[label]
+        pairs = pair_cells(values, task)
+        length = {l: n for l, n, _ in settings}[label]
         what = {"perplexity": "perplexity (lower is better)"}.get(task, task)
         if task.endswith("answer loss"):
             what += " (nats/token, lower is better)"
         elif task != "perplexity":
             what += " (exact match)"
         lines.append(f"| {what} | {length}{' YaRN' if 'YaRN' in label else ''} | {fmt(base, task)} | "
-                     f"{fmt(rope, task)} | {fmt(repo, task)} | {fmt(blend1, task)} | {verdict and verdict + ' better'} |")
-        rows.append({"task": task, "setting": label, "length": length, "base": base, "rope": rope,
-                     "repo": repo, "repo_blend1": blend1, "beyond_spread": verdict or None})
+                     + " | ".join(fmt(cols[a], task) for a, _ in ARMS) + f" | {fmt(blend1, task)} | "
+                     + " | ".join(fmt_pair(pairs[f"{a}-{b}"], task) for a, b in PAIRS) + " |")
+        rows.append({"task": task, "setting": label, "length": length, "base": base, **cols,
+                     "repo_blend1": blend1, "paired": pairs})
     return "\n".join(lines), rows
 
 
 def position_table(positions, seeds, seq_len):
-    """Per RePo layer, head means over every seed: spread (IQR), range, share of increasing steps."""
-    lines = ["| text | layer | IQR | min .. max | increasing |", "|---|---|---|---|---|",
-             f"| any (base, integer positions) | all | {(seq_len - 1) / 2:.1f} | 0 .. {seq_len - 1} | 100% |"]
+    """Per RePo layer, head means over every seed: spread (IQR), range, share of increasing steps,
+    rank correlation with the token index (mean over heads, and the lowest .. highest head)."""
+    lines = ["| text | layer | IQR | min .. max | increasing | rank corr. with index: head mean (lowest .. highest head) |",
+             "|---|---|---|---|---|---|",
+             f"| any (integer positions) | all | {(seq_len - 1) / 2:.1f} | 0 .. {seq_len - 1} | 100% | 1.00 |"]
     for what in ("text", "niah_single"):
         for layer in positions[f"repo-{seeds[0]}"][what]:
             heads = [h for s in seeds for h in positions[f"repo-{s}"][what][layer]]
-            m = {k: float(np.mean([h[k] for h in heads])) for k in heads[0]}
-            lines.append(f"| {'held-out Shakespeare' if what == 'text' else 'a niah_single item'} | {layer} | "
-                         f"{m['iqr']:.2f} | {m['min']:.2f} .. {m['max']:.2f} | {100 * m['increasing']:.0f}% |")
+            m = {k: float(np.mean([h[k] for h in heads])) for k in ("iqr", "min", "max", "increasing")}
+            if what == "text":
+                rho = [h["spearman"] for h in heads]
+                where = "held-out Shakespeare"
+            else:
+                rho = [h["spearman"] for s in seeds for h in positions[f"repo-{s}"]["items"][layer]]
+                where = "task items (IQR etc.: a niah_single item)"
+            lines.append(f"| {where} | {layer} | {m['iqr']:.2f} | {m['min']:.2f} .. {m['max']:.2f} | "
+                         f"{100 * m['increasing']:.0f}% | {np.mean(rho):+.2f} ({min(rho):+.2f} .. {max(rho):+.2f}) |")
+    return "\n".join(lines)
+
+
+def placement_table(positions, reference, seeds):
+    """Where each group of task-item tokens falls: mean percentile of its positions among the
+    item's (0 lowest, 1 highest), and its mean distance to the query in position sds."""
+    groups = [g for g in analysis.GROUPS if g in reference]
+    lines = ["| layer | " + " | ".join(f"{g} percentile" for g in groups) + " | filler to query | value to query | "
+             "largest value − filler percentile gap (head) |", "|---" * (len(groups) + 4) + "|"]
+
+    def row(name, p, extra):
+        return (f"| {name} | " + " | ".join(f"{p[g]['percentile']:.2f}" for g in groups) + " | "
+                f"{p['filler']['to_query']:.2f} | {p['value']['to_query']:.2f} | {extra} |")
+
+    lines.append(row("integer positions (any RoPE layer)", reference, ""))
+    for layer in positions[f"repo-{seeds[0]}"]["items"]:
+        heads = [(s, h, v["placement"]) for s in seeds for h, v in enumerate(positions[f"repo-{s}"]["items"][layer])]
+        mean = {g: {k: float(np.mean([p[g][k] for _, _, p in heads])) for k in ("percentile", "to_query")} for g in groups}
+        s, h, p = max(heads, key=lambda t: abs(t[2]["value"]["percentile"] - t[2]["filler"]["percentile"]))
+        gap = p["value"]["percentile"] - p["filler"]["percentile"]
+        lines.append(row(f"RePo layer {layer}, head mean", mean, f"{gap:+.2f} (seed {s}, head {h})"))
+    return "\n".join(lines)
+
+
+def probe_table(probes, seeds):
+    """Token-index probe R^2 per layer: the base, then each arm (mean over seeds)."""
+    lines = ["| layer | base | " + " | ".join(f"{n} arm" for _, n in ARMS) + " |", "|---" * (2 + len(ARMS)) + "|"]
+    for layer in probes["base"]:
+        arms = [np.mean([probes[f"{a}-{s}"][layer] for s in seeds]) for a, _ in ARMS]
+        lines.append(f"| {layer} | {probes['base'][layer]:.2f} | " + " | ".join(f"{v:.2f}" for v in arms) + " |")
     return "\n".join(lines)
 
 
@@ -392,14 +504,16 @@ def plot_losses(out, seeds, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, color in (("rope", "tab:blue"), ("repo", "tab:red")):
+    # NoPE dashed on top: where it matches RePo, both stay visible.
+    for arm, color, style in (("rope", "tab:blue", "-"), ("repo", "tab:red", "-"), ("nope", "tab:green", "--")):
         for i, s in enumerate(seeds):
             m = read_metrics(out / f"{arm}-{s}")
             tr = [r for r in m if "loss" in r]
             va = [r for r in m if "val_loss" in r]
-            lab = ("RoPE arm" if arm == "rope" else "RePo arm") if i == 0 else None
-            axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], color=color, alpha=0.6, label=lab)
-            axes[1].plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", color=color, alpha=0.6, label=lab)
+            lab = f"{NAMES[arm]} arm" if i == 0 else None
+            axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], style, color=color, alpha=0.6, label=lab)
+            axes[1].plot([r["step"] for r in va], [r["val_loss"] for r in va], "o" + style, color=color, alpha=0.6,
+                         label=lab)
     axes[0].set(xlabel="step (after stage 1)", ylabel="cross-entropy", title="Training loss, every seed")
     axes[1].set(xlabel="step (after stage 1)", ylabel="cross-entropy", title="Held-out Shakespeare loss")
     for a in axes:
@@ -488,7 +602,7 @@ def write_demo(cfg, out, folder, dest):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python experiments/repo_vs_rope.py",
-        description="RePo against same-recipe RoPE, from scratch: stage-1 base, two arms, evaluation, report. "
+        description="RePo against same-recipe RoPE and NoPE, from scratch: stage-1 base, three arms, evaluation, report. "
         "Rerun the same command to resume.",
     )
     p.add_argument("--out", default="repo_vs_rope_run", help="Run folder (default: repo_vs_rope_run).")
@@ -540,31 +654,38 @@ def main(argv=None):
         "--learning-rate", str(cfg.stage1_lr), "--warmup", str(cfg.stage1_warmup), "--seed", "0"]))
     for s in seeds:
         base = ["--model", str(out / "stage1"), "--seed", str(s)] + recipe
+        layers = ["--repo-start-layer", str(cfg.repo_start_layer)]
         info[f"rope-{s}"] = stage(f"rope-{s}", lambda: pretrain(cfg, out, f"rope-{s}", base + ["--plain"]))
-        info[f"repo-{s}"] = stage(f"repo-{s}", lambda: pretrain(
-            cfg, out, f"repo-{s}", base + ["--repo-start-layer", str(cfg.repo_start_layer)]))
+        info[f"repo-{s}"] = stage(f"repo-{s}", lambda: pretrain(cfg, out, f"repo-{s}", base + layers))
+        info[f"nope-{s}"] = stage(f"nope-{s}", lambda: pretrain(cfg, out, f"nope-{s}", base + layers + ["--nope"]))
     evals = {}
     models = [("base", "stage1", 0.0)]
     for s in seeds:
-        models += [(f"rope-{s}", f"rope-{s}", 0.0), (f"repo-{s}", f"repo-{s}", 0.0), (f"repo-{s}@blend1", f"repo-{s}", 1.0)]
+        models += [(f"{a}-{s}", f"{a}-{s}", 0.0) for a, _ in ARMS] + [(f"repo-{s}@blend1", f"repo-{s}", 1.0)]
     (out / "eval").mkdir(exist_ok=True)
     for name, folder, blend in models:
-        f = out / "eval" / f"{name}.json"
-        if not f.exists():
-            log(f"evaluating {name}")
-            t = time.time()
-            r = evaluate_model(cfg, out, out / folder, blend)
-            f.write_text(json.dumps(r, indent=1))
-            info[f"eval {name}"] = {"seconds": round(time.time() - t, 1)}
-        evals[name] = json.loads(f.read_text())
-        f = out / "eval" / f"{name}.answer-loss.json"
-        if not f.exists():
-            log(f"answer losses of {name}")
-            f.write_text(json.dumps(answer_losses(cfg, out, out / folder, blend), indent=1))
-        evals[name].update(json.loads(f.read_text()))
+        for kind, fn in (("", evaluate_model), (".answer-loss", answer_losses)):
+            f = out / "eval" / f"{name}{kind}.json"
+            if not f.exists():
+                log(f"{'answer losses of' if kind else 'evaluating'} {name}")
+                t = time.time()
+                r = fn(cfg, out, out / folder, blend)
+                f.write_text(json.dumps(r, indent=1))
+                (out / "eval" / f"{name}{kind}.seconds").write_text(f"{time.time() - t:.1f}")
+            evals.setdefault(name, {}).update(json.loads(f.read_text()))
+            t = out / "eval" / f"{name}{kind}.seconds"
+            if t.exists():
+                info[f"eval {name}{kind}"] = {"seconds": float(t.read_text())}
     report = out / "report"
     report.mkdir(exist_ok=True)
-    positions = stage("positions", lambda: {f"repo-{s}": position_stats(cfg, out, out / f"repo-{s}") for s in seeds})
+    positions = stage("position-stats", lambda: {
+        **{f"repo-{s}": position_stats(cfg, out, out / f"repo-{s}") for s in seeds},
+        "integer": index_reference(cfg, out)})
+    probes = stage("probe", lambda: {name: probe_stats(cfg, out, out / folder) for name, folder, blend in models
+                                     if blend == 0.0})
+    probes.pop("seconds", None)
+    reference = positions.pop("integer")
+    positions.pop("seconds", None)
     table, rows = build_table(cfg, evals, seeds)
     plot_losses(out, seeds, report / "loss.png")
     plot_positions(cfg, out, out / f"repo-{seeds[0]}", report / "positions.png")
@@ -573,34 +694,47 @@ def main(argv=None):
         write_demo(cfg, out, out / f"repo-{seeds[0]}", args.demo_out)
     timing = {k: v.get("seconds") for k, v in info.items() if isinstance(v, dict)}
     params = info["base-init"]["parameters"]
+    final = {name: [r for r in read_metrics(out / name) if "val_loss" in r][-1:]
+             for name in ["stage1"] + [f"{a}-{s}" for s in seeds for a, _ in ARMS]}
+    val = {a: [final[f"{a}-{s}"][0]["val_loss"] for s in seeds] for a, _ in ARMS}
+    val_pairs = pair_cells(val, "perplexity")
     summary = {
         "settings": settings, "parameters": params, "data": info["data"], "seconds": timing,
         "seconds_this_invocation": round(time.time() - started, 1),
-        "ld_preload": [Path(p).name for p in os.environ.get("LD_PRELOAD", "").split()], "table": rows, "positions": positions,
-        "evaluations": evals, "final_losses": {
-            name: [r for r in read_metrics(out / name) if "val_loss" in r][-1:] for name in
-            ["stage1"] + [f"{a}-{s}" for s in seeds for a in ("rope", "repo")]},
+        "ld_preload": [Path(p).name for p in os.environ.get("LD_PRELOAD", "").split()], "table": rows,
+        "positions": positions, "positions_integer_reference": reference, "probe": probes,
+        "evaluations": evals, "final_losses": final, "final_val_loss_paired": val_pairs,
     }
     (report / "results.json").write_text(json.dumps(summary, indent=1))
-    def val(arm):
-        names = ["stage1"] if arm == "stage1" else [f"{arm}-{s}" for s in seeds]
-        v = [summary["final_losses"][n][0]["val_loss"] for n in names if summary["final_losses"][n]]
-        return f"{np.mean(v):.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
+
+    def mean_sd(v):
+        return f"{np.mean(v):.4f}" + (f" ± {np.std(v, ddof=1):.4f}" if len(v) > 1 else "")
 
     tokens1 = cfg.stage1_iters * cfg.batch_size * cfg.seq_len
     tokens2 = cfg.arm_iters * cfg.batch_size * cfg.seq_len
     md = [
-        "# RePo vs RoPE, in miniature", "",
+        "# RePo vs RoPE and NoPE, in miniature", "",
         f"Base: plain OLMo-2, {params:,} parameters (hidden {cfg.hidden_size}, {cfg.layers} layers, "
         f"{cfg.heads} heads, vocab {cfg.vocab_size}), {tokens1:,} tokens of stage 1 at {cfg.seq_len} tokens. "
-        f"Arms: {tokens2:,} more tokens each, seeds {cfg.seeds}; RePo layers >= {cfg.repo_start_layer}. "
-        f"{cfg.samples} items per task and setting; mean ± sd over seeds. 'beyond the seed spread': every seed "
-        "of one arm beats every seed of the other.", "", table, "",
-        "Validation loss on held-out Shakespeare at the end (mean ± sd over seeds): stage 1 "
-        f"{val('stage1')}, RoPE arm {val('rope')}, RePo arm {val('repo')}.", "",
+        f"Arms: {tokens2:,} more tokens each, seeds {cfg.seeds}; RePo (and NoPE) layers >= {cfg.repo_start_layer}. "
+        f"{cfg.samples} items per task and setting; mean ± sd over seeds. Paired columns: A − B per seed "
+        "(same seed, same data order), mean ± sd of the differences, and (k/n) the seeds where A is better; "
+        "exact match in percentage points.", "", table, "",
+        "Validation loss on held-out Shakespeare at the end: stage 1 "
+        f"{final['stage1'][0]['val_loss']:.4f}; " + ", ".join(f"{n} arm {mean_sd(val[a])}" for a, n in ARMS)
+        + "; paired: " + ", ".join(f"{NAMES[a]} − {NAMES[b]} {analysis.fmt_paired(val_pairs[f'{a}-{b}'], decimals=4)}"
+                                   for a, b in PAIRS) + ".", "",
         "![losses](loss.png)", "",
-        f"Positions the RePo arm assigns ({cfg.seq_len} tokens; head means, all seeds):", "",
-        position_table(positions, seeds, cfg.seq_len), "", "![positions](positions.png)", "",
+        f"Positions the RePo arm assigns ({cfg.seq_len} tokens; head means, all seeds; the rank correlation "
+        f"is the mean over 8 held-out windows, or over {min(cfg.samples, 4)} items of each task):", "",
+        position_table(positions, seeds, cfg.seq_len), "",
+        "Where the groups of task-item tokens fall (mean over items, heads and seeds): the mean percentile of "
+        "their positions among the item's tokens, and their mean distance to the query's mean position in "
+        "units of the positions' sd:", "",
+        placement_table(positions, reference, seeds), "", "![positions](positions.png)", "",
+        "Token-index probe (repo_mlx.probe): held-out R^2 of a linear fit of the token index from each "
+        "layer's attention input, 16 held-out windows (8 fit, 8 scored):", "",
+        probe_table(probes, seeds), "",
         f"Wall time of the stages (s): {json.dumps(timing)}; BLAS preloaded: "
         f"{', '.join(summary['ld_preload']) or 'no'}.", "",
     ]

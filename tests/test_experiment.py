@@ -1,4 +1,4 @@
-"""experiments/repo_vs_rope.py end to end at the smoke size, and the built-in demo model."""
+"""experiments/repo_vs_rope.py end to end at the smoke size (RoPE, NoPE and RePo arms), and the built-in demo model."""
 
 import json
 import subprocess
@@ -41,18 +41,36 @@ def test_smoke_run_writes_the_report_and_resumes(tmp_path):
     # Rows: perplexity, each task (exact match) and its answer loss, at 1x, 2x, 2x YaRN, 4x, 4x YaRN.
     assert len(results["table"]) == 5 * 5
     for row in results["table"]:
-        for col in ("base", "rope", "repo", "repo_blend1"):
+        for col in ("base", "rope", "nope", "repo", "repo_blend1"):
             assert np.isfinite(row[col]["mean"])
+        # Paired by seed: one difference per seed, and the seeds that favour each side.
+        for pair in ("repo-rope", "repo-nope", "nope-rope"):
+            p = row["paired"][pair]
+            assert p["n"] == 1 and p["a_better"] + p["b_better"] <= 1
     assert results["data"]["heldout_plays"] == ["alpha_gut"]
-    assert "repo-0" in results["positions"]
+    # What the positions carry: rank correlation with the index, placement of the groups.
+    heads = results["positions"]["repo-0"]["items"]["1"]
+    assert all(-1 <= h["spearman"] <= 1 for h in heads)
+    assert set(heads[0]["placement"]) == {"filler", "key", "value", "query"}
+    assert results["positions_integer_reference"]["query"]["percentile"] > 0.9
+    # The probe: one R^2 per layer for the base and every arm; layer 0 reads embeddings.
+    assert set(results["probe"]) == {"base", "rope-0", "nope-0", "repo-0"}
+    assert len(results["probe"]["base"]) == 3 and results["probe"]["base"]["0"] < 0.05
     md = (report / "report.md").read_text()
     assert "| niah_multikey (exact match) | 1024 YaRN |" in md
+    assert "| RePo − RoPE | RePo − NoPE | NoPE − RoPE |" in md and "Token-index probe" in md
     for f in ("loss.png", "positions.png"):
         assert (report / f).read_bytes()[:4] == b"\x89PNG"
     assert "plotly" in (report / "viewer.html").read_text()[:2_000_000].lower()
-    # The RePo arm has the position module in layers >= 1, the RoPE arm has none.
+    # The RePo and NoPE arms have the position module in layers >= 1, the RoPE arm has none;
+    # NoPE's puts every token at 0.
     assert json.loads((out / "repo-0" / "config.json").read_text())["pe_config"]
     assert "pe_config" not in json.loads((out / "rope-0" / "config.json").read_text())
+    import repo_mlx
+    from repo_mlx.positions import positions
+
+    nope, _ = repo_mlx.load(str(out / "nope-0"))
+    assert all(np.all(np.array(z) == 0) for z in positions(nope, list(range(20))).values())
 
     # Rerunning resumes: nothing trains again, the same numbers come back.
     r = run("--preset", "smoke", "--text", str(text), "--out", str(out))
