@@ -357,7 +357,7 @@ def position_stats(cfg, out, folder):
 
 def index_reference(cfg, out, folder=None):
     """The same placement with integer positions (a RoPE layer's): the reference row."""
-    from repo_mlx.utils import load
+    from repo_mlx import load
 
     _, tok = load(str(folder or out / "stage1"))
     per = [analysis.placement(np.arange(len(ids), dtype=float), lab) for _, ids, lab in labelled_items(cfg, tok)]
@@ -368,7 +368,7 @@ def index_reference(cfg, out, folder=None):
 def probe_stats(cfg, out, folder):
     """{layer: R^2} of the token-index probe on held-out windows (repo_mlx.probe)."""
     from repo_mlx.probe import index_probe
-    from repo_mlx.utils import load
+    from repo_mlx import load
 
     model, tok = load(str(folder))
     return {str(l): r for l, r in index_probe(model, heldout_windows(cfg, out, tok, 16)).items()}

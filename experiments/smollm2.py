@@ -166,7 +166,7 @@ def lengths(cfg):
 def evaluate_model(cfg, out, folder, blend):
     """Exact match and answer loss of every task at every length, and held-out perplexity."""
     from repo_mlx import evaluate, tasks
-    from repo_mlx.utils import load, set_position_blend
+    from repo_mlx import load, set_position_blend
 
     model, tok = load(str(folder))
     set_position_blend(model, blend)
@@ -190,7 +190,7 @@ def evaluate_model(cfg, out, folder, blend):
 def probe_stats(cfg, out, folder):
     """{layer: R^2} of the token-index probe on held-out windows of --probe-len tokens."""
     from repo_mlx.probe import index_probe
-    from repo_mlx.utils import load
+    from repo_mlx import load
 
     model, tok = load(str(folder))
     ids = tok.encode((out / "data" / "heldout.txt").read_text())

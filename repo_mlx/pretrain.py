@@ -38,6 +38,7 @@ from .files import atomic_file, atomic_folder, check_outputs, remove_stale
 from .convert.export_hf import check_exportable, export_hf
 from .errors import LoadError, one_line
 from .position_stats import summary
+from .probe import index_probe
 from . import trainer as trainer_lib
 from .trainer import Trainer, train as train_loop
 from .rope import POSITION_WEIGHTS, pe_config, repo_layer_ids
@@ -57,7 +58,7 @@ DEFAULTS = {
     "adam_eps": 1e-8, "grad_clip": 1.0, "z_loss": 1e-5, "dtype": "bfloat16",
     "grad_checkpoint": False, "seed": 0, "steps_per_report": 10, "steps_per_eval": 200,
     "save_every": 100, "keep_checkpoints": 1, "plot": None, "export_hf": None,
-    "dry_run": False, "yarn_factor": None, "force": False, "resume": None,
+    "dry_run": False, "probe": False, "yarn_factor": None, "force": False, "resume": None,
 }
 POSITIVE = ("iters", "batch_size", "grad_accumulation_steps", "seq_len", "steps_per_report",
             "steps_per_eval", "save_every", "keep_checkpoints")
@@ -332,6 +333,19 @@ def estimate_memory(model, s) -> Dict[str, float]:
              "optimizer": optimizer, "activations": acts + logits}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def print_probe(prep, sequences, windows: int = 16, length: int = 512) -> None:
+    """The token-index probe (repo_mlx.probe) of BASE as loaded: a new module is
+    blended to integer positions, so the probe sees the base itself."""
+    if len(sequences) < 4:
+        raise LoadError(f"--probe needs at least 4 sequences of --data; it gives {len(sequences)}: add text or lower --seq-len.")
+    if prep.inserted:
+        set_position_blend(prep.model, 1.0)
+    r2 = index_probe(prep.model, [np.asarray(s)[:length] for s in sequences[:windows]])
+    rprint(f"Token-index probe, {min(len(sequences), windows)} windows of {min(length, len(sequences[0]))} tokens:")
+    for layer, v in r2.items():
+        rprint(f"  layer {layer:3d}  R^2 {v:6.2f}" + ("  (RePo layer)" if layer in prep.repo_layers else ""))
 
 
 def print_memory(parts: Dict[str, float], counts: Dict[str, int], where: str) -> None:
@@ -623,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--plot", type=_cli.output_file, help="Write a PNG of the loss curve and the position spread over steps here at the end.")
     a("--export-hf", type=_cli.output_dir, help="Also write the official Hugging Face format to this folder at the end.")
     a("--dry-run", action="store_true", default=None, help="Print the estimated peak memory and stop before any training.")
+    a("--probe", action="store_true", default=None, help="Print BASE's token-index probe and stop before any training: per layer, the held-out R^2 of a linear fit of the token index from the layer's attention input, on up to 16 windows of 512 tokens of --data (half fit, half scored). The position module reads that input token by token, so where it is near 0 learned positions cannot follow token order: start --repo-start-layer where it is clearly positive (docs/experiment.md).")
     return p
 
 
@@ -731,7 +746,7 @@ def run(args, on_step=None):
                 return None
             rprint(f"{folder} is the run's last step: writing the final model the interrupted run did not finish")
             finish_only = True
-    elif out.exists() and not args.force and not args.dry_run:
+    elif out.exists() and not args.force and not (args.dry_run or args.probe):
         raise LoadError(f"{out} already exists; pass --force to replace it or --resume {out} to continue it.")
     if args.export_hf and Path(args.export_hf).exists() and not (args.force or args.resume):
         raise LoadError(f"--export-hf {args.export_hf} already exists; pass --force to replace it.")
@@ -757,6 +772,9 @@ def run(args, on_step=None):
         if fresh_cache:  # bad data leaves nothing behind
             shutil.rmtree(cache, ignore_errors=True)
         raise
+    if args.probe:
+        # Held-out sequences first (Packed has no end for iteration: index it).
+        return print_probe(prep, [d[i] for d in (val_set, train_set) for i in range(min(len(d), 16))])
     master = to_compute_dtype(prep, args.dtype)
     trainer = make_trainer(prep.model, args, master)
     del master  # the trainer holds what it needs
@@ -775,7 +793,7 @@ def run(args, on_step=None):
             shutil.rmtree(out)
         out.mkdir(parents=True)
     if world.rank() == 0:  # a resumed run records the --iters it now runs to
-        saved = {k: v for k, v in vars(args).items() if k not in ("resume", "force", "dry_run", "config")}
+        saved = {k: v for k, v in vars(args).items() if k not in ("resume", "force", "dry_run", "probe", "config")}
         with atomic_file(out / ARGS_FILE) as tmp:
             tmp.write_text(json.dumps(saved, indent=2))
     _barrier()

@@ -12,29 +12,15 @@ from typing import Dict, List, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.base import create_attention_mask
+
+from .rope import observe
 
 
 def attention_inputs(model, input_ids) -> List[mx.array]:
-    """[B, N, hidden] per layer: what its attention and position module read.
-
-    OLMo-2 (post-norm) reads the raw residual stream; Llama/Qwen3 (pre-norm) the output of
-    ``input_layernorm``. Works on plain and RePo models.
-    """
-    ids = input_ids if isinstance(input_ids, mx.array) else mx.array(np.asarray(input_ids, dtype=np.int32))
-    if ids.ndim == 1:
-        ids = ids[None]
-    h = model.model.embed_tokens(ids)
-    full = create_attention_mask(h, None)
-    window = getattr(model.model, "sliding_window", None)
-    out = []
-    for layer in model.layers:
-        pre = getattr(layer, "input_layernorm", None)
-        out.append(pre(h) if pre is not None else h)
-        mask = create_attention_mask(h, None, window_size=window) if getattr(layer, "use_sliding", False) else full
-        h = layer(h, mask)
-        mx.eval(h, out[-1])
-    return out
+    """[B, N, hidden] per layer: what its attention and position module read (OLMo-2's
+    raw residual stream, Llama's and Qwen3's ``input_layernorm`` output)."""
+    seen = observe(model, input_ids)
+    return [seen[i][0] for i in range(len(model.layers))]
 
 
 def ridge_r2(x_fit, y_fit, x_test, y_test, alphas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)) -> float:

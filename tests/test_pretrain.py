@@ -779,3 +779,23 @@ def test_plot_into_a_new_folder(plain, tmp_path):
     code, _, err = run_cli("--model", base, "--data", data, "--save-path", tmp_path / "o", *SMALL, "--iters", "1", "--plot", plot)
     assert code == 0, err
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_probe_prints_the_base_s_token_index_r2_and_trains_nothing(plain, tmp_path):
+    from repo_mlx.probe import index_probe
+
+    base, data, _ = plain
+    code, stdout, err = run_cli("--model", base, "--data", data, "--save-path", tmp_path / "o", *SMALL, "--probe")
+    assert code == 0, err
+    rows = [line.split() for line in stdout.splitlines() if line.strip().startswith("layer ")]
+    model, tok = repo_mlx.load(str(base))
+    assert [int(r[1]) for r in rows] == list(range(len(model.layers)))
+    assert ["(RePo" in " ".join(r) for r in rows] == [i >= 1 for i in range(len(model.layers))]  # --repo-start-layer 1
+    # The probe of the plain base itself (the inserted module is blended away), on the held-out
+    # sequences first, then training ones.
+    args = pretrain.parse_args(["--model", str(base), "--data", str(data), *SMALL])
+    train, val, _ = pretrain.load_split(args, tok, tmp_path / "o.tokens")
+    seqs = [d[i] for d in (val, train) for i in range(min(len(d), 16))][:16]
+    want = index_probe(model, seqs)
+    assert [float(r[3]) for r in rows] == pytest.approx([round(v, 2) for v in want.values()], abs=0.011)
+    assert not (tmp_path / "o").exists()
