@@ -14,6 +14,7 @@ See docs/experiment.md.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from functools import partial
@@ -149,7 +150,6 @@ def build(cfg, arm, seed):
 
 
 def answer_loss(model, toks, mask):
-    import mlx.core as mx
     import mlx.nn as nn
 
     logits = model(toks[:, :-1])
@@ -214,6 +214,7 @@ def train(cfg, arm, seed, folder):
     mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)  # a stopped run's unfinished folder
     os.replace(tmp, folder)
     return model
 
@@ -332,7 +333,7 @@ def report(cfg, out, seeds, results, timing):
         "mean position in position sds.", "",
         *pos_lines, "",
         "Token-index probe (repo_mlx.probe): held-out R^2 of the token index from each layer's attention input, "
-        f"16 sequences of the training setting (mean over seeds):", "", *probe_lines, "",
+        "16 sequences of the training setting (mean over seeds):", "", *probe_lines, "",
         "![training](training.png)", "",
         f"Wall time (s): {json.dumps(timing)}; BLAS preloaded: "
         f"{', '.join(Path(p).name for p in os.environ.get('LD_PRELOAD', '').split()) or 'no'}.", "",
@@ -403,12 +404,17 @@ def main(argv=None):
             name, folder = f"{arm}-{s}", out / "runs" / f"{arm}-{s}"
             done = out / "runs" / f"{name}.json"
             if not done.exists():
-                log(f"{name}: training")
-                t = time.time()
-                model = train(cfg, arm, s, folder)
-                r = {"train_seconds": round(time.time() - t, 1), "accuracy": {}, "eval_seconds": 0.0,
-                     "probe": probe(cfg, model, train_set[1], train_set[2]),
-                     "metrics": json.loads((folder / "metrics.json").read_text())}
+                if (folder / "metrics.json").exists():  # trained, stopped before its record was written
+                    log(f"{name}: reusing the trained model")
+                    model, seconds = load(folder), None
+                else:
+                    log(f"{name}: training")
+                    t = time.time()
+                    model = train(cfg, arm, s, folder)
+                    seconds = round(time.time() - t, 1)
+                metrics = json.loads((folder / "metrics.json").read_text())
+                r = {"train_seconds": seconds or metrics[-1]["seconds"], "accuracy": {}, "eval_seconds": 0.0,
+                     "probe": probe(cfg, model, train_set[1], train_set[2]), "metrics": metrics}
                 done.write_text(json.dumps(r, indent=1))
             r = json.loads(done.read_text())
             # Settings not evaluated yet (all of them after training, new ones after --tests changed).

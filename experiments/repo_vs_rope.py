@@ -19,7 +19,6 @@ See docs/experiment.md.
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -135,8 +134,6 @@ def train_tokenizer(texts, vocab_size, path):
 
 def make_data(cfg, out):
     """Tokenizer, training documents (plays + task documents) and held-out plays."""
-    from repo_mlx import tasks
-
     plays = shakespeare_texts(cfg.text)
     names = list(plays)
     heldout = names[::12]  # every 12th play, so held-out text is never trained on

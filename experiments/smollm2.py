@@ -21,7 +21,6 @@ assumed speed) and stops. See docs/experiment.md.
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import subprocess
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-import analysis  # experiments/analysis.py, beside this script
 import repo_vs_rope as rvr
 
 EVAL_SEED = rvr.EVAL_SEED

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from repo_mlx import LoadError, _cli
+from repo_mlx import LoadError
 
 from test_cli_flags import flag_name, kind, parsers, value_flags
 
@@ -219,8 +219,6 @@ def test_outputs_are_written_whole_into_new_folders_and_errors_are_one_line(tmp_
 
 
 def output_cases(model, tmp):
-    import mlx.core as mx
-
     """(command, argv) that name an input (or another output) as an output, or replace
     a folder repo_mlx did not write: one per command with outputs."""
     import mlx.core as mx

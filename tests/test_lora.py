@@ -243,7 +243,7 @@ def test_half_precision_full_fine_tuning_keeps_float32_masters(data, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(base, data, tmp_path, monkeypatch):
     import signal
 
-    from repo_mlx import _cli, lora
+    from repo_mlx import lora
 
     class StopAt5:
         def on_train_loss_report(self, info):
@@ -411,7 +411,7 @@ def short_run(base, data, adapters, *flags):
 
 
 def test_negative_learning_rate_is_refused(capsys, tmp_path):
-    from repo_mlx import _cli, lora
+    from repo_mlx import lora
 
     with pytest.raises(SystemExit) as e:
         lora.main(["--train", "--learning-rate", "-1"])
