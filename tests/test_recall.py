@@ -64,6 +64,14 @@ def test_smoke_run_writes_the_report_and_resumes(tmp_path):
     table = json.loads((out / "report" / "results.json").read_text())["table"]
     assert [row["setting"] for row in table][1:] == ["64, noise 0-3", "48, noise 2-4"]
     assert table[1] == results["table"][1]
+    # A run stopped after training, before its record: the trained model is reused, the record rebuilt.
+    record = out / "runs" / "repo-0.json"
+    kept = json.loads(record.read_text())
+    record.unlink()
+    r = run("--preset", "smoke", "--tests", "64:0-3,48:2-4", "--out", str(out))
+    assert r.returncode == 0 and "repo-0: reusing the trained model" in r.stdout and "training" not in r.stdout
+    rebuilt = json.loads(record.read_text())["accuracy"]
+    assert len(rebuilt) == 3 and rebuilt == {k: kept["accuracy"][k] for k in rebuilt}
 
 
 @pytest.mark.parametrize("flags, message", [
