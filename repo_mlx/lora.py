@@ -7,6 +7,7 @@ command under ``mlx.launch`` (see docs/finetune.md).
 
 import math
 import os
+import shutil
 import types
 from pathlib import Path
 
@@ -186,6 +187,18 @@ def run(args) -> None:
     np.random.seed(args.seed)
     if not args.train and not args.test:
         raise LoadError("Pass --train, --test or both.")
+    folder = Path(args.adapter_path)
+    fresh = args.train and not folder.exists()
+    try:
+        tune(args)
+    except LoadError:
+        # A new run stopped before its first checkpoint (bad data, divergence) leaves nothing.
+        if fresh and not (folder / "adapters.safetensors").exists() and mx.distributed.init().rank() == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def tune(args) -> None:
     rprint(f"Loading {args.model}", flush=True)
     model, tokenizer = load(args.model)
     if args.train_mode != "sft":

@@ -798,7 +798,15 @@ def run(args, on_step=None):
             tmp.write_text(json.dumps(saved, indent=2))
     _barrier()
     if not finish_only:
-        train(prep, trainer, train_set, val_set, args, out, fingerprint, on_step)
+        try:
+            train(prep, trainer, train_set, val_set, args, out, fingerprint, on_step)
+        except LoadError:
+            # A new run stopped before its first checkpoint (divergence) leaves nothing.
+            if not args.resume and not checkpoints(out) and world.rank() == 0:
+                shutil.rmtree(out, ignore_errors=True)
+                if fresh_cache:
+                    shutil.rmtree(cache, ignore_errors=True)
+            raise
     if world.rank() == 0:
         save_model(prep, trainer, args, out)
         if args.plot:

@@ -255,7 +255,6 @@ def command(argv=None) -> None:
     text = _cli.read_prompt(args)
     httpd = http_checks.bind(args.host, args.port) if args.html is None else None  # a busy port fails fast too
     try:
-        print(f"loading {args.model}", file=sys.stderr, flush=True)
         model, tokenizer = _cli.load_from_args(args)
         if not model.args.repo_layers:
             raise LoadError(f"{args.model} has no RePo layers (plain {architecture_name(model)}): there are no positions to show.")

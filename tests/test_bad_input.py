@@ -328,7 +328,14 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_checkpoint(fixture
         pretrain.main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "training diverged" in err and err.count("\n") == 1, err
-    assert not (tmp_path / "p" / "config.json").exists()  # no final model of NaN weights
+    # A new run that diverges before its first checkpoint leaves nothing (no NaN model, no folder).
+    assert "no checkpoint was saved" in err and not (tmp_path / "p").exists() and not (tmp_path / "p.tokens").exists()
+    argv = ok[:ok.index("--adapter-path")] + ["--adapter-path", tmp_path / "b", "--batch-size", "2", "--steps-per-eval", "100",
+                                              "--iters", "3", "--learning-rate", "1e30"]
+    with pytest.raises(SystemExit) as e:
+        lora.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no checkpoint was saved" in err and not (tmp_path / "b").exists(), err
 
 
 def test_one_context_warning_for_every_command_that_takes_a_prompt(fixture_path, tmp_path, capsys):

@@ -711,3 +711,15 @@ def test_page_data_is_positions_py_per_head(tiny):
     # A text can hold "</script>": it stays text.
     page = viewer.page(viewer.page_data(z, ["</script><script>alert(1)//"] + ["x"] * (len(ids) - 1)), js="/*js*/")
     assert "</script><script>alert" not in page
+
+
+@pytest.mark.parametrize("flags", [["--model", "no-such-model"], ["--max-tokens", "100000000"]])
+def test_bad_model_and_absurd_max_tokens_are_one_line(flags, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--model", "demo", *flags,  # the built-in model; a later --model wins
+            "--prompt", "hi", "--html", str(tmp_path / "v.html")]
+    with pytest.raises(SystemExit) as e:
+        viewer.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error:"), err
+    assert not (tmp_path / "v.html").exists()
