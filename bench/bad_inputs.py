@@ -227,6 +227,7 @@ def main():
     p.add_argument("--python", default=sys.executable, help="The interpreter whose repo_mlx runs the cases (default: this one).")
     p.add_argument("--timeout", type=float, default=120.0, help="Seconds before a case counts as a hang (default: 120).")
     p.add_argument("--every", type=int, default=1, help="Run every n-th case (default: all).")
+    p.add_argument("--only", help="Comma-separated classes to run, e.g. 'bad model,diverges' (default: all).")
     p.add_argument("--verbose", action="store_true", help="Print each case as it ends.")
     p.add_argument("--json", help="Also write every case's outcome here.")
     args = p.parse_args()
@@ -235,7 +236,8 @@ def main():
         (root / "inputs").mkdir()
         inputs = make_inputs(args.python, root / "inputs")
         shutil.copytree(root / "inputs", root / "pristine", symlinks=True)
-        selected = cases(inputs)[:: args.every]
+        only = args.only and {c.strip() for c in args.only.split(",")}
+        selected = [c for c in cases(inputs) if not only or c[0] in only][:: args.every]
         rows = []
         for n, (cls, name, argv) in enumerate(selected):
             work = root / f"work{n}"
