@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--force", action="store_true", default=None, help="Replace an existing OUT.")
     a("--resume", metavar="OUT", help="Continue the run in OUT from its newest checkpoint, exactly as if uninterrupted (its settings are reused; flags given here override them).")
     a("-c", "--config", help="YAML file of options (names with underscores, e.g. seq_len: 2048).")
-    a("--repo-start-layer", type=_cli.non_negative_int, help="Plain BASE: layers with index >= N get the position module (default: round(5/16 of the layers), the release's 5 of 16).")
+    a("--repo-start-layer", type=_cli.non_negative_int, help="Plain BASE: layers with index >= N get the position module (default: round(5/16 of the layers), the release's 5 of 16). --probe shows which layers can feed it.")
     a("--repo-layer-ids", type=_cli.layer_ids, help="Plain BASE: comma-separated layers that may get the module (with the start-layer rule; default: all).")
     a("--plain", action="store_true", default=None, help="Continue a plain BASE as plain RoPE, without the position module: the same-recipe control the paper compares RePo against.")
     a("--nope", action="store_true", default=None, help="Plain BASE: the NoPE control. The RePo layers get a position module fixed at 0 (frozen), so they rotate nothing; the rest trains as with RePo. RePo must beat both --plain and --nope to show it re-positions (docs/experiment.md).")
