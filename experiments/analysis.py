@@ -7,11 +7,12 @@
   follow token order, 0: no order, nan: constant positions, e.g. NoPE).
 - ``task_item_labels`` / ``placement``: on a ``repo_mlx.tasks`` item, which tokens are the asked
   key, its value, the query and the filler, and where each group's positions fall.
-- ``log``, ``fail``, ``add_preset_flags`` / ``preset_settings``: what every script prints and
-  how its presets become flags.
+- ``log``, ``fail``, ``add_preset_flags`` / ``preset_settings``, ``stage``: what every script
+  prints, how its presets become flags, and its resumable stages.
 """
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -137,3 +138,17 @@ def preset_settings(args, presets: dict, default: str) -> argparse.Namespace:
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
     return cfg
+
+
+def stage(out, name: str, fn) -> dict:
+    """``fn()``'s result, run once: stored in OUT/done/NAME.json (with its seconds), which a
+    rerun reads instead of running it again."""
+    marker = out / "done" / f"{name}.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    log(f"stage {name}")
+    t = time.time()
+    result = fn() or {}
+    result.setdefault("seconds", round(time.time() - t, 1))
+    marker.write_text(json.dumps(result, indent=1))
+    return result

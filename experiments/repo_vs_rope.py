@@ -18,6 +18,7 @@ See docs/experiment.md.
 """
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -202,20 +203,23 @@ def write_base(cfg, out):
 
 
 def pretrain(cfg, out, name, extra):
-    """One ``repo_mlx.pretrain`` run in OUT/name, resumed from its checkpoint if it has one."""
+    """One ``repo_mlx.pretrain`` run of this experiment in OUT/name."""
+    return run_pretrain(out, name, [
+        "--data", str(out / "data" / "train.jsonl"), "--val-data", str(out / "data" / "val.jsonl"),
+        "--save-path", str(out / name), "--force", "--seq-len", str(cfg.seq_len),
+        "--batch-size", str(cfg.batch_size), "--dtype", "float32", "--val-batches", "4",
+        "--steps-per-report", str(max(1, cfg.steps_per_eval // 5)),
+        "--steps-per-eval", str(cfg.steps_per_eval), "--save-every", str(cfg.steps_per_eval),
+    ] + extra)
+
+
+def run_pretrain(out, name, argv):
+    """``python -m repo_mlx.pretrain ARGV`` into OUT/name, logged in OUT/logs/NAME.log, or
+    ``--resume`` of it when it has a checkpoint; returns its seconds."""
     run = out / name
     if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*")):
         argv = ["--resume", str(run)]
-        log(f"{name}: resuming")
-    else:
-        argv = [
-            "--data", str(out / "data" / "train.jsonl"), "--val-data", str(out / "data" / "val.jsonl"),
-            "--save-path", str(run), "--force", "--seq-len", str(cfg.seq_len),
-            "--batch-size", str(cfg.batch_size), "--dtype", "float32", "--val-batches", "4",
-            "--steps-per-report", str(max(1, cfg.steps_per_eval // 5)),
-            "--steps-per-eval", str(cfg.steps_per_eval), "--save-every", str(cfg.steps_per_eval),
-        ] + extra
-        log(f"{name}: training")
+    log(f"{name}: {'resuming' if argv[0] == '--resume' else 'training'}")
     t = time.time()
     cmd = [sys.executable, "-m", "repo_mlx.pretrain"] + argv
     with open(out / "logs" / f"{name}.log", "a") as f:
@@ -617,16 +621,7 @@ def main(argv=None):
     seeds = [int(s) for s in cfg.seeds.split(",")]
     started = time.time()
 
-    def stage(name, fn):
-        marker = out / "done" / f"{name}.json"
-        if marker.exists():
-            return json.loads(marker.read_text())
-        log(f"stage {name}")
-        t = time.time()
-        result = fn() or {}
-        result.setdefault("seconds", round(time.time() - t, 1))
-        marker.write_text(json.dumps(result, indent=1))
-        return result
+    stage = functools.partial(analysis.stage, out)
 
     info = {"data": stage("data", lambda: make_data(cfg, out))}
     info["base-init"] = stage("base-init", lambda: write_base(cfg, out))

@@ -19,6 +19,7 @@ assumed speed) and stops. See docs/experiment.md.
 """
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -26,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -127,21 +127,6 @@ def pretrain_argv(cfg, out, base, name, seed, extra):
     if cfg.grad_checkpoint:
         argv += ["--grad-checkpoint"]
     return argv + extra
-
-
-def pretrain(out, name, argv):
-    """One ``repo_mlx.pretrain`` run in OUT/name, resumed from its checkpoint if it has one."""
-    run = out / name
-    if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*")):
-        argv = ["--resume", str(run)]
-    log(f"{name}: {'resuming' if argv[0] == '--resume' else 'training'}")
-    cmd = [sys.executable, "-m", "repo_mlx.pretrain"] + argv
-    with open(out / "logs" / f"{name}.log", "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        fail(f"{name} failed (exit {rc}); see {out / 'logs' / (name + '.log')}. Rerun to resume.")
 
 
 # ----------------------------------------------------------------- evaluation
@@ -307,16 +292,7 @@ def main(argv=None):
     seeds = [int(s) for s in cfg.seeds.split(",")]
     cfg.text = args.text
 
-    def stage(name, fn):
-        marker = out / "done" / f"{name}.json"
-        if marker.exists():
-            return json.loads(marker.read_text())
-        log(f"stage {name}")
-        t = time.time()
-        result = fn() or {}
-        result.setdefault("seconds", round(time.time() - t, 1))
-        marker.write_text(json.dumps(result, indent=1))
-        return result
+    stage = functools.partial(analysis.stage, out)
 
     est = stage("estimate", lambda: estimate(cfg, base_config, dry_run_memory(cfg, base), args.assume_tflops))
     info = {"data": stage("data", lambda: make_data(cfg, out, tok))}
@@ -324,7 +300,7 @@ def main(argv=None):
     for s in seeds:
         for arm, extra in (("rope", ["--plain"]), ("repo", layers), ("nope", layers + ["--nope"])):
             argv = pretrain_argv(cfg, out, base, f"{arm}-{s}", s, extra)
-            info[f"{arm}-{s}"] = stage(f"{arm}-{s}", lambda: pretrain(out, f"{arm}-{s}", argv))
+            info[f"{arm}-{s}"] = stage(f"{arm}-{s}", lambda: rvr.run_pretrain(out, f"{arm}-{s}", argv))
     models = [("base", base, 0.0)]
     for s in seeds:
         models += [(f"{a}-{s}", str(out / f"{a}-{s}"), 0.0) for a, _ in rvr.ARMS]
