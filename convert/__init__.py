@@ -16,7 +16,7 @@ from .. import _cli
 from ..errors import LoadError
 from ..files import atomic_folder
 from ..rope import POSITION_WEIGHTS
-from ..loader import (DTYPES, architecture_name, get_model_path, is_hub_id, load_model, load_tokenizer,
+from ..loader import (DTYPES, architecture_name, get_model_path, load_model, load_tokenizer, upload,
                       save_standalone)
 
 
@@ -128,30 +128,6 @@ def _source_license(src: Path) -> Optional[str]:
     return None
 
 
-def hub_repo(s: str) -> str:
-    """--upload-repo: a Hub repo id, checked while parsing (before any work)."""
-    if not is_hub_id(s):
-        raise argparse.ArgumentTypeError(f"must be a Hub repo id like owner/name, got {s!r}")
-    return s
-
-
-hub_repo.kind = "text"
-
-
-def upload(path: Path, repo: str) -> None:
-    """Upload a finished folder, keeping our model card (mlx-lm's ``upload_to_hub`` rewrites it)."""
-    from huggingface_hub import HfApi
-
-    print(f"[INFO] Uploading to {repo}")
-    try:
-        api = HfApi()
-        api.create_repo(repo_id=repo, exist_ok=True)
-        api.upload_large_folder(folder_path=str(path), repo_id=repo, repo_type="model")
-    except Exception as e:
-        raise LoadError(f"Upload to {repo} failed ({type(e).__name__}); the model is complete in {path}. "
-                        "Log in with `hf auth login` and retry.") from None
-
-
 def convert(
     hf_path: str,
     mlx_path: str = "mlx_model",
@@ -231,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], default="affine", help="Quantization format, as mlx-lm's (default: affine).")
     p.add_argument("--quant-predicate", choices=QUANT_RECIPES, default=None, help="mlx-lm's mixed-precision recipes (affine): e.g. mixed_4_6 keeps v_proj, down_proj of some layers and lm_head at 6 bits.")
     p.add_argument("-d", "--dequantize", action="store_true", help="Write float weights from a quantized model.")
-    p.add_argument("--upload-repo", type=hub_repo, default=None, help="Also upload the result to this Hub repo (needs a login).")
+    p.add_argument("--upload-repo", type=_cli.hub_repo, default=None, help="Also upload the result to this Hub repo (needs a login).")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --hf-path.")
     p.add_argument("--force", action="store_true", help="Replace --mlx-path if it exists (only once the new one is complete).")
     _cli.add_trust_remote_code(p)

@@ -22,7 +22,7 @@ import yaml
 from .errors import LoadError, one_line
 from .files import check_outputs
 from .folder_checks import safetensors_header
-from .loader import DEFAULT_MODEL, DTYPES, load, yarn_scaling
+from .loader import DEFAULT_MODEL, DTYPES, is_hub_id, load, yarn_scaling
 
 
 def version() -> str:
@@ -454,3 +454,13 @@ def run(main, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def hub_repo(s: str) -> str:
+    """--upload-repo: a Hub repo id, checked while parsing (before any work)."""
+    if not is_hub_id(s):
+        raise argparse.ArgumentTypeError(f"must be a Hub repo id like owner/name, got {s!r}")
+    return s
+
+
+hub_repo.kind = "text"

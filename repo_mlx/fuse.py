@@ -15,10 +15,9 @@ from mlx_lm.utils import dequantize_model
 
 from . import _cli
 from .files import atomic_folder
-from .convert import hub_repo, upload
-from .convert.export_hf import export_hf
+from .export_hf import export_hf
 from .errors import LoadError
-from .loader import get_model_path, load, save_standalone
+from .loader import get_model_path, load, save_standalone, upload
 from .adapters import fuse_layer
 
 
@@ -75,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-path", type=_cli.new_folder, default="fused_model", help="Output folder (default: fused_model); an existing one is replaced with --force, if repo_mlx wrote it.")
     p.add_argument("--de-quantize", "--dequantize", dest="de_quantize", action="store_true", help="Write float weights even if the base model is quantized (otherwise fused layers are re-quantized).")
     p.add_argument("--export-hf", dest="export_hf_format", action="store_true", help="Write the official Hugging Face format (float weights, HF config.json, tokenizer) instead of the MLX format; it loads in the official PyTorch code.")
-    p.add_argument("--upload-repo", type=hub_repo, help="Also upload the result to this Hub repo (needs a login).")
+    p.add_argument("--upload-repo", type=_cli.hub_repo, help="Also upload the result to this Hub repo (needs a login).")
     p.add_argument("--export-gguf", action="store_true", help="mlx-lm's GGUF export; refused: no GGUF runtime (llama.cpp, Ollama) computes RePo's learned positions, so the file would run as plain OLMo-2. Use --export-hf.")
     p.add_argument("--gguf-path", default="ggml-model-f16.gguf", help="File name for --export-gguf (refused).")
     p.add_argument("--force", action="store_true", help="Replace --save-path if it exists (only once the new one is complete).")

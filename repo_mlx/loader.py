@@ -283,3 +283,17 @@ def warn_if_not_finite(model: nn.Module, path) -> bool:
         "its weights (or dtype: try --dtype float32) are broken."
     )
     return False
+
+
+def upload(path: Path, repo: str) -> None:
+    """Upload a finished folder, keeping our model card (mlx-lm's ``upload_to_hub`` rewrites it)."""
+    from huggingface_hub import HfApi
+
+    print(f"[INFO] Uploading to {repo}")
+    try:
+        api = HfApi()
+        api.create_repo(repo_id=repo, exist_ok=True)
+        api.upload_large_folder(folder_path=str(path), repo_id=repo, repo_type="model")
+    except Exception as e:
+        raise LoadError(f"Upload to {repo} failed ({type(e).__name__}); the model is complete in {path}. "
+                        "Log in with `hf auth login` and retry.") from None

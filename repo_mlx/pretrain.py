@@ -35,7 +35,7 @@ from mlx_lm.utils import get_total_parameters
 
 from . import _cli, adapters, pretrain_data
 from .files import atomic_file, atomic_folder, check_outputs, remove_stale
-from .convert.export_hf import check_exportable, export_hf
+from .export_hf import check_exportable, export_hf
 from .errors import LoadError, one_line
 from .position_stats import summary
 from .probe import index_probe

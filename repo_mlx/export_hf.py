@@ -15,8 +15,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import make_shards
 
-from ..rope import pe_setting
-from ..errors import LoadError
+from .rope import pe_setting
+from .errors import LoadError
 
 # Keys only MLX loaders understand; the official config has none of them.
 MLX_ONLY = ("model_file", "quantization", "quantization_config", "position_blend")
