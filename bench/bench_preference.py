@@ -34,16 +34,9 @@ import synthetic  # noqa: E402  random official-format checkpoints
 from repo_mlx.adapters import setup_trainable
 from repo_mlx.trainer import Trainer
 
-SHAPES = {
-    "small": synthetic.config(
-        hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-        intermediate_size=2048, vocab_size=32000, start_layer=2,
-    ),
-    "tiny": synthetic.config(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=1024, vocab_size=4096, start_layer=1,
-    ),
-}
+import bench_lora  # noqa: E402  beside this script (its shapes)
+
+SHAPES = {k: v for k, v in bench_lora.SHAPES.items() if k != "1b"}  # the LoRA bench's, same models
 
 
 def build(mode: str, path: Path, pairs, args):
