@@ -30,9 +30,8 @@ class RequestError(Exception):
 
 
 class JSONErrors:
-    """A handler whose every error is JSON, ``{"error": {"message", "type"}}`` (OpenAI's
-    shape, which its clients show), those http.server writes itself too (an unknown
-    method, an oversized header): they were HTML. The handler has ``send_json``."""
+    """A handler (with ``send_json``) whose every error is JSON in OpenAI's shape, which its clients
+    show; also those http.server writes itself (an unknown method, an oversized header)."""
 
     headers = {}  # a request's, once read: http.server's errors can come first
 
@@ -135,10 +134,8 @@ def url(httpd, host: str) -> str:
     """The server's base URL, warning first if ``host`` lets other machines in."""
     bound, port = httpd.server_address[:2]
     if not is_loopback(bound):
-        warnings.warn(
-            f"Listening on {host}, not only this machine: anyone who can reach "
-            f"port {port} can use the model, without authentication."
-        )
+        warnings.warn(f"Listening on {host}, not only this machine: anyone who can reach "
+                      f"port {port} can use the model, without authentication.")
     return f"http://[{bound}]:{port}" if ":" in bound else f"http://{bound}:{port}"
 
 
