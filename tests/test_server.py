@@ -495,7 +495,8 @@ def test_request_attributes_are_mlx_lm_s():
         handler = Handler.__new__(Handler)  # no socket either
         handler.response_generator = types.SimpleNamespace(cli_args=cli, request_defaults=mlx_lm_defaults(cli))
         handler.read_request(check_request(body, "/v1/completions", LIMITS, "m", False))
-        expected = {k: v for k, v in vars(probe).items() if k not in ("body", "path", "headers", "rfile", "response_generator")}
+        stand_in = ("body", "path", "headers", "rfile", "response_generator")
+        expected = {k: v for k, v in vars(probe).items() if k not in stand_in}
         assert len(expected) == 24 and {k: getattr(handler, k) for k in expected} == expected
     assert handler.max_tokens == 7 and handler.xtc_threshold == 0.2 and handler.temperature == 0.5
 
