@@ -6,9 +6,11 @@ reaches the generation thread, where an error would stop the server; errors as J
 stop strings matched on text (mlx-lm matches their tokens); OpenAI's completions forms
 mlx-lm lacks (logprobs as a count, prompt lists, token prompts) and streamed logprobs;
 --max-prompt-tokens checked before prefill, which pauses every other request;
---prompt-cache-file; 127.0.0.1 and no cross-origin access by default. mlx-lm 0.32's
-do_POST reads, parses and uses the body in one method, so it is overridden; its
-``run`` takes no handler class, so ``command`` builds the server.
+--prompt-cache-file; 127.0.0.1 and no cross-origin access by default. Where mlx-lm 0.32
+has no seam, a public method is overridden: do_POST (it reads, parses and uses the body in
+one method), generate_response and completion_usage_response (logprobs, the document),
+ResponseGenerator.generate (stop strings), LRUPromptCache's fetch and insert (the
+document). Its ``run`` takes no handler class, so ``command`` builds the server.
 """
 
 import argparse
