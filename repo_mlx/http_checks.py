@@ -16,9 +16,6 @@ from .errors import LoadError
 DRAIN_BYTES = 64 << 20  # an oversized body up to this size is read and dropped
 MAX_JSON_DEPTH = 64  # nesting of a request body; OpenAI's requests need under 20
 TOO_DEEP = f"The JSON body nests lists and objects more than {MAX_JSON_DEPTH} levels deep."
-# Connections waiting to be accepted (the kernel caps it); socketserver's 5 resets a burst.
-LISTEN_BACKLOG = 1024
-CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
 class RequestError(Exception):
@@ -30,9 +27,8 @@ class RequestError(Exception):
 
 
 class JSONErrors:
-    """A handler whose every error is JSON, ``{"error": {"message", "type"}}`` (OpenAI's
-    shape, which its clients show), those http.server writes itself too (an unknown
-    method, an oversized header): they were HTML. The handler has ``send_json``."""
+    """A handler (with ``send_json``) whose every error is JSON in OpenAI's shape, which its clients
+    show; also those http.server writes itself (an unknown method, an oversized header)."""
 
     headers = {}  # a request's, once read: http.server's errors can come first
 
@@ -114,11 +110,11 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
-        request_queue_size = LISTEN_BACKLOG
+        request_queue_size = 1024  # connections waiting (the kernel caps it); socketserver's 5 resets a burst
 
         def handle_error(self, request, client_address):
             # A client that leaves early is routine: one line, not a traceback.
-            if isinstance(sys.exc_info()[1], CLIENT_GONE):
+            if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # BrokenPipe, reset, aborted
                 logging.info("client %s disconnected", client_address[0])
             else:
                 super().handle_error(request, client_address)
@@ -135,10 +131,8 @@ def url(httpd, host: str) -> str:
     """The server's base URL, warning first if ``host`` lets other machines in."""
     bound, port = httpd.server_address[:2]
     if not is_loopback(bound):
-        warnings.warn(
-            f"Listening on {host}, not only this machine: anyone who can reach "
-            f"port {port} can use the model, without authentication."
-        )
+        warnings.warn(f"Listening on {host}, not only this machine: anyone who can reach "
+                      f"port {port} can use the model, without authentication.")
     return f"http://[{bound}]:{port}" if ":" in bound else f"http://{bound}:{port}"
 
 

@@ -1,27 +1,23 @@
 """OpenAI-compatible local server: ``python -m repo_mlx.server --model ...``.
 
-mlx-lm's server does the work: its ModelProvider, ResponseGenerator (batched
-generation, prompt cache) and APIHandler (replies, streaming). This adds what a
-RePo model and a desktop app need: the model loaded by repo_mlx, once (requests
-cannot load others); each request read and parsed once and checked before it
-reaches the generation thread, where an error would stop the server, and a bad
-one answered with a JSON error; stop strings matched on text (mlx-lm matches
-their tokens); OpenAI's completions forms mlx-lm lacks (``logprobs`` as a count,
-prompt lists, token prompts) and streamed logprobs; ``--max-prompt-tokens``
-checked before prefill, which pauses every other request; ``--prompt-cache-file``,
-a document every prompt continues after; 127.0.0.1 and no cross-origin browser
-access by default.
-
-Where mlx-lm 0.32 has no seam, a public method is overridden: ``APIHandler.do_POST``
-(it reads, parses and uses the body in one method), ``generate_response`` and
-``completion_usage_response`` (logprobs, the document), ``ResponseGenerator.generate``
-(stop strings), ``LRUPromptCache``'s fetch and insert (the document). Its ``run``
-does not hand a handler class on to the HTTP server, so ``command`` builds them.
+mlx-lm's server (its ModelProvider, ResponseGenerator and APIHandler) serves the one
+model repo_mlx loads. Added: each request read and parsed once and checked before it
+reaches the generation thread, where an error would stop the server; errors as JSON;
+stop strings matched on text (mlx-lm matches their tokens); OpenAI's completions forms
+mlx-lm lacks (logprobs as a count, prompt lists, token prompts) and streamed logprobs;
+--max-prompt-tokens checked before prefill, which pauses every other request;
+--prompt-cache-file; 127.0.0.1 and no cross-origin access by default. Where mlx-lm 0.32
+has no seam, a public method is overridden: do_POST (it reads, parses and uses the body in
+one method), generate_response and completion_usage_response (logprobs, the document),
+ResponseGenerator.generate (stop strings), LRUPromptCache's fetch and insert (the
+document). Its ``run`` takes no handler class, so ``command`` builds the server.
 """
 
 import argparse
+import collections
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import logging
@@ -29,6 +25,7 @@ import os
 import sys
 import threading
 import time
+import types
 from urllib.parse import unquote, urlsplit
 
 from mlx_lm.generate import TextStateMachine
@@ -47,19 +44,10 @@ POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 NEXT_USER_TURN = "\nUSER:"  # where mlx-lm's plain chat transcript starts the next user turn
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_WORDS, MAX_PROMPTS, MAX_COMPLETION_LOGPROBS = 16, 32, 5  # the last: OpenAI's limit
-# The fields mlx-lm's do_POST reads with a fixed default (test_server checks them against it).
-REQUEST_DEFAULTS = {
-    "repetition_penalty": 0.0, "repetition_context_size": 20, "presence_penalty": 0.0,
-    "presence_context_size": 20, "frequency_penalty": 0.0, "frequency_context_size": 20,
-    "xtc_probability": 0.0, "xtc_threshold": 0.1, "logit_bias": None, "logprobs": False,
-    "top_logprobs": -1, "seed": None, "chat_template_kwargs": None,
-}  # fmt: skip
-
-
-@dataclasses.dataclass
-class Limits:
-    max_tokens: int  # largest max_tokens a request may ask for
-    vocab_size: int  # logit_bias keys and token prompts must be ids below this
+# The request fields mlx-lm's do_POST reads into attributes of another name.
+FIELDS = {"requested_model": "model", "requested_draft_model": "draft_model", "adapter": "adapters"}
+# The largest max_tokens a request may ask for; logit_bias keys and token prompts are ids below vocab_size.
+Limits = collections.namedtuple("Limits", "max_tokens vocab_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,12 +123,10 @@ class DocumentCache(LRUPromptCache):
 
 
 def cut_at_stop(responses, stop_words):
-    """mlx-lm Responses up to the first stop string in their text, which is dropped.
-
-    Text that may be the start of a stop string is held back until it is known not
-    to be. The reply then ends with finish_reason None, which mlx-lm's handler
-    reports as "stop" (an end-of-text Response too: with "stop" it drops its text).
-    """
+    """mlx-lm Responses up to the first stop string in their text, which is dropped. Text
+    that may start a stop string is held back until it is known not to. The reply then ends
+    with finish_reason None, which mlx-lm's handler reports as "stop" (an end-of-text
+    Response too: with "stop" it drops its text)."""
     text, sent = "", 0
     for r in responses:
         text += r.text
@@ -170,16 +156,30 @@ class Generator(ResponseGenerator):
         return ctx, (self.seen.responses.append(r) or r for r in cut_at_stop(responses, args.stop_words))
 
 
-def check_request(body, path: str, limits: Limits, model_id: str, has_chat_template: bool) -> dict:
-    """The request to serve, or a RequestError saying what is wrong.
+def mlx_lm_defaults(cli) -> dict:
+    """The attributes mlx-lm's do_POST sets for a body without fields: its request defaults.
+    It reads each field inline, so it runs on a stand-in, stopped where it validates them."""
 
-    Null fields mean "use the default", as in OpenAI's API. mlx-lm's
-    validate_model_parameters then checks what it knows; these are the checks it
-    lacks (booleans as numbers, infinities, upper limits, logit_bias keys, stop
-    strings, messages, unsupported fields) and OpenAI's completions forms: logprobs
-    as a count and ``prompt`` as a list (``prompts``, one choice each) of strings
-    or of token ids.
-    """
+    def stop():
+        raise StopIteration
+
+    stand_in = APIHandler.__new__(APIHandler)  # no socket: what do_POST reads
+    vars(stand_in).update(path="/v1/completions", headers={"Content-Length": "2"}, rfile=io.BytesIO(b"{}"),
+                          response_generator=types.SimpleNamespace(cli_args=cli), validate_model_parameters=stop)
+    before = set(vars(stand_in))
+    try:
+        stand_in.do_POST()
+    except StopIteration:
+        return {k: v for k, v in vars(stand_in).items() if k not in before}
+    raise RuntimeError("mlx-lm's do_POST no longer validates the request")
+
+
+def check_request(body, path: str, limits: Limits, model_id: str, has_chat_template: bool) -> dict:
+    """The request to serve, or a RequestError saying what is wrong. Null fields mean the
+    default, as in OpenAI's API. These are the checks mlx-lm's validate_model_parameters
+    lacks (booleans as numbers, infinities, upper limits, logit_bias keys, stop strings,
+    messages, unsupported fields) and OpenAI's completions forms: logprobs as a count and
+    ``prompt`` as a list (``prompts``, one choice each) of strings or of token ids."""
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.")
     body = {k: v for k, v in body.items() if v is not None}
@@ -260,9 +260,8 @@ def check_request(body, path: str, limits: Limits, model_id: str, has_chat_templ
 
 
 class Handler(http_checks.JSONErrors, APIHandler):
-    """mlx-lm's request handler behind a check of every request. Its settings are
-    mlx-lm's: the command line (with the limits ``command`` fills in) and the model
-    provider."""
+    """mlx-lm's request handler behind a check of every request; its settings are mlx-lm's:
+    the command line (with the limits ``command`` fills in) and the model provider."""
 
     timeout = 60  # seconds a client may stall while sending; frees its thread
 
@@ -301,16 +300,10 @@ class Handler(http_checks.JSONErrors, APIHandler):
             self.send_error_json(e.status, str(e))
 
     def read_request(self, body: dict) -> None:
-        """The request attributes mlx-lm's do_POST sets, from the checked body."""
-        cli, get = self.response_generator.cli_args, body.get
-        self.body, self.stream, self.stream_options = body, get("stream", False), body["stream_options"]
-        self.requested_model, self.requested_draft_model, self.adapter = body["model"], "default_model", None
-        self.num_draft_tokens = get("num_draft_tokens", cli.num_draft_tokens)
-        self.max_tokens = get("max_completion_tokens", get("max_tokens", cli.max_tokens))
-        self.temperature, self.top_p = get("temperature", cli.temp), get("top_p", cli.top_p)
-        self.top_k, self.min_p = get("top_k", cli.top_k), get("min_p", cli.min_p)
-        for key, default in REQUEST_DEFAULTS.items():
-            setattr(self, key, get(key, default))
+        """The attributes mlx-lm's do_POST sets, from the checked body or mlx-lm's defaults."""
+        for attr, default in self.response_generator.request_defaults.items():
+            setattr(self, attr, body.get(FIELDS.get(attr, attr), default))
+        self.body, self.max_tokens = body, body.get("max_completion_tokens", self.max_tokens)
         self.choice_index, self.offset = 0, 0
 
     def text(self, prompt) -> str:
@@ -365,8 +358,7 @@ class Handler(http_checks.JSONErrors, APIHandler):
             finally:
                 ctx.stop()
             replies.append(self.generate_response(text, finish, len(ctx.prompt), n, ctx.prompt_cache_count))
-        merged = replies[0]
-        merged["choices"] = [r["choices"][0] for r in replies]
+        merged = dict(replies[0], choices=[r["choices"][0] for r in replies])
         merged["usage"] = {k: sum(r["usage"][k] for r in replies) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         self.send_json(merged)
 
@@ -451,6 +443,7 @@ def command(argv=None) -> None:
                 raise LoadError(f"{args.prompt_cache_file} holds a quantized or rotating cache; the server takes "
                                 "one made without --kv-bits and --max-kv-size.")
             generator.prompt_cache.insert_cache(provider.model_key, [], cache)  # the document alone
+        generator.request_defaults = mlx_lm_defaults(args)
         httpd.RequestHandlerClass = functools.partial(Handler, generator, system_fingerprint=get_system_fingerprint())
         print(f"Serving {args.model} at {http_checks.url(httpd, args.host)}/v1 (Ctrl-C stops)", flush=True)
         httpd.serve_forever()

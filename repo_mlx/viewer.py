@@ -1,19 +1,12 @@
 """Explore RePo positions in the browser: ``python -m repo_mlx.viewer --model ...``.
 
-The official release's viewer (a Flask page with Plotly) in one local command,
-offline: the page's JavaScript is the plotly.js that the ``plotly`` Python
-package ships, written into the page, so nothing is fetched from a network.
-
-- Served: a text box (or a dropped .txt file) sent to this process, which
-  holds one model, computes the positions of one text at a time and keeps
-  serving after a bad request. Loopback by default, with repo_mlx.server's
-  origin check and body limit.
-- ``--html OUT.html --prompt-file F``: the same page as one static file with
-  the positions of that text written into it.
-
-The positions are ``repo_mlx.positions.positions``; the focused range, the
-summary and the outlier count are computed here, in Python, by
-repo_mlx/positions.py's functions, and the page only draws them.
+The official release's viewer (a Flask page with Plotly) in one local command, offline:
+the page holds the plotly.js the ``plotly`` package ships, so nothing is fetched. Served,
+this process holds one model and computes the positions of one text at a time (typed or
+a dropped .txt file), on loopback by default with repo_mlx.server's origin check and body
+limit; with ``--html OUT.html --prompt-file F`` the page is one static file holding that
+text's positions. The positions (``repo_mlx.rope.positions``), focused range, summary and
+outlier count (repo_mlx/position_stats.py) are computed in Python; the page only draws them.
 """
 
 import base64
@@ -182,13 +175,11 @@ class Handler(http_checks.JSONErrors, BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         try:
             http_checks.check_origin(self, self.viewer.origins, "viewer")
+            if path not in ("/", "/index.html"):
+                raise RequestError(f"No such page: GET {path}.", 404)
+            self.send(200, self.viewer.page, "text/html; charset=utf-8")
         except RequestError as e:
             self.send_error_json(e.status, str(e))
-            return
-        if path in ("/", "/index.html"):
-            self.send(200, self.viewer.page, "text/html; charset=utf-8")
-        else:
-            self.send_error_json(404, f"No such page: GET {path}.")
 
     def do_POST(self):
         v = self.viewer
@@ -200,11 +191,10 @@ class Handler(http_checks.JSONErrors, BaseHTTPRequestHandler):
             if e.status == 413:
                 message += " Use a shorter text, or start the viewer with a larger --max-request-bytes."
             self.send_error_json(e.status, message)
-            return
         except Exception as e:  # the server keeps serving whatever one text does
             self.send_error_json(500, f"Cannot compute the positions: {one_line(e)}")
-            return
-        self.send_json(data)
+        else:
+            self.send_json(data)
 
 
 def own_origins(host: str, bound: str, port: int) -> list:

@@ -467,25 +467,38 @@ def test_check_request_normalizes():
         check_request({"prompt": "x", "max_tokens": 4097}, "/v1/completions", LIMITS, "m", False)
 
 
-def test_request_defaults_are_mlx_lm_s():
-    """The defaults of the request fields equal those mlx-lm's own do_POST sets."""
+def test_request_attributes_are_mlx_lm_s():
+    """The server sets the request attributes mlx-lm's own do_POST sets for the same body:
+    mlx-lm's defaults for the fields a request leaves out, the request's values otherwise."""
     import mlx_lm.server
-    from repo_mlx.server import REQUEST_DEFAULTS
+    from repo_mlx.server import Handler, mlx_lm_defaults
+
+    cli = types.SimpleNamespace(num_draft_tokens=3, max_tokens=9, temp=0.25, top_p=0.5, top_k=4, min_p=0.125)
 
     class Probe(mlx_lm.server.APIHandler):
         def __init__(self, body):  # no socket: just what do_POST reads
             self.path, self.headers = "/v1/completions", {"Content-Length": str(len(body))}
             self.rfile = io.BytesIO(body)
-            self.response_generator = types.SimpleNamespace(cli_args=types.SimpleNamespace(
-                num_draft_tokens=3, max_tokens=1, temp=0.0, top_p=1.0, top_k=0, min_p=0.0))
+            self.response_generator = types.SimpleNamespace(cli_args=cli)
 
         def validate_model_parameters(self):
             raise StopIteration  # everything is read by now
 
-    probe = Probe(b'{"prompt": "x"}')
-    with pytest.raises(StopIteration):
-        probe.do_POST()
-    assert {k: getattr(probe, k) for k in REQUEST_DEFAULTS} == REQUEST_DEFAULTS
+    given = {"max_completion_tokens": 7, "max_tokens": 3, "temperature": 0.5, "top_k": 2, "xtc_threshold": 0.2,
+             "repetition_context_size": 5, "frequency_penalty": 1.5, "logit_bias": {"1": 2.0}, "seed": 3,
+             "adapter": "a", "requested_draft_model": "d"}  # not fields: mlx-lm reads adapters and draft_model
+    for fields in ({}, given):
+        body = {"prompt": "x", "model": "m", "stream_options": {"include_usage": False}, **fields}
+        probe = Probe(json.dumps(body).encode())
+        with pytest.raises(StopIteration):
+            probe.do_POST()
+        handler = Handler.__new__(Handler)  # no socket either
+        handler.response_generator = types.SimpleNamespace(cli_args=cli, request_defaults=mlx_lm_defaults(cli))
+        handler.read_request(check_request(body, "/v1/completions", LIMITS, "m", False))
+        stand_in = ("body", "path", "headers", "rfile", "response_generator")
+        expected = {k: v for k, v in vars(probe).items() if k not in stand_in}
+        assert len(expected) == 24 and {k: getattr(handler, k) for k in expected} == expected
+    assert handler.max_tokens == 7 and handler.xtc_threshold == 0.2 and handler.temperature == 0.5
 
 
 def test_the_server_uses_mlx_lm_s_public_seams():
