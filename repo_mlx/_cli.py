@@ -335,8 +335,16 @@ def load_from_args(args, **model_config):
     return model, tokenizer
 
 
+def add_blends_flag(p) -> None:
+    p.add_argument(
+        "--position-blend", default="0",
+        help="Comma-separated blends run side by side: 0 = learned positions, 1 = plain RoPE "
+        "in every layer; '0,1' compares the two (default: 0).",
+    )  # fmt: skip
+
+
 def parse_blends(text: str):
-    """--position-blend of evaluate and lm_eval: comma-separated blends, each in [0, 1]."""
+    """--position-blend of ``add_blends_flag``: comma-separated blends, each in [0, 1]."""
     try:
         blends = [float(b) for b in text.split(",")]
     except ValueError:

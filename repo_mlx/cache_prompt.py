@@ -60,13 +60,11 @@ def command(argv=None) -> None:
         cache = prefill(model, tokens, args.prefill_step_size, bar, args.max_kv_size, kv_bits=args.kv_bits,
                         kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
     save(out, model, tokens, cache, args.model, args.eos_token)
-    size = out.stat().st_size
-    print(f"Saved the cache of {len(tokens)} tokens to {out} ({size / 1e6:.1f} MB); "
+    print(f"Saved the cache of {len(tokens)} tokens to {out} ({out.stat().st_size / 1e6:.1f} MB); "
           f"peak memory {mx.get_peak_memory() / 1e9:.3f} GB.")
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 
