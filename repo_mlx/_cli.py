@@ -22,8 +22,7 @@ from .loader import DEFAULT_MODEL, DTYPES, is_hub_id, load, yarn_scaling
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _version
+    from importlib.metadata import PackageNotFoundError, version as _version
 
     try:
         return _version("repo-mlx")

@@ -1,10 +1,5 @@
-"""Keep a long document's KV cache as a file: ``python -m repo_mlx.cache_prompt``.
-
-The document runs through the model once; ``repo_mlx.generate
---prompt-cache-file`` then continues after it with each question, and
-``repo_mlx.server --prompt-cache-file`` puts it before every request. The file
-is valid only for the model that made it (see prompt_cache.py).
-"""
+"""Keep a long document's KV cache as a file: ``python -m repo_mlx.cache_prompt``. The file is
+valid only for the model that made it (see prompt_cache.py)."""
 
 import argparse
 

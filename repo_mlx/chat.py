@@ -1,11 +1,9 @@
 """Chat in the terminal with a RePo model: ``python -m repo_mlx.chat --model M``.
 
-As ``mlx_lm.chat``, the conversation's KV cache is kept between turns, so a
-turn processes only its new tokens. A base model (no chat template) reads the
-plain transcript the server uses, mlx-lm's ``USER: ...`` / ``ASSISTANT:``, and
-its reply ends where it starts the next ``USER:`` turn. Each turn the whole
-transcript is tokenized and only what the cache lacks is fed, so every reply
-is what ``repo_mlx.generate`` gives on the whole transcript.
+A base model (no chat template) reads the plain transcript the server uses, mlx-lm's
+``USER: ...`` / ``ASSISTANT:``, and its reply ends where it starts the next ``USER:`` turn.
+Each turn the whole transcript is tokenized and only what the KV cache lacks is fed, so every
+reply is what ``repo_mlx.generate`` gives on the whole transcript.
 """
 
 import argparse

@@ -40,11 +40,9 @@ class RePoLM(MLXLM):
         # MLXLM.__init__ loads with mlx_lm.load, which cannot build a RePo model;
         # these are the attributes it sets.
         LM.__init__(self)
-        self._model, self.tokenizer = model, tokenizer
-        self._max_tokens = max_tokens
-        self._batch_size = batch_size
+        self._model, self.tokenizer, self._sampler = model, tokenizer, sampler
+        self._max_tokens, self._batch_size = max_tokens, batch_size
         self.use_chat_template = False  # base models; lm-eval's tasks are plain text
-        self._sampler = sampler
 
 
 def load_tasks(names: List[str], include_path):

@@ -133,11 +133,8 @@ def load_config(path: Path) -> Dict[str, Any]:
 
 def load_model(path: Path, dtype: Optional[str] = None, model_config: Optional[Dict[str, Any]] = None,
                lazy: bool = False, model_class=None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build the model from a local folder, validating config against weights.
-
-    ``model_class``: a subclass of the architecture's Model to build instead
-    (pretrain's inserts the position module); the caller then says what it built.
-    """
+    """Build the model from a local folder, validating config against weights. ``model_class``: a
+    subclass of the architecture's Model to build instead (pretrain's); the caller says what it built."""
     if dtype is not None and dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     blend = (model_config or {}).get("position_blend", 0.0)
@@ -169,14 +166,10 @@ def load_model(path: Path, dtype: Optional[str] = None, model_config: Optional[D
 def load(path_or_hf_repo: str = DEFAULT_MODEL, dtype: Optional[str] = None, adapter_path: Optional[str] = None,
          model_config: Optional[Dict[str, Any]] = None, return_config: bool = False,
          revision: Optional[str] = None, tokenizer_config: Optional[Dict[str, Any]] = None):
-    """Load a RePo model and its tokenizer.
-
-    ``path_or_hf_repo``: an official Hugging Face folder or Hub id, or a folder
-    made by ``repo_mlx.convert``. ``dtype``: None keeps the stored dtype, or one
-    of "float32", "bfloat16", "float16". ``model_config`` overrides config keys,
-    e.g. ``{"position_blend": 1.0}`` or a YaRN ``rope_scaling``. ``tokenizer_config``:
-    extra tokenizer settings, as mlx-lm's (e.g. ``{"chat_template": ...}``).
-    """
+    """Load a RePo model and its tokenizer from an official Hugging Face folder or Hub id, or a folder
+    made by ``repo_mlx.convert``. ``dtype``: one of DTYPES, None keeps the stored one. ``model_config``
+    overrides config keys, e.g. ``{"position_blend": 1.0}`` or ``yarn_scaling(2)``; ``tokenizer_config``
+    as mlx-lm's (e.g. ``{"chat_template": ...}``)."""
     path = get_model_path(path_or_hf_repo, revision)
     model, config = load_model(path, dtype, model_config)
     if adapter_path is not None:

@@ -77,9 +77,7 @@ def command(argv=None) -> None:
         tokenizer.add_eos_token(token)
     args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
     draft = load_draft(args.draft_model, tokenizer) if args.draft_model else None
-    cache = None
-    if args.prompt_cache_file is not None:
-        cache, _ = prompt_cache.load_for(args.prompt_cache_file, model, tokenizer)
+    cache = prompt_cache.load_for(args.prompt_cache_file, model, tokenizer)[0] if args.prompt_cache_file else None
     prompt = format_prompt(tokenizer, args, prompt, cache is not None)
     if not prompt:
         raise LoadError("The prompt encodes to no tokens; give some text.")
