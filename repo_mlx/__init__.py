@@ -12,15 +12,5 @@ from .rope import continuous_rope, continuous_rope_qk, positions, set_position_b
 __version__ = "0.1.0"
 
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "LoadError",
-    "continuous_rope",
-    "continuous_rope_qk",
-    "generate",
-    "load",
-    "positions",
-    "set_position_blend",
-    "stream_generate",
-    "yarn_scaling",
-]
+__all__ = ["DEFAULT_MODEL", "LoadError", "continuous_rope", "continuous_rope_qk", "generate", "load", "positions",
+           "set_position_blend", "stream_generate", "yarn_scaling"]

@@ -1,8 +1,4 @@
-"""Every command under one name, as ``python -m mlx_lm``: ``python -m repo_mlx <command> ...``.
-
-The commands are the console scripts ``repo_mlx.<command>`` that pyproject.toml
-declares, each ``repo_mlx.<command>:main``.
-"""
+"""Every command under one name, as ``python -m mlx_lm``: ``python -m repo_mlx <command> ...``."""
 
 import importlib
 import sys
@@ -12,7 +8,7 @@ from . import _cli
 
 
 def commands() -> list:
-    """The command names, from the installed console scripts."""
+    """The command names, from the console scripts ``repo_mlx.<command>`` pyproject.toml declares."""
     scripts = entry_points(group="console_scripts")
     return sorted(ep.name.split(".", 1)[1] for ep in scripts if ep.value.startswith("repo_mlx.") and "." in ep.name)
 

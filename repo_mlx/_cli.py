@@ -1,10 +1,6 @@
-"""What every ``python -m repo_mlx.<command>`` shares.
-
-``ArgumentParser`` prints a bad flag as one line, ``error: ...``, and exits 2
-(argparse's own error adds a usage block); it also adds ``--version``. The
-types below check a value while parsing, before any work, and say the valid
-range. They carry what they accept (``kind``, ``lo``, ``hi``) so the tests can
-derive the values they must refuse.
+"""What every ``python -m repo_mlx.<command>`` shares. The types below check a value
+while parsing, before any work; they carry what they accept (``kind``, ``lo``, ``hi``)
+so the tests can derive the values they must refuse.
 """
 
 import argparse
@@ -26,8 +22,7 @@ from .loader import DEFAULT_MODEL, DTYPES, is_hub_id, load, yarn_scaling
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _version
+    from importlib.metadata import PackageNotFoundError, version as _version
 
     try:
         return _version("repo-mlx")
@@ -36,8 +31,8 @@ def version() -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2) and ``--version``. ``elsewhere`` maps
-    flags of a namesake command (mlx-lm's evaluate is our lm_eval) to a pointer."""
+    """argparse with one-line errors (exit 2; argparse's own adds a usage block) and ``--version``.
+    ``elsewhere`` maps flags of a namesake command (mlx-lm's evaluate is our lm_eval) to a pointer."""
 
     def __init__(self, *args, elsewhere=None, **kwargs):
         self.elsewhere = elsewhere or {}
@@ -49,9 +44,9 @@ class ArgumentParser(argparse.ArgumentParser):
             )
 
     def parse_args(self, args=None, namespace=None):
-        for a in sys.argv[1:] if args is None else args:
-            if str(a).split("=")[0] in self.elsewhere:
-                self.error(f"{str(a).split('=')[0]} is not a flag of {self.prog}: {self.elsewhere[str(a).split('=')[0]]}")
+        for flag in (str(a).split("=")[0] for a in (sys.argv[1:] if args is None else args)):
+            if flag in self.elsewhere:
+                self.error(f"{flag} is not a flag of {self.prog}: {self.elsewhere[flag]}")
         namespace = super().parse_args(args, namespace)
         outputs, inputs, replaced = paths(self, namespace)
         try:
@@ -182,7 +177,7 @@ def _byte_size(s: str) -> int:
     try:
         v = int(float(number) * units[s.strip()[len(number):].upper()])
     except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"must be a size like 500MB or 2GB, got {s!r}") from None
+        v = -1
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be a size like 500MB or 2GB, got {s!r}")
     return v
@@ -221,13 +216,6 @@ byte_size = _typed(_byte_size, "size")
 json_object = _typed(_json_object, "json")
 
 
-def _nearest_existing(p: Path) -> Path:
-    p = p.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def _path_check(kind: str, check):
     def parse(s: str) -> Path:
         if not s.strip():
@@ -263,7 +251,9 @@ def _out(want_dir: bool):
             return "exists and is not a folder"
         if not want_dir and p.is_dir():
             return "is a folder; give a file name"
-        base = _nearest_existing(p.parent)
+        base = p.parent.absolute()
+        while not base.exists() and base != base.parent:
+            base = base.parent
         if not base.is_dir():
             return f"cannot be created: {base} is a file, not a folder"
         try:  # the one sure test that it can be written, before any work
@@ -328,8 +318,7 @@ def add_model_flags(p, yarn: bool = False, adapter: bool = True, required: bool 
 
 
 def load_from_args(args, **model_config):
-    """``load`` with the flags of ``add_model_flags`` (and mlx-lm's chat-template
-    flags where the command has them); returns (model, tokenizer)."""
+    """``load`` with the flags of ``add_model_flags`` and mlx-lm's chat-template flags."""
     if getattr(args, "yarn", None) is not None:
         model_config.update(yarn_scaling(args.yarn))
     template = getattr(args, "chat_template", None)
@@ -345,8 +334,16 @@ def load_from_args(args, **model_config):
     return model, tokenizer
 
 
+def add_blends_flag(p) -> None:
+    p.add_argument(
+        "--position-blend", default="0",
+        help="Comma-separated blends run side by side: 0 = learned positions, 1 = plain RoPE "
+        "in every layer; '0,1' compares the two (default: 0).",
+    )  # fmt: skip
+
+
 def parse_blends(text: str):
-    """--position-blend of evaluate and lm_eval: comma-separated blends, each in [0, 1]."""
+    """--position-blend of ``add_blends_flag``: comma-separated blends, each in [0, 1]."""
     try:
         blends = [float(b) for b in text.split(",")]
     except ValueError:
@@ -405,9 +402,7 @@ def _text(s: str) -> str:
     except UnicodeEncodeError as e:
         byte = ord(s[e.start]) - 0xDC00 if 0xDC80 <= ord(s[e.start]) <= 0xDCFF else None
         at = f"byte 0x{byte:02x} " if byte is not None else ""
-        raise argparse.ArgumentTypeError(
-            f"is not UTF-8 text ({at}at character {e.start})"
-        ) from None
+        raise argparse.ArgumentTypeError(f"is not UTF-8 text ({at}at character {e.start})") from None
     return s
 
 

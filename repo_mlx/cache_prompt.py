@@ -1,10 +1,5 @@
-"""Keep a long document's KV cache as a file: ``python -m repo_mlx.cache_prompt``.
-
-The document runs through the model once; ``repo_mlx.generate
---prompt-cache-file`` then continues after it with each question, and
-``repo_mlx.server --prompt-cache-file`` puts it before every request. The file
-is valid only for the model that made it (see prompt_cache.py).
-"""
+"""Keep a long document's KV cache as a file: ``python -m repo_mlx.cache_prompt``. The file is
+valid only for the model that made it (see prompt_cache.py)."""
 
 import argparse
 
@@ -60,13 +55,11 @@ def command(argv=None) -> None:
         cache = prefill(model, tokens, args.prefill_step_size, bar, args.max_kv_size, kv_bits=args.kv_bits,
                         kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
     save(out, model, tokens, cache, args.model, args.eos_token)
-    size = out.stat().st_size
-    print(f"Saved the cache of {len(tokens)} tokens to {out} ({size / 1e6:.1f} MB); "
+    print(f"Saved the cache of {len(tokens)} tokens to {out} ({out.stat().st_size / 1e6:.1f} MB); "
           f"peak memory {mx.get_peak_memory() / 1e9:.3f} GB.")
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 

@@ -1,11 +1,9 @@
 """Chat in the terminal with a RePo model: ``python -m repo_mlx.chat --model M``.
 
-As ``mlx_lm.chat``, the conversation's KV cache is kept between turns, so a
-turn processes only its new tokens. A base model (no chat template) reads the
-plain transcript the server uses, mlx-lm's ``USER: ...`` / ``ASSISTANT:``, and
-its reply ends where it starts the next ``USER:`` turn. Each turn the whole
-transcript is tokenized and only what the cache lacks is fed, so every reply
-is what ``repo_mlx.generate`` gives on the whole transcript.
+A base model (no chat template) reads the plain transcript the server uses, mlx-lm's
+``USER: ...`` / ``ASSISTANT:``, and its reply ends where it starts the next ``USER:`` turn.
+Each turn the whole transcript is tokenized and only what the KV cache lacks is fed, so every
+reply is what ``repo_mlx.generate`` gives on the whole transcript.
 """
 
 import argparse
@@ -17,6 +15,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.server import convert_chat
+from mlx_lm.utils import common_prefix_len
 
 from . import _cli
 from .errors import LoadError
@@ -26,15 +25,6 @@ from .limits import check_length, check_tokens_fit
 NEXT_USER_TURN = "\nUSER:"  # as in repo_mlx.server
 HELP = "Type a message; r (or /reset) starts a new conversation, h (or /help) shows this, q (or /exit, Ctrl-D) quits."
 EXIT, RESET, SHOW_HELP = ("q", "/exit", "/quit"), ("r", "/reset"), ("h", "/help", "/?")  # mlx_lm.chat's one letters too
-
-
-def common_prefix(a: List[int], b: List[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Chat:
@@ -59,8 +49,8 @@ class Chat:
 
     def _reuse(self, tokens: List[int]) -> List[int]:
         """Keep the cached prefix the transcript shares; the tokens still to feed."""
-        keep = common_prefix(self.cached, tokens)
-        keep = min(keep, len(tokens) - 1)  # the last token is fed to get the first logits
+        # The last token is fed again to get the first logits.
+        keep = min(common_prefix_len(self.cached, tokens), len(tokens) - 1)
         drop = len(self.cached) - keep
         if drop and can_trim_prompt_cache(self.cache):
             trim_prompt_cache(self.cache, drop)
@@ -124,11 +114,9 @@ def build_parser():
     p.add_argument("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step; smaller needs less memory (default: 2048).")
     p.add_argument("--pipeline", action="store_true", help="mlx-lm's pipeline parallelism over mlx.launch processes; refused: chat runs the model on one machine.")
     p.add_argument(
-        "--system-prompt",
-        type=_cli.text,
-        default=None,
+        "--system-prompt", type=_cli.text, default=None,
         help="A system message first in the conversation (a base model reads it as \"ASSISTANT's RULE: ...\").",
-    )
+    )  # fmt: skip
     _cli.add_trust_remote_code(p)
     return p
 
@@ -145,9 +133,6 @@ def command(argv=None) -> None:
     tty = sys.stdin.isatty()
     if tty:
         print(f"[INFO] {args.model}. {HELP}", file=sys.stderr)
-
-    def show(text):
-        print(text, end="", flush=True)
 
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -181,7 +166,7 @@ def command(argv=None) -> None:
             nonlocal started
             text = text if started else text.lstrip()
             started = started or bool(text)
-            show(text)
+            print(text, end="", flush=True)
 
         try:
             chat.turn(line, args.max_tokens, sampler(args, tokenizer), on_text, args.prefill_step_size)
@@ -191,7 +176,6 @@ def command(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 

@@ -30,11 +30,7 @@ ALL_TASKS = ("perplexity",) + SYNTHETIC
 
 def windows(n: int, window: int, stride: int) -> List[Tuple[int, int, int]]:
     """(start, end, first) per window: tokens first..end-1 are scored with context from start.
-
-    Every token after the first is scored once; with ``stride < window`` each has at
-    least ``window - stride`` tokens of context, with ``stride == window`` the first
-    token of every window has none and is skipped.
-    """
+    Every token after the first is scored once, with at least ``window - stride`` tokens of context."""
     out, done = [], 1
     for start in range(0, max(n - 1, 0), stride):
         end = min(start + window, n)
@@ -101,15 +97,8 @@ def run_samples(model, tokenizer, samples: List[tasks.Sample], progress=None) ->
     rows = []
     for s in samples:
         prediction = tasks.first_line(answer(model, tokenizer, s.prompt, s.max_tokens, progress))
-        rows.append(
-            {
-                "answers": s.answers,
-                "prediction": prediction,
-                "score": tasks.score(prediction, s.answers),
-                "depth": round(s.depth, 4),
-                "prompt_tokens": s.prompt_tokens,
-            }
-        )
+        rows.append({"answers": s.answers, "prediction": prediction, "score": tasks.score(prediction, s.answers),
+                     "depth": round(s.depth, 4), "prompt_tokens": s.prompt_tokens})
     return {"score": sum(r["score"] for r in rows) / len(rows), "samples": rows}
 
 
@@ -156,23 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
         "tracking), optionally with learned positions and plain RoPE side by side.",
     )
     _cli.add_model_flags(p, yarn=True, adapter=False)
-    p.add_argument(
-        "--task",
-        required=True,
-        help="Comma-separated tasks: perplexity, " + ", ".join(SYNTHETIC) + "; 'ruler' means all synthetic ones.",
-    )
+    p.add_argument("--task", required=True, help="Comma-separated tasks: perplexity, "
+                   + ", ".join(SYNTHETIC) + "; 'ruler' means all synthetic ones.")
     p.add_argument("--data", type=_cli.existing_file, help="Plain-text file for perplexity, tokenized as is (OLMo-2 adds no BOS).")
     p.add_argument("--window", type=_cli.int_range(2), default=None, help="Perplexity window in tokens (default: the model's context, 4096 for the release; YaRN multiplies it).")
     p.add_argument("--stride", type=_cli.positive_int, default=None, help="Perplexity window step; smaller than --window gives every token more context (default: --window).")
     p.add_argument("--lengths", help="Context lengths in tokens for the synthetic tasks, e.g. 1K,2K,4K,8K,16K (default: 1K,2K,4K, those within the model's context; a context under 1K: the context, 256 for the demo).")
     p.add_argument("--samples", type=_cli.positive_int, default=10, help="Samples per synthetic task and length (default: 10).")
     p.add_argument("--seed", type=_cli.seed, default=0, help="Seed the synthetic samples are made from (default: 0).")
-    p.add_argument(
-        "--position-blend",
-        default="0",
-        help="Comma-separated blends run side by side: 0 = learned positions, 1 = plain RoPE "
-        "in every layer; '0,1' compares the two (default: 0).",
-    )
+    _cli.add_blends_flag(p)
     _cli.add_trust_remote_code(p)
     p.add_argument("--output", type=_cli.output_file, default=None, help="Also write the results, with every sample's prediction, as JSON here.")
     return p
@@ -241,28 +222,21 @@ def command(argv=None) -> None:
 
     header = f"model {args.model}, YaRN {'x%g' % args.yarn if args.yarn else 'off'}"
     if samples:
-        plural = "s" if args.samples > 1 else ""
-        header += f", {args.samples} sample{plural} per task and length, seed {args.seed}"
+        header += f", {args.samples} sample{'s' if args.samples > 1 else ''} per task and length, seed {args.seed}"
     if tokens is not None:
         scored = next(r["tokens"] for r in results if r["task"] == "perplexity")
         header += f", perplexity over {scored} tokens of {args.data.name}"
     print(header)
     print(table(results, blends))
     if args.output is not None:
-        report = {
-            "model": args.model,
-            "yarn": args.yarn,
-            "seed": args.seed,
-            "position_blends": blends,
-            "results": results,
-        }
+        report = {"model": args.model, "yarn": args.yarn, "seed": args.seed, "position_blends": blends,
+                  "results": results}
         with atomic_file(args.output) as tmp:
             tmp.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.output}")
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 

@@ -30,12 +30,9 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(folder) -> list:
-    """Remove the scratch files and folders that killed processes left in ``folder``.
-
-    A ``.NAME.old-PID`` whose NAME is gone is the only copy of the previous
-    output (the kill came between the two renames): it is put back instead.
-    Returns what was removed or restored.
-    """
+    """Remove the scratch files and folders that killed processes left in ``folder``; returns them.
+    A ``.NAME.old-PID`` whose NAME is gone is the only copy of the previous output (the kill came
+    between the two renames): it is put back instead."""
     folder = Path(folder)
     done = []
     if not folder.is_dir():

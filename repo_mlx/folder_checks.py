@@ -5,6 +5,7 @@ to fix; MLX's own errors come later, deep in a library, or not at all.
 """
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -53,10 +54,7 @@ def safetensors_header(file: Path) -> dict:
         raise LoadError(f"{file} has a corrupt safetensors header: __metadata__ is not a mapping of strings.")
     end = max((_check_tensor_entry(file, k, t) for k, t in header.items()), default=0)
     if 8 + n + end > size:
-        raise LoadError(
-            f"{file} is truncated ({size} bytes, needs {8 + n + end}); "
-            "download or copy it again."
-        )
+        raise LoadError(f"{file} is truncated ({size} bytes, needs {8 + n + end}); download or copy it again.")
     return header
 
 
@@ -75,9 +73,7 @@ def _check_tensor_entry(file: Path, key: str, t) -> int:
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
         bad(f"has data_offsets {offsets!r}, not [begin, end]")
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)
     if offsets[1] - offsets[0] != count * ST_DTYPES[dtype]:
         bad(f"of shape {shape} {dtype} needs {count * ST_DTYPES[dtype]} bytes, its offsets hold {offsets[1] - offsets[0]}")
     return offsets[1]
@@ -132,14 +128,15 @@ def check_config(config: dict, where) -> None:
     def bad(key, want):
         raise LoadError(f"{where}: {key} must be {want}, got {json.dumps(config[key])[:60]}.")
 
-    def size(v):
-        return type(v) is int and 1 <= v <= MAX_SIZE
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     for key in _SIZES:
         if key not in config:
             raise LoadError(f"{where} has no {key}; is it a model's config?")
     for key in _SIZES + _OPTIONAL_SIZES:
-        if key in config and not (size(config[key]) or (key in _OPTIONAL_SIZES and config[key] is None)):
+        v = config.get(key)
+        if key in config and not ((type(v) is int and 1 <= v <= MAX_SIZE) or (key in _OPTIONAL_SIZES and v is None)):
             bad(key, f"an integer from 1 to {MAX_SIZE}")
     for key in _FLAGS:
         if key in config and type(config[key]) is not bool:
@@ -148,13 +145,13 @@ def check_config(config: dict, where) -> None:
         if config.get(key) is not None and not isinstance(config[key], dict):
             bad(key, "an object or null")
     eps = config.get("rms_norm_eps", 1e-6)
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1):
+    if not (number(eps) and 0 < eps < 1):
         bad("rms_norm_eps", "a number between 0 and 1")
     theta = config.get("rope_theta", 10000.0)
-    if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and 1 < theta < float("inf")):
+    if not (number(theta) and 1 < theta < math.inf):
         bad("rope_theta", "a finite number above 1")
     factor = (config.get("rope_scaling") or {}).get("factor", 1.0)
-    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor < float("inf")):
+    if not (number(factor) and 0 < factor < math.inf):
         raise LoadError(f"{where}: rope_scaling.factor must be a positive number, got {factor!r}.")
     eos = config.get("eos_token_id")
     ids = [eos] if type(eos) is int else eos if isinstance(eos, list) else [None] if eos is not None else []
@@ -177,6 +174,4 @@ def check_layer_count(path: Path, config: dict) -> None:
             if m:
                 layers.add(int(m[1]))
     if layers and n != len(layers):
-        raise LoadError(
-            f"{path / 'config.json'}: num_hidden_layers is {n}, the weights hold {len(layers)} layers."
-        )
+        raise LoadError(f"{path / 'config.json'}: num_hidden_layers is {n}, the weights hold {len(layers)} layers.")

@@ -14,7 +14,7 @@ from mlx_lm.sample_utils import make_sampler
 from . import _cli
 from .errors import LoadError, one_line
 from .limits import check_length
-from .loader import ARCHITECTURES, get_model_path, load, load_config
+from .loader import get_model_path, load, load_config
 
 KV_BITS = [2, 3, 4, 6, 8]
 KV_GROUP_SIZES = [32, 64, 128]  # what mx.quantize supports
@@ -73,14 +73,9 @@ def check_kv_bits(model, kv_bits, kv_group_size) -> int:
     fits = [g for g in KV_GROUP_SIZES if head_dim % g == 0]
     kv_group_size = kv_group_size or (64 if 64 in fits or not fits else max(fits))
     if kv_bits is not None and head_dim % kv_group_size:
-        fix = (
-            f"pick --kv-group-size {' or '.join(map(str, fits))}"
-            if fits
-            else f"no group size ({', '.join(map(str, KV_GROUP_SIZES))}) divides it, so drop --kv-bits"
-        )
-        raise LoadError(
-            f"--kv-group-size {kv_group_size} does not divide this model's head_dim {head_dim}; {fix}."
-        )
+        fix = (f"pick --kv-group-size {' or '.join(map(str, fits))}" if fits
+               else f"no group size ({', '.join(map(str, KV_GROUP_SIZES))}) divides it, so drop --kv-bits")
+        raise LoadError(f"--kv-group-size {kv_group_size} does not divide this model's head_dim {head_dim}; {fix}.")
     return kv_group_size
 
 
@@ -98,21 +93,15 @@ def load_draft(path, tokenizer):
     from mlx_lm.utils import load as mlx_lm_load
 
     folder = get_model_path(path)
-    if load_config_type(folder) in ARCHITECTURES:
-        draft, draft_tokenizer = load(str(folder))
-    else:
+    try:
+        load_config(folder)
+    except LoadError:  # not an architecture repo_mlx carries
         try:
             draft, draft_tokenizer = mlx_lm_load(str(folder))
         except Exception as e:
             raise LoadError(f"Cannot load the draft model {path}: {one_line(e)}") from None
+    else:
+        draft, draft_tokenizer = load(str(folder))
     if draft_tokenizer.vocab_size != tokenizer.vocab_size or draft_tokenizer.encode("The 1st draft.") != tokenizer.encode("The 1st draft."):
         raise LoadError(f"--draft-model {path} has another tokenizer than the model; speculative decoding needs the same one.")
     return draft
-
-
-def load_config_type(folder) -> str:
-    """A folder's model_type, or '' where its config cannot say."""
-    try:
-        return load_config(folder)["model_type"]
-    except LoadError:
-        return ""

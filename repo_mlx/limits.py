@@ -15,7 +15,6 @@ from mlx.utils import tree_flatten
 from .errors import LoadError
 
 MAX_CONTEXTS = 4  # prompts up to this many times the context
-YARN_LIMIT = 2**24  # float32 holds every integer position up to here: a YaRN context beyond it is noise
 
 
 def context_length(model: nn.Module) -> Optional[int]:
@@ -50,8 +49,7 @@ def check_tokens_fit(model: nn.Module, tokens: int, flag: str, batch: int = 1) -
     head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
     # The cache holds activations: the dtype of the float weights (norms stay float when quantized).
     dtype = next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
-    need = 2 * len(model.layers) * heads * head_dim * dtype.size
-    need *= tokens * batch
+    need = 2 * len(model.layers) * heads * head_dim * dtype.size * tokens * batch
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > memory:
         raise LoadError(

@@ -40,11 +40,9 @@ class RePoLM(MLXLM):
         # MLXLM.__init__ loads with mlx_lm.load, which cannot build a RePo model;
         # these are the attributes it sets.
         LM.__init__(self)
-        self._model, self.tokenizer = model, tokenizer
-        self._max_tokens = max_tokens
-        self._batch_size = batch_size
+        self._model, self.tokenizer, self._sampler = model, tokenizer, sampler
+        self._max_tokens, self._batch_size = max_tokens, batch_size
         self.use_chat_template = False  # base models; lm-eval's tasks are plain text
-        self._sampler = sampler
 
 
 def load_tasks(names: List[str], include_path):
@@ -102,12 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cli.add_model_flags(p, yarn=True)
     p.add_argument("--tasks", required=True, nargs="+", help="lm-eval tasks, groups or tags, separated by spaces (as mlx_lm.evaluate) or commas, e.g. arc_easy hellaswag.")
-    p.add_argument(
-        "--position-blend",
-        default="0",
-        help="Comma-separated blends run side by side: 0 = learned positions, 1 = plain RoPE "
-        "in every layer; '0,1' compares the two (default: 0).",
-    )
+    _cli.add_blends_flag(p)
     p.add_argument("--limit", type=_cli.positive_int, default=None, help="Evaluate only the first N examples of each task (default: all).")
     p.add_argument("--num-shots", type=_cli.non_negative_int, default=None, help="Few-shot examples per prompt (default: each task's own).")
     p.add_argument("--batch-size", type=_cli.positive_int, default=8, help="Sequences generated at once for generate_until tasks (default: 8).")
@@ -145,17 +138,9 @@ def command(argv=None) -> None:
     for blend in blends:
         print(f"{_cli.blend_name(blend)}: {', '.join(names)}", flush=True)
         set_position_blend(model, blend)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            num_fewshot=args.num_shots,
-            limit=args.limit,
-            random_seed=args.seed,
-            numpy_random_seed=args.seed,
-            torch_random_seed=args.seed,
-            fewshot_random_seed=args.seed,
-        )
+        seeds = {f"{k}random_seed": args.seed for k in ("", "numpy_", "torch_", "fewshot_")}
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=args.num_shots,
+                                      limit=args.limit, **seeds)
         results[blend], samples[blend] = out["results"], out.get("samples", {})
 
     shots = "tasks' own shots" if args.num_shots is None else f"{args.num_shots} shots"
@@ -165,16 +150,9 @@ def command(argv=None) -> None:
     print(table(results, blends))
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        report = {
-            "model": args.model,
-            "tasks": names,
-            "num_shots": args.num_shots,
-            "limit": args.limit,
-            "yarn": args.yarn,
-            "lm_eval_version": version("lm_eval"),
-            "position_blends": blends,
-            "results": {str(b): results[b] for b in blends},
-        }
+        report = {"model": args.model, "tasks": names, "num_shots": args.num_shots, "limit": args.limit,
+                  "yarn": args.yarn, "lm_eval_version": version("lm_eval"), "position_blends": blends,
+                  "results": {str(b): results[b] for b in blends}}
         if args.log_samples:
             report["samples"] = {str(b): samples[b] for b in blends}
         path = args.output_dir / (f"lm_eval_{Path(args.model).name}_{'_'.join(names)}"[:200] + ".json")
@@ -184,7 +162,6 @@ def command(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 

@@ -55,11 +55,8 @@ def is_hub_id(name: str) -> bool:
 
 
 def check_hub_reachable(what: str, timeout: float = 3.0) -> None:
-    """Fail at once, in one line, when the Hub cannot be reached: offline,
-    huggingface_hub and datasets retry for half a minute before their error.
-
-    With HF_HUB_OFFLINE set the libraries use their cache and fail fast themselves.
-    """
+    """Fail at once when the Hub cannot be reached: offline, huggingface_hub and datasets
+    retry for half a minute. With HF_HUB_OFFLINE set they use their cache and fail fast."""
     import os
     import socket
     from urllib.parse import urlparse
@@ -97,17 +94,9 @@ def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
-            snapshot_download(
-                path_or_hf_repo, revision=revision, allow_patterns=DOWNLOAD_PATTERNS
-            )
-        )
+        return Path(snapshot_download(path_or_hf_repo, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
     except Exception as e:
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-        )
+        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
         if isinstance(e, GatedRepoError):
             why = "the repo is gated: accept its terms on the Hub and run `hf auth login`"
@@ -142,18 +131,10 @@ def load_config(path: Path) -> Dict[str, Any]:
     return config
 
 
-def load_model(
-    path: Path,
-    dtype: Optional[str] = None,
-    model_config: Optional[Dict[str, Any]] = None,
-    lazy: bool = False,
-    model_class=None,
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build the model from a local folder, validating config against weights.
-
-    ``model_class``: a subclass of the architecture's Model to build instead
-    (pretrain's inserts the position module); the caller then says what it built.
-    """
+def load_model(path: Path, dtype: Optional[str] = None, model_config: Optional[Dict[str, Any]] = None,
+               lazy: bool = False, model_class=None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build the model from a local folder, validating config against weights. ``model_class``: a
+    subclass of the architecture's Model to build instead (pretrain's); the caller says what it built."""
     if dtype is not None and dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     blend = (model_config or {}).get("position_blend", 0.0)
@@ -166,22 +147,15 @@ def load_model(
     # A converted folder names its own copy of the model file; use ours instead.
     overrides = {**(model_config or {}), "model_file": None}
     try:
-        model, config = mlx_lm_load_model(
-            path,
-            lazy=True,
-            model_config=overrides,
-            get_model_classes=lambda config: (model_class or arch.Model, arch.ModelArgs),
-        )
+        model, config = mlx_lm_load_model(path, lazy=True, model_config=overrides,
+                                          get_model_classes=lambda config: (model_class or arch.Model, arch.ModelArgs))
     except (ValueError, KeyError, TypeError) as e:
         raise LoadError(f"Cannot load {path}: {one_line(e)}") from None
     config.pop("model_file")
     if not model.args.repo_layers and model_class is None:
         # Same text for the same folder: Python's warning filter shows it once.
-        warnings.warn(
-            f"{path} is plain {architecture_name(model)}, not RePo: its config has no RePo "
-            "layers (pe_config), "
-            "so every layer uses token-index positions."
-        )
+        warnings.warn(f"{path} is plain {architecture_name(model)}, not RePo: its config has no RePo "
+                      "layers (pe_config), so every layer uses token-index positions.")
     if dtype is not None:
         model.set_dtype(getattr(mx, dtype))
     if not lazy:
@@ -189,23 +163,13 @@ def load_model(
     return model, config
 
 
-def load(
-    path_or_hf_repo: str = DEFAULT_MODEL,
-    dtype: Optional[str] = None,
-    adapter_path: Optional[str] = None,
-    model_config: Optional[Dict[str, Any]] = None,
-    return_config: bool = False,
-    revision: Optional[str] = None,
-    tokenizer_config: Optional[Dict[str, Any]] = None,
-):
-    """Load a RePo model and its tokenizer.
-
-    ``path_or_hf_repo``: an official Hugging Face folder or Hub id, or a folder
-    made by ``repo_mlx.convert``. ``dtype``: None keeps the stored dtype, or one
-    of "float32", "bfloat16", "float16". ``model_config`` overrides config keys,
-    e.g. ``{"position_blend": 1.0}`` or a YaRN ``rope_scaling``. ``tokenizer_config``:
-    extra tokenizer settings, as mlx-lm's (e.g. ``{"chat_template": ...}``).
-    """
+def load(path_or_hf_repo: str = DEFAULT_MODEL, dtype: Optional[str] = None, adapter_path: Optional[str] = None,
+         model_config: Optional[Dict[str, Any]] = None, return_config: bool = False,
+         revision: Optional[str] = None, tokenizer_config: Optional[Dict[str, Any]] = None):
+    """Load a RePo model and its tokenizer from an official Hugging Face folder or Hub id, or a folder
+    made by ``repo_mlx.convert``. ``dtype``: one of DTYPES, None keeps the stored one. ``model_config``
+    overrides config keys, e.g. ``{"position_blend": 1.0}`` or ``yarn_scaling(2)``; ``tokenizer_config``
+    as mlx-lm's (e.g. ``{"chat_template": ...}``)."""
     path = get_model_path(path_or_hf_repo, revision)
     model, config = load_model(path, dtype, model_config)
     if adapter_path is not None:
@@ -235,9 +199,8 @@ def load_tokenizer(path: Path, eos_token_ids=None, tokenizer_config=None):
 
 
 def save_standalone(folder: Path, src: Path, model, tokenizer, config: dict, donate_model=True) -> None:
-    """mlx-lm's ``save`` plus the model file, named in config, so stock mlx-lm
-    loads the folder without repo_mlx (and, on a Mac, with the Metal kernels:
-    repo_rope.py looks for metal/ beside it)."""
+    """mlx-lm's ``save`` plus the model file, named in config, so stock mlx-lm loads the folder
+    without repo_mlx (and, on a Mac, with the Metal kernels: repo_rope.py looks for metal/ beside it)."""
     arch = model_file(config)
     config["model_file"] = Path(arch.__file__).name
     save(folder, src, model, tokenizer, config, donate_model=donate_model)
@@ -253,10 +216,8 @@ def save_standalone(folder: Path, src: Path, model, tokenizer, config: dict, don
 
 
 def yarn_scaling(factor: float, original_max_position_embeddings: int = 4096) -> dict:
-    """``model_config`` for YaRN as the paper used it (all layers, spec section 7).
-
-    Pass it to ``load(..., model_config=...)``; factor 2 gives 8K, 4 gives 16K.
-    """
+    """``model_config`` for ``load``: YaRN as the paper used it (all layers, spec section 7);
+    factor 2 gives 8K, 4 gives 16K."""
     if not 1 <= factor <= 2**24 / original_max_position_embeddings:  # float32 positions stay exact integers
         raise LoadError(f"YaRN factor must be from 1 to {2**24 // original_max_position_embeddings} "
                         f"(a context of 2^24 tokens, past which positions are not exact in float32), got {factor}.")
@@ -273,8 +234,7 @@ def yarn_scaling(factor: float, original_max_position_embeddings: int = 4096) ->
 
 
 def warn_if_not_finite(model: nn.Module, path) -> bool:
-    """Warn (once per folder) when the model's output on a few tokens is NaN or
-    infinite: its weights are broken, and everything it generates is noise."""
+    """Warn (once per folder) when the model's output on a few tokens is NaN or infinite."""
     logits = model(mx.zeros((1, 4), dtype=mx.int32))
     if mx.isfinite(logits).all().item():
         return True

@@ -10,11 +10,8 @@ from .errors import LoadError
 
 
 def inlier_range(values, full: bool = False) -> Tuple[float, float]:
-    """The y-range the official viewer shows: the inliers plus 5% padding.
-
-    Inliers lie within the Tukey fences Q1 - 1.5 IQR .. Q3 + 1.5 IQR; ``full``
-    keeps every value. A flat range is padded by 1.
-    """
+    """The y-range the official viewer shows: the inliers, within the Tukey fences Q1 - 1.5 IQR ..
+    Q3 + 1.5 IQR (``full``: every value), plus 5% padding; a flat range is padded by 1."""
     v = np.asarray(values, dtype=np.float64)
     if not full:
         q1, q3 = np.percentile(v, [25, 75])
@@ -38,12 +35,8 @@ def summary(z) -> Dict[str, float]:
     z = np.asarray(z, dtype=np.float64)
     q1, q3 = np.percentile(z, [25, 75])
     steps = np.diff(z)
-    return {
-        "min": float(z.min()),
-        "max": float(z.max()),
-        "iqr": float(q3 - q1),
-        "increasing": float((steps > 0).mean()) if steps.size else math.nan,
-    }
+    increasing = float((steps > 0).mean()) if steps.size else math.nan
+    return {"min": float(z.min()), "max": float(z.max()), "iqr": float(q3 - q1), "increasing": increasing}
 
 
 def token_texts(tokenizer, ids: List[int]) -> List[str]:
@@ -57,10 +50,8 @@ def select(z: Dict[int, np.ndarray], layer: str, head: str) -> Dict[int, Dict[in
         raise LoadError("This model has no RePo layers (a plain model): nothing to show.")
     if layer != "all":
         if not layer.lstrip("-").isdigit() or int(layer) not in z:
-            raise LoadError(
-                f"--layer {layer} is not a RePo layer; RePo layers are "
-                f"{', '.join(map(str, layers))} (or 'all')."
-            )
+            raise LoadError(f"--layer {layer} is not a RePo layer; RePo layers are "
+                            f"{', '.join(map(str, layers))} (or 'all').")
         layers = [int(layer)]
     n_heads = z[layers[0]].shape[1]
     heads = list(range(n_heads))

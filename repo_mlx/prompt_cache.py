@@ -39,11 +39,8 @@ def model_settings(model) -> dict:
 
 
 def fingerprint(model) -> str:
-    """A short hash of the config and of evenly spaced values of every weight.
-
-    Sampled, not the whole 1B of weights: enough to tell checkpoints, fine-tunes,
-    adapters and quantizations apart in a fraction of a second.
-    """
+    """A short hash of the config and of evenly spaced values of every weight: not all 1B of
+    them, enough to tell checkpoints, fine-tunes, adapters and quantizations apart in a split second."""
     config = dataclasses.asdict(model.args)
     for key in ("rope_scaling", "position_blend", "max_position_embeddings"):
         config.pop(key, None)  # YaRN and blend: checked by name, with a clearer message
@@ -111,8 +108,7 @@ def load_for(path, model, tokenizer=None) -> Tuple[list, List[int]]:
     cache, metadata = read(path)
     now = model_settings(model)
     for key in SETTINGS:
-        then = json.loads(metadata[key])
-        if then != now[key]:
+        if (then := json.loads(metadata[key])) != now[key]:
             raise LoadError(
                 f"{path} was made with {describe(key, then)} but this run uses {describe(key, now[key])}; "
                 "use the same settings or make the cache again."
@@ -130,23 +126,14 @@ def load_for(path, model, tokenizer=None) -> Tuple[list, List[int]]:
 
 
 def prefill(model, tokens: List[int], prefill_step_size: int = 2048, progress=None, max_kv_size=None, **kv) -> list:
-    """A KV cache holding all of ``tokens`` (the last ``max_kv_size``), filled by
-    mlx-lm's generate_step; ``kv``: its KV-cache quantization keywords."""
+    """A KV cache holding all of ``tokens`` (the last ``max_kv_size``), filled by mlx-lm's
+    generate_step; ``progress``: a new tqdm bar; ``kv``: its KV-cache quantization keywords."""
     cache = make_prompt_cache(model, max_kv_size)
-    done = 0
-
-    def moved(n, total):
-        nonlocal done
-        if progress is not None:
-            progress.update(n - done)
-        done = n
-
+    moved = None if progress is None else lambda n, total: progress.update(n - progress.n)
     # max_tokens=0 still runs the last prompt token, so the cache holds them all.
     for _ in generate_step(
         mx.array(tokens), model, max_tokens=0, prompt_cache=cache,
         prefill_step_size=prefill_step_size, prompt_progress_callback=moved, **kv,
     ):
         pass
-    if progress is not None:
-        progress.update(len(tokens) - done)
     return cache

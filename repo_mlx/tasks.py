@@ -67,10 +67,7 @@ class Sample:
 
 
 def filler_sentence(rng: random.Random) -> str:
-    return (
-        f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} "
-        f"{rng.choice(_TAILS)}."
-    )
+    return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}."
 
 
 def _insert(items: List[str], needles: List[str], depths: List[float]) -> List[str]:
@@ -189,16 +186,13 @@ def make_sample(task: str, tokenizer, length: int, seed: int, index: int = 0) ->
     """Sample ``index`` of ``task`` at ``length`` tokens; the same for the same seed."""
     # A string seed is hashed with SHA-512: stable across runs and platforms.
     rng = random.Random(f"{seed}:{task}:{length}:{index}")
-    if task == "niah_single":
-        prompt, answers, depth = _niah(rng, tokenizer, length, 1)
-    elif task == "niah_multikey":
-        prompt, answers, depth = _niah(rng, tokenizer, length, 4)
-    elif task == "kv_retrieval":
-        prompt, answers, depth = _kv_retrieval(rng, tokenizer, length)
-    elif task == "variable_tracking":
-        prompt, answers, depth = _variable_tracking(rng, tokenizer, length)
-    else:
+    makers = {"niah_single": lambda: _niah(rng, tokenizer, length, 1),
+              "niah_multikey": lambda: _niah(rng, tokenizer, length, 4),
+              "kv_retrieval": lambda: _kv_retrieval(rng, tokenizer, length),
+              "variable_tracking": lambda: _variable_tracking(rng, tokenizer, length)}
+    if task not in makers:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    prompt, answers, depth = makers[task]()
     budget = len(tokenizer.encode(" " + ", ".join(answers))) + 8
     return Sample(task, length, prompt, answers, depth, budget, len(tokenizer.encode(prompt)))
 
@@ -213,13 +207,7 @@ def first_line(text: str) -> str:
 
 
 def score(prediction: str, answers: List[str]) -> float:
-    """Share of ``answers`` found in ``prediction`` as whole words, ignoring case.
-
-    RULER's "string match all": 0 or 1 for single-answer tasks, partial credit
-    for variable tracking.
-    """
-    found = [
-        re.search(rf"(?<![A-Za-z0-9]){re.escape(a)}(?![A-Za-z0-9])", prediction, re.IGNORECASE)
-        for a in answers
-    ]
+    """Share of ``answers`` found in ``prediction`` as whole words, ignoring case: RULER's
+    "string match all", 0 or 1 for single-answer tasks, partial credit for variable tracking."""
+    found = [re.search(rf"(?<![A-Za-z0-9]){re.escape(a)}(?![A-Za-z0-9])", prediction, re.IGNORECASE) for a in answers]
     return sum(f is not None for f in found) / len(answers)

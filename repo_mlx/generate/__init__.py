@@ -49,10 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_prompt(tokenizer, args, prompt: str, continuation: bool) -> list:
-    """The prompt's tokens; a model with a chat template gets it as a user message
-    (after --system-prompt, before --prefill-response), as in mlx_lm.generate. After
-    a cached document (cache_prompt writes it as plain text) the prompt continues it
-    as plain text, with no BOS in the middle."""
+    """The prompt's tokens; a model with a chat template gets it as a user message (after
+    --system-prompt, before --prefill-response), as in mlx_lm.generate. After a cached document
+    (plain text) the prompt continues it as plain text, with no BOS in the middle."""
     if args.ignore_chat_template or not tokenizer.has_chat_template or continuation:
         return tokenizer.encode(prompt, add_special_tokens=not continuation)
     messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt is not None else []
@@ -78,9 +77,7 @@ def command(argv=None) -> None:
         tokenizer.add_eos_token(token)
     args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
     draft = load_draft(args.draft_model, tokenizer) if args.draft_model else None
-    cache = None
-    if args.prompt_cache_file is not None:
-        cache, _ = prompt_cache.load_for(args.prompt_cache_file, model, tokenizer)
+    cache = prompt_cache.load_for(args.prompt_cache_file, model, tokenizer)[0] if args.prompt_cache_file else None
     prompt = format_prompt(tokenizer, args, prompt, cache is not None)
     if not prompt:
         raise LoadError("The prompt encodes to no tokens; give some text.")
@@ -100,5 +97,4 @@ def command(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)

@@ -32,21 +32,13 @@ def write_csv(path: Path, chosen, tokens: List[str]) -> None:
 
 
 def write_json(path: Path, chosen, tokens: List[str], ids: List[int]) -> None:
-    data = {
-        "tokens": tokens,
-        "token_ids": ids,
-        "positions": {
-            str(l): {str(h): z.tolist() for h, z in heads.items()}
-            for l, heads in chosen.items()
-        },
-    }
-    Path(path).write_text(json.dumps(data, ensure_ascii=False))
+    by_layer = {str(layer): {str(h): z.tolist() for h, z in heads.items()} for layer, heads in chosen.items()}
+    Path(path).write_text(json.dumps({"tokens": tokens, "token_ids": ids, "positions": by_layer}, ensure_ascii=False))
 
 
 def place_labels(points, boxes, limit: int = 8) -> List[int]:
-    """Greedy: keep each label (in order) whose box, in points, overlaps none kept so far,
-    up to ``limit`` labels. ``points`` are label anchors in display points, ``boxes``
-    their (width, height)."""
+    """Greedy: keep each label (in order) whose box, ``boxes`` (width, height) around ``points``
+    in display points, overlaps none kept so far, up to ``limit`` labels."""
     kept = []
     for i, ((x, y), (w, h)) in enumerate(zip(points, boxes)):
         if len(kept) == limit:
@@ -57,13 +49,10 @@ def place_labels(points, boxes, limit: int = 8) -> List[int]:
 
 
 def plot(path: Path, layer: int, heads: Dict[int, np.ndarray], tokens: List[str], full: bool = False, max_labels: int = 8) -> Dict[int, Dict[str, int]]:
-    """Token index against position, one panel per head.
-
-    Every outlier is red, and those off the shown range sit on its edge as a
-    triangle; up to ``max_labels`` of them get a label, the most extreme first,
-    skipping those whose label would overlap one already placed. Returns {head: {"outliers", "off_range",
-    "labelled"}}, the counts each panel's title states.
-    """
+    """Token index against position, one panel per head. Every outlier is red, and those off the
+    shown range sit on its edge as a triangle; up to ``max_labels`` of them get a label, the most
+    extreme first, none overlapping. Returns each panel title's counts {head: {"outliers",
+    "off_range", "labelled"}}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,15 +89,10 @@ def plot(path: Path, layer: int, heads: Dict[int, np.ndarray], tokens: List[str]
         kept = place_labels(anchors, boxes, max_labels)
         for k in kept:
             i, y = ranked[k], shown[ranked[k]]
-            ax.annotate(
-                labels[k], (i, y), xytext=(3, -8 if y >= hi else 3), textcoords="offset points",
-                fontsize=fontsize, color="C3", clip_on=False,
-            )
+            ax.annotate(labels[k], (i, y), xytext=(3, -8 if y >= hi else 3), textcoords="offset points",
+                        fontsize=fontsize, color="C3", clip_on=False)
         counts[head] = {"outliers": len(out), "off_range": len(off), "labelled": len(kept)}
-        if full:
-            note = "full range"
-        else:
-            note = f"{len(out)} outliers in red, {len(off)} off the range, {len(kept)} labelled"
+        note = "full range" if full else f"{len(out)} outliers in red, {len(off)} off the range, {len(kept)} labelled"
         ax.set_title(f"layer {layer} head {head} ({note})", fontsize=8 if len(heads) == 1 else 6)
         ax.set_xlabel("token index", fontsize=8)
         ax.set_ylabel("position", fontsize=8)
@@ -168,10 +152,8 @@ def command(argv=None) -> None:
     for layer, heads in chosen.items():
         for head, zh in heads.items():
             s = summary(zh)
-            print(
-                f"{layer:>5} {head:>4} {s['min']:>10.2f} {s['max']:>10.2f} "
-                f"{s['iqr']:>10.2f} {s['increasing']:>10.2f}"
-            )
+            print(f"{layer:>5} {head:>4} {s['min']:>10.2f} {s['max']:>10.2f} "
+                  f"{s['iqr']:>10.2f} {s['increasing']:>10.2f}")
     if args.csv is not None:
         with atomic_file(args.csv) as tmp:
             write_csv(tmp, chosen, tokens)
@@ -186,6 +168,5 @@ def command(argv=None) -> None:
         print(f"wrote {args.plot}")
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
