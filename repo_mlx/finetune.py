@@ -32,22 +32,13 @@ OPTIMIZERS = {
 }
 
 
-def train_batches(dataset, args, world, skip: int = 0):
-    """mlx-lm's batches, epoch e shuffled by its own seed, after ``skip`` batches.
-
-    Each epoch's order depends only on (seed, epoch), never on how often
-    validation ran, so a resumed run sees the batches an uninterrupted one would.
-    """
-    per_epoch = len(dataset) // args.batch_size
-    epoch, skip = divmod(skip, per_epoch)
+def train_batches(dataset, args, world, skip: int = 0, iterate=iterate_batches):
+    """Endless batches of ``iterate`` (mlx-lm's) after ``skip``. Each epoch's order depends only on
+    (seed, epoch), never on how often validation ran: a resumed run sees an uninterrupted one's."""
+    epoch, skip = divmod(skip, len(dataset) // args.batch_size)
     while True:
-        batches = iterate_batches(
-            dataset,
-            args.batch_size,
-            args.max_seq_length,
-            seed=derived_seed(args.seed, 0, epoch),
-            comm_group=world,
-        )
+        batches = iterate(dataset, args.batch_size, args.max_seq_length, seed=derived_seed(args.seed, 0, epoch),
+                          comm_group=world)
         yield from islice(batches, skip, None)
         epoch, skip = epoch + 1, 0
 

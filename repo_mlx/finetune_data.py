@@ -118,8 +118,7 @@ def load_data(args, tokenizer) -> Tuple[List[Example], List[Example], List[Examp
     if folder is not None and folder.exists():
         if not folder.is_dir():
             raise LoadError(f"--data {folder} is a file; pass the folder holding train.jsonl.")
-        return tuple(_load_split(folder / f"{name}.jsonl", name, args, tokenizer)
-                     for name in ("train", "valid", "test"))
+        return load_splits(folder, args, lambda path: _load_examples(path, args, tokenizer))
     if not getattr(args, "hf_dataset", None) and not is_hub_id(args.data):
         raise LoadError(f"Data folder {args.data} does not exist.")
     from mlx_lm.tuner.datasets import load_dataset
@@ -135,20 +134,23 @@ def load_data(args, tokenizer) -> Tuple[List[Example], List[Example], List[Examp
     )
 
 
-def _load_split(path: Path, name: str, args, tokenizer) -> List[Example]:
-    if not {"train": args.train, "valid": args.train, "test": args.test}[name]:
-        return []
-    if not path.exists():
-        if name != "valid":
+def load_splits(folder: Path, args, load) -> tuple:
+    """train, valid and test of ``folder``, each ``load(path)`` where the run needs it."""
+    out = []
+    for name, wanted in (("train", args.train), ("valid", args.train), ("test", args.test)):
+        path = folder / f"{name}.jsonl"
+        if wanted and not path.exists() and name != "valid":
             raise LoadError(f"{path} does not exist; --{name} needs it.")
-        if mx.distributed.init().rank() == 0:
+        if wanted and not path.exists() and mx.distributed.init().rank() == 0:
             warnings.warn(f"{path} does not exist; training without validation.")
-        return []
+        out.append(load(path) if wanted and path.exists() else [])
+    return tuple(out)
+
+
+def _load_examples(path: Path, args, tokenizer) -> List[Example]:
     records = read_jsonl(path)
     dataset = _make_dataset(records, tokenizer, args, str(path))
     examples = tokenize(dataset, [n for n, _ in records], str(path), args.max_seq_length)
     if len(examples) < args.batch_size:
-        raise LoadError(
-            f"{path} has {len(examples)} examples, fewer than --batch-size {args.batch_size}."
-        )
+        raise LoadError(f"{path} has {len(examples)} examples, fewer than --batch-size {args.batch_size}.")
     return examples

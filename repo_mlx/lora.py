@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import types
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -57,13 +58,22 @@ TYPES = {
 }
 # Files a training run writes into --adapter-path (what --force replaces).
 RUN_FILES = ("adapter_config.json", "adapters.safetensors", "*_adapters.safetensors", "*.state.safetensors")
-
-
-def _set_help(parser, flag: str, text: str) -> None:
-    # argparse has no public way to edit an inherited flag's help.
-    for action in parser._actions:
-        if flag in action.option_strings:
-            action.help = text
+# Our help where the parent's does not fit (argparse has no public way to edit an inherited flag's help).
+HELP = {
+    "model": f"Model folder (official Hugging Face or converted, e.g. 4-bit for QLoRA) or Hub id (default: {DEFAULT_MODEL}).",
+    "data": "Folder with train.jsonl, valid.jsonl (optional) and test.jsonl (for --test); each line a JSON object with 'text', 'prompt'/'completion' or chat 'messages'. A Hub dataset id also works when online.",
+    "num_layers": "Tune the last N layers, -1 for all (default: 16, all of the 1B; all of a model with fewer).",
+    "optimizer": "Optimizer: adam, adamw, muon, sgd or adafactor (default: adam).",
+    "val_batches": "Validation batches, -1 for the whole validation set (default: 25).",
+    "test_batches": "Test batches, -1 for the whole test set (default: 500).",
+    "iters": "Total iterations to train for, counting those of a resumed checkpoint (default: 1000).",
+    "learning_rate": "Learning rate (default: 1e-5).",
+    "adapter_path": "Folder for adapter_config.json, adapters.safetensors, numbered checkpoints and their .state files (default: adapters).",
+    "resume_adapter_file": "Continue from this checkpoint (adapters.safetensors or NNNNNNN_adapters.safetensors): weights, and from its .state.safetensors file the optimizer state and iteration, so the run goes on exactly as if uninterrupted.",
+    "save_every": "Save a checkpoint every N iterations (default: 100).",
+    "seed": "Seed for LoRA initialisation, data order and dropout (default: 0).",
+    "trust_remote_code": "Accepted as in mlx_lm.lora, and has no effect: repo_mlx carries the RePo model code.",
+}
 
 
 def build_parser():
@@ -77,33 +87,16 @@ def build_parser():
         conflict_handler="resolve",  # the parent's -h replaces ours
     )
     for action in p._actions:
-        if action.dest in TYPES:
-            action.type = TYPES[action.dest]
-    _set_help(p, "--model", f"Model folder (official Hugging Face or converted, e.g. 4-bit for QLoRA) or Hub id (default: {DEFAULT_MODEL}).")
-    _set_help(p, "--data", "Folder with train.jsonl, valid.jsonl (optional) and test.jsonl (for --test); each line a JSON object with 'text', 'prompt'/'completion' or chat 'messages'. A Hub dataset id also works when online.")
-    _set_help(p, "--num-layers", "Tune the last N layers, -1 for all (default: 16, all of the 1B; all of a model with fewer).")
-    _set_help(p, "--optimizer", "Optimizer: adam, adamw, muon, sgd or adafactor (default: adam).")
-    _set_help(p, "--val-batches", "Validation batches, -1 for the whole validation set (default: 25).")
-    _set_help(p, "--test-batches", "Test batches, -1 for the whole test set (default: 500).")
-    _set_help(p, "--iters", "Total iterations to train for, counting those of a resumed checkpoint (default: 1000).")
-    _set_help(p, "--learning-rate", "Learning rate (default: 1e-5).")
-    _set_help(p, "--adapter-path", "Folder for adapter_config.json, adapters.safetensors, numbered checkpoints and their .state files (default: adapters).")
-    _set_help(p, "--resume-adapter-file", "Continue from this checkpoint (adapters.safetensors or NNNNNNN_adapters.safetensors): weights, and from its .state.safetensors file the optimizer state and iteration, so the run goes on exactly as if uninterrupted.")
-    _set_help(p, "--save-every", "Save a checkpoint every N iterations (default: 100).")
-    _set_help(p, "--seed", "Seed for LoRA initialisation, data order and dropout (default: 0).")
-    _set_help(p, "--trust-remote-code", "Accepted as in mlx_lm.lora, and has no effect: repo_mlx carries the RePo model code.")
+        action.type = TYPES.get(action.dest, action.type)
+        action.help = HELP.get(action.dest, action.help)
     p.add_argument(
-        "--force",
-        action="store_true",
-        default=None,
+        "--force", action="store_true", default=None,
         help="Train into an --adapter-path that holds an earlier run, replacing its "
         "adapters and numbered checkpoints (without it, such a folder is refused; "
         "resuming from a checkpoint in it needs no --force).",
     )
     p.add_argument(
-        "--position-module",
-        choices=POSITION_MODULE_CHOICES,
-        default=None,
+        "--position-module", choices=POSITION_MODULE_CHOICES, default=None,
         help="What happens to the RePo position module (gate_map, content_map, "
         "final_map) in the tuned layers: frozen (default: keeps the positions "
         "learned in pre-training), lora (adapt it like the other linears) or full "
@@ -176,13 +169,6 @@ def check_adapter_path(args: dict) -> None:
             f.unlink()
 
 
-def train_model(args, model, train_set, valid_set, callback=None):
-    finetune.setup(args, model)
-    trainer, trained = finetune.start(args, model)
-    finetune.train(trainer, train_set, valid_set, args, Path(args.adapter_path) / "adapters.safetensors",
-                   trained=trained, callback=callback)
-
-
 def run(args) -> None:
     np.random.seed(args.seed)
     if not args.train and not args.test:
@@ -201,24 +187,30 @@ def run(args) -> None:
 def tune(args) -> None:
     rprint(f"Loading {args.model}", flush=True)
     model, tokenizer = load(args.model)
-    if args.train_mode != "sft":
-        preference.run(args, model, tokenizer)
-        return
-    train_set, valid_set, test_set = load_data(args, tokenizer)
+    pairs = args.train_mode != "sft"
+    if pairs:
+        preference.check_args(args)
+    train_set, valid_set, test_set = (preference.load_data if pairs else load_data)(args, tokenizer)
+    loss = None
     if args.train:
         try:
-            callback = get_reporting_callbacks(
-                args.report_to, args.project_name, args.adapter_path, vars(args)
-            )
+            callback = get_reporting_callbacks(args.report_to, args.project_name, args.adapter_path, vars(args))
         except (ValueError, ImportError) as e:
             raise LoadError(f"--report-to: {one_line(e)}") from None
-        train_model(args, model, train_set, valid_set, callback)
-    elif args.adapter_path:
-        if Path(args.adapter_path, "adapter_config.json").exists():
-            load_adapters(model, args.adapter_path)
-        else:
-            rprint(f"No adapters in {args.adapter_path}: testing the base model", flush=True)
-    if args.test:
+        finetune.setup(args, model)
+        loss = preference.loss_for(args, model, tokenizer) if pairs else finetune.token_weighted_loss
+        trainer, trained = finetune.start(args, model, loss)
+        train = partial(preference.train, loss=loss) if pairs else finetune.train
+        train(trainer, train_set, valid_set, args, Path(args.adapter_path) / "adapters.safetensors",
+              trained=trained, callback=callback)
+    elif Path(args.adapter_path, "adapter_config.json").exists():
+        load_adapters(model, args.adapter_path)
+    else:
+        rprint(f"No adapters in {args.adapter_path}: testing the base model", flush=True)
+        model.freeze()  # DPO's reference is then the model itself
+    if args.test and pairs:
+        preference.test(args, model, tokenizer, test_set, loss)
+    elif args.test:
         loss = evaluate(model, test_set, args.batch_size, args.test_batches, args.max_seq_length)
         rprint(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.", flush=True)
 
