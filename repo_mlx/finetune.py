@@ -23,13 +23,8 @@ from .finetune_data import Example
 from .trainer import Trainer, derived_seed, newest_intact, resume, save_checkpoint, state_file
 from .trainer import train as train_loop
 
-OPTIMIZERS = {
-    "adam": optim.Adam,
-    "adamw": optim.AdamW,
-    "muon": optim.Muon,
-    "sgd": optim.SGD,
-    "adafactor": optim.Adafactor,
-}
+OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
+              "adafactor": optim.Adafactor}
 
 
 def train_batches(dataset, args, world, skip: int = 0, iterate=iterate_batches):
@@ -44,11 +39,9 @@ def train_batches(dataset, args, world, skip: int = 0, iterate=iterate_batches):
 
 
 def token_weighted_loss(model, batch, lengths, world=None):
-    """mlx-lm's loss; across processes, weighted by each one's share of tokens.
-
-    The averaged gradient then equals the gradient on the combined batch even
-    when the processes' batches hold different numbers of tokens. Returns
-    (loss, (loss, tokens)): the value to differentiate and what to report.
+    """mlx-lm's loss; across processes weighted by each one's share of tokens, so the averaged
+    gradient is that of the combined batch. Returns (loss, (loss, tokens)): the value to
+    differentiate and what to report.
     """
     world = world or mx.distributed.init()
     ce, ntoks = default_loss(model, batch, lengths)
@@ -77,10 +70,8 @@ def make_trainer(model, args, loss=token_weighted_loss) -> Trainer:
 
 
 def resume_from(trainer: Trainer, adapter_file, args) -> int:
-    """Continue from --resume-adapter-file; returns its trained tokens (0 if unknown).
-
-    A damaged checkpoint gives way to the newest intact numbered one before it.
-    """
+    """Continue from --resume-adapter-file, or if it is damaged the newest intact numbered checkpoint
+    before it; returns its trained tokens (0 if unknown)."""
     adapter_file = Path(adapter_file)
     if not adapter_file.is_file():
         raise LoadError(f"--resume-adapter-file {adapter_file} does not exist.")
@@ -130,10 +121,8 @@ def train(trainer: Trainer, train_set: List[Example], valid_set: List[Example], 
 
 def run_loop(trainer: Trainer, batches, args, adapter_file, trained: int, callback, summarize, validation, describe) -> None:
     """The shared loop with mlx-lm's report lines and callbacks, and adapter checkpoints.
-
-    ``summarize(metrics, steps)``: the report's numbers (with ``tokens``) from the summed
-    metrics; ``validation()``: the validation numbers (None: no validation);
-    ``describe(numbers)``: them as text.
+    ``summarize(metrics, steps)``: the report's numbers (with ``tokens``) from the summed metrics;
+    ``validation()``: the validation numbers (None: no validation); ``describe(numbers)``: as text.
     """
     adapter_file, start_tokens = Path(adapter_file), trained
 

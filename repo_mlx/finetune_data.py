@@ -35,13 +35,9 @@ def read_jsonl(path: Path) -> List[Tuple[int, dict]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise LoadError(
-                        f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})."
-                    ) from None
+                    raise LoadError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
                 if not isinstance(record, dict):
-                    raise LoadError(
-                        f"{path}, line {n}: expected a JSON object, got {type(record).__name__}."
-                    )
+                    raise LoadError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}.")
                 records.append((n, record))
     except UnicodeDecodeError:
         raise LoadError(f"{path} is not UTF-8 text.") from None

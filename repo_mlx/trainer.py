@@ -1,10 +1,7 @@
-"""The training loop and checkpoints of ``lora`` and ``pretrain``.
-
-mlx-lm's compiled step (gradient accumulation, data-parallel averaging) with
-what its loop lacks: exact resume (randomness and data order follow from
-(seed, step)), float32 master weights for half-precision training, gradient
-clipping, the RePo position warm-up, and Ctrl-C or SIGTERM saving a
-checkpoint before stopping. Each command brings its loss, batches and reports.
+"""The training loop and checkpoints of ``lora`` and ``pretrain``: mlx-lm's compiled step with
+what its loop lacks: exact resume (randomness and data order follow from (seed, step)), float32
+master weights for half precision, gradient clipping, the RePo position warm-up, and Ctrl-C or
+SIGTERM saving a checkpoint before stopping. Each command brings its loss, batches and reports.
 """
 
 import math
@@ -63,12 +60,10 @@ def checkpoint_layers(model):
 class Trainer:
     """One step at a time; its whole state is (model, optimizer, masters, step).
 
-    ``loss(model, *batch)`` returns ``(value, metrics)``, metrics a tuple of
-    scalars that are summed over micro-batches. A step runs ``micro_batches``
-    batches; the optimizer updates after every ``accumulate`` batches (pretrain:
-    both the same, a step is one update; lora: mlx-lm's iterations, one batch
-    each). Trainable weights that compute in half precision get float32
-    masters: at lr 7e-5 a bfloat16 rounding step swallows most updates.
+    ``loss(model, *batch)`` returns ``(value, metrics)``, metrics scalars summed over batches. A
+    step runs ``micro_batches`` batches, an update every ``accumulate`` (pretrain: a step is one
+    update; lora: mlx-lm's iterations, one batch each). Half-precision trainable weights get
+    float32 masters: at lr 7e-5 a bfloat16 rounding step swallows most updates.
     """
 
     def __init__(self, model, optimizer, loss: Callable, *, seed: int = 0,
@@ -184,14 +179,10 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
           steps_per_report: int, steps_per_eval: int, save_every: int,
           report: Callable, evaluate: Callable, save: Callable,
           clear_cache_threshold: int = 0, on_step: Optional[Callable] = None) -> None:
-    """Steps up to ``iters`` with the report, evaluation and save cadence.
-
-    ``report(step, metrics, grad_norm, steps, seconds)`` gets the metrics
-    summed over the steps since the last report and over all processes; ``evaluate(step)``
-    runs on a fresh run's step 0, every ``steps_per_eval`` and at the end;
-    ``save(step)`` every ``save_every`` and at the end; ``on_step(trainer)``
-    after every step. Ctrl-C or SIGTERM
-    finishes the step, saves, and raises KeyboardInterrupt; Ctrl-C again
+    """Steps up to ``iters``. ``report(step, metrics, grad_norm, steps, seconds)`` gets the metrics
+    summed since the last report and over all processes; ``evaluate(step)`` runs on a fresh run's
+    step 0, every ``steps_per_eval`` and at the end, ``save(step)`` every ``save_every`` and at the
+    end. Ctrl-C or SIGTERM finishes the step, saves and raises KeyboardInterrupt; Ctrl-C again
     stops at once.
     """
     maybe_set_recommended_wired_limit()  # keeps the weights resident on a Mac, as mlx-lm does
@@ -278,8 +269,7 @@ def save_checkpoint(trainer: Trainer, files: List[Path], meta: dict) -> None:
 
 
 def read_checkpoint(file: Path):
-    """(weights, state, metadata) of an intact checkpoint, or why it is not one
-    (a kill during a save, a full disk)."""
+    """(weights, state, metadata) of an intact checkpoint, or why it is not one (a kill, a full disk)."""
     if not state_file(file).is_file():
         return f"{state_file(file).name} is missing"
     try:
