@@ -151,23 +151,20 @@ def run_loop(trainer: Trainer, batches, args, adapter_file, trained: int, callba
             callback.on_val_loss_report({"iteration": it, **{f"val_{k}": v for k, v in s.items() if k != "tokens"},
                                          "val_time": val_time})
 
+    def save(it):
+        # adapters.safetensors and every --save-every a numbered copy. Tokens are counted on every
+        # process: all_sum must not run on rank 0 alone.
+        tokens = start_tokens + int(mx.distributed.all_sum(trainer.totals[1], stream=mx.cpu).item())
+        files = [adapter_file]
+        if it % args.save_every == 0:
+            files.append(adapter_file.with_name(f"{it:07d}_adapters.safetensors"))
+        if trainer.world.rank() == 0:
+            save_checkpoint(trainer, files, {"trained_tokens": tokens, "seed": args.seed, "batch_size": args.batch_size})
+        rprint(f"Iter {it}: saved {', '.join(str(f) for f in files)}", flush=True)
+
     train_loop(trainer, lambda: next(batches), iters=args.iters, steps_per_report=args.steps_per_report,
                steps_per_eval=args.steps_per_eval, save_every=args.save_every, report=report, evaluate=validate,
-               save=lambda it: save_adapters(trainer, adapter_file, it, start_tokens, args),
-               clear_cache_threshold=args.clear_cache_threshold)
-
-
-def save_adapters(trainer: Trainer, adapter_file: Path, it: int, start_tokens: int, args) -> None:
-    """adapters.safetensors and, every --save-every iterations, a numbered copy, in the
-    shared loop's checkpoint format (mlx-lm's adapter file and its state file)."""
-    # Counted on every process: all_sum must not run on rank 0 alone.
-    tokens = start_tokens + int(mx.distributed.all_sum(trainer.totals[1], stream=mx.cpu).item())
-    files = [adapter_file]
-    if it % args.save_every == 0:
-        files.append(adapter_file.with_name(f"{it:07d}_adapters.safetensors"))
-    if trainer.world.rank() == 0:
-        save_checkpoint(trainer, files, {"trained_tokens": tokens, "seed": args.seed, "batch_size": args.batch_size})
-    rprint(f"Iter {it}: saved {', '.join(str(f) for f in files)}", flush=True)
+               save=save, clear_cache_threshold=args.clear_cache_threshold)
 
 
 def setup(args, model) -> None:

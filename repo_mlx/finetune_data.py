@@ -69,7 +69,6 @@ def _make_dataset(records, tokenizer, args, where: str):
                     f"line {records[0][0]}'s ({found})."
                 )
     if isinstance(dataset, CompletionsDataset) and not tokenizer.has_chat_template:
-        # Base models have no chat template: prompt + completion joined as they are.
         return PlainCompletions(data, tokenizer, dataset.prompt_key,
                                 dataset.completion_key, dataset.mask_prompt)
     if isinstance(dataset, ChatDataset) and not tokenizer.has_chat_template:

@@ -42,14 +42,10 @@ CONFIG_DEFAULTS = {
 }
 # Checked while parsing, and the same checks for values from -c config.yaml.
 TYPES = {
-    **dict.fromkeys(
-        ["batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
-         "max_seq_length", "grad_accumulation_steps"],
-        _cli.positive_int,
-    ),
+    **dict.fromkeys(["batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every", "max_seq_length",
+                     "grad_accumulation_steps"], _cli.positive_int),
     **dict.fromkeys(["num_layers", "val_batches", "test_batches"], _cli.all_or_positive),
     "learning_rate": _cli.positive_float,
-    "beta": _cli.positive_float,
     "clear_cache_threshold": _cli.byte_size,
     "seed": _cli.seed,
     "resume_adapter_file": _cli.existing_file,
@@ -143,11 +139,8 @@ def parse_args(argv=None) -> types.SimpleNamespace:
 
 
 def check_adapter_path(args: dict) -> None:
-    """Refuse to mix a new run into an older one's checkpoints unless --force.
-
-    A folder without adapter weights (a run stopped before its first save)
-    holds no run: its leftovers are cleared without --force.
-    """
+    """Refuse to mix a new run into an older one's checkpoints unless --force. A folder without
+    adapter weights (a run stopped before its first save) holds no run: its leftovers are cleared."""
     path = Path(args["adapter_path"])
     if not path.is_dir():
         return

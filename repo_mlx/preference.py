@@ -53,10 +53,6 @@ def _messages(value, role: str, key: str, where: str) -> list:
     )
 
 
-def _text(messages) -> str:
-    return "".join(m["content"] for m in messages)
-
-
 def encode_pair(record: dict, tokenizer, where: str) -> Pair:
     """(tokens, offset) of prompt + chosen and of prompt + rejected: with a chat template, the
     (system and) prompt with the generation prompt, each response as the assistant's turn;
@@ -74,7 +70,7 @@ def encode_pair(record: dict, tokenizer, where: str) -> Pair:
     prompt = _messages(record["prompt"], "user", "prompt", where)
     responses = [_messages(record[k], "assistant", k, where) for k in KEYS[1:]]
     for key, messages in zip(KEYS[1:], responses):
-        if not _text(messages).strip():
+        if not "".join(m["content"] for m in messages).strip():
             raise LoadError(f"{where}: {key!r} is empty; every pair needs two responses to compare.")
     if tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + prompt

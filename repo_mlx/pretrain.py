@@ -419,15 +419,6 @@ def plot_metrics(records: List[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _replace_into(dst: Path, src: Path) -> None:
-    """Move src's files into dst, config.json last: no loader sees a half model."""
-    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json")
-    for f in files:
-        target = dst / f.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(f, target)
-
-
 def save_model(prep, trainer, args, out: Path) -> None:
     """The final model in OUT (standalone MLX folder) and, if asked, the HF format."""
     model = prep.model
@@ -464,7 +455,11 @@ def save_model(prep, trainer, args, out: Path) -> None:
     (out / "config.json").unlink(missing_ok=True)
     try:
         save_standalone(tmp, prep.src, model, prep.tokenizer, config, donate_model=False)
-        _replace_into(out, tmp)
+        # Into OUT, config.json last: no loader sees a half model.
+        for f in sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json"):
+            target = out / f.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -722,9 +717,7 @@ def run(args, on_step=None):
     if args.probe:
         # Held-out sequences first (Packed has no end for iteration: index it).
         return print_probe(prep, [d[i] for d in (val_set, train_set) for i in range(min(len(d), 16))])
-    master = to_compute_dtype(prep, args.dtype)
-    trainer = make_trainer(prep.model, args, master)
-    del master  # the trainer holds what it needs
+    trainer = make_trainer(prep.model, args, to_compute_dtype(prep, args.dtype))
     _barrier()  # every process has checked its input before OUT changes
     if args.resume:
         trainer_lib.resume(trainer, *found)

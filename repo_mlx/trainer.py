@@ -151,12 +151,6 @@ class Trainer:
         self.totals = total if self.totals is None else tuple(a + b for a, b in zip(self.totals, total))
         return total, norm
 
-    # -- checkpoints: each command writes these arrays in its own files --
-
-    def weights(self) -> dict:
-        """The trainable weights, float32 masters where they exist."""
-        return {**dict(tree_flatten(self.model.trainable_parameters())), **self.master}
-
     def restore(self, weights: dict, optimizer_state: dict, step: int, source) -> None:
         """Continue from a checkpoint's weights (masters or as trained) and optimizer state."""
         current = dict(tree_flatten(self.model.trainable_parameters()))
@@ -244,11 +238,10 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
             signal.signal(s, h)
 
 
-# -- checkpoints: one format for lora and pretrain --------------------------------
-# A checkpoint is a weights file (the trainable weights as the model holds them:
-# for lora, mlx-lm's adapter file) and beside it NAME.state.safetensors with the
-# optimizer state, the float32 masters and the step. Both carry the same metadata;
-# files from two different saves are a damaged checkpoint.
+# One checkpoint format for lora and pretrain: a weights file (the trainable weights as the model
+# holds them: for lora, mlx-lm's adapter file) and beside it NAME.state.safetensors with the optimizer
+# state, the float32 masters and the step. Both carry the same metadata; files from two different
+# saves are a damaged checkpoint.
 
 
 def state_file(weights_file) -> Path:
