@@ -46,8 +46,7 @@ def token_weighted_loss(model, batch, lengths, world=None):
     world = world or mx.distributed.init()
     ce, ntoks = default_loss(model, batch, lengths)
     if world.size() > 1:
-        total = mx.distributed.all_sum(ntoks, group=world, stream=mx.cpu)
-        ce = ce * (ntoks * world.size() / total)
+        ce = ce * (ntoks * world.size() / mx.distributed.all_sum(ntoks, group=world, stream=mx.cpu))
     return ce, (ce, ntoks)
 
 
@@ -159,7 +158,8 @@ def run_loop(trainer: Trainer, batches, args, adapter_file, trained: int, callba
         if it % args.save_every == 0:
             files.append(adapter_file.with_name(f"{it:07d}_adapters.safetensors"))
         if trainer.world.rank() == 0:
-            save_checkpoint(trainer, files, {"trained_tokens": tokens, "seed": args.seed, "batch_size": args.batch_size})
+            meta = {"trained_tokens": tokens, "seed": args.seed, "batch_size": args.batch_size}
+            save_checkpoint(trainer, files, meta)
         rprint(f"Iter {it}: saved {', '.join(str(f) for f in files)}", flush=True)
 
     train_loop(trainer, lambda: next(batches), iters=args.iters, steps_per_report=args.steps_per_report,

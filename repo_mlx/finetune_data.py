@@ -20,8 +20,7 @@ class PlainCompletions(CompletionsDataset):
 
     def process(self, d):
         prompt = self.tokenizer.encode(d[self.prompt_key])
-        tokens = prompt + self.tokenizer.encode(d[self.completion_key])
-        tokens.append(self.tokenizer.eos_token_id)
+        tokens = prompt + self.tokenizer.encode(d[self.completion_key]) + [self.tokenizer.eos_token_id]
         return tokens, len(prompt) if self.mask_prompt else 0
 
 
@@ -69,8 +68,7 @@ def _make_dataset(records, tokenizer, args, where: str):
                     f"line {records[0][0]}'s ({found})."
                 )
     if isinstance(dataset, CompletionsDataset) and not tokenizer.has_chat_template:
-        return PlainCompletions(data, tokenizer, dataset.prompt_key,
-                                dataset.completion_key, dataset.mask_prompt)
+        return PlainCompletions(data, tokenizer, dataset.prompt_key, dataset.completion_key, dataset.mask_prompt)
     if isinstance(dataset, ChatDataset) and not tokenizer.has_chat_template:
         raise LoadError(
             f"{where}: chat ('messages') data needs a chat template and this "
@@ -97,11 +95,8 @@ def tokenize(dataset, numbers, where: str, max_seq_length: int) -> List[Example]
         examples.append((tokens, offset))
     if long and mx.distributed.init().rank() == 0:
         lines = ", ".join(str(n) for n, _ in long[:5]) + (" ..." if len(long) > 5 else "")
-        warnings.warn(
-            f"{where}: {len(long)} example(s) longer than --max-seq-length "
-            f"{max_seq_length} tokens are truncated (line {lines}; longest "
-            f"{max(k for _, k in long)} tokens)."
-        )
+        warnings.warn(f"{where}: {len(long)} example(s) longer than --max-seq-length {max_seq_length} tokens are "
+                      f"truncated (line {lines}; longest {max(k for _, k in long)} tokens).")
     return examples
 
 

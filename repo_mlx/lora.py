@@ -1,8 +1,7 @@
 """Fine-tune a RePo model: ``python -m repo_mlx.lora --model M --train --data DIR``.
 
-mlx-lm's ``mlx_lm.lora`` flags, data formats and ``-c config.yaml``, plus
-``--position-module`` and exact resumption. Data parallel: run the same
-command under ``mlx.launch`` (see docs/finetune.md).
+mlx-lm's ``mlx_lm.lora`` flags, data formats and ``-c config.yaml``, plus ``--position-module``,
+preference tuning and exact resumption; data parallel under ``mlx.launch`` (docs/finetune.md).
 """
 
 import math
@@ -152,10 +151,9 @@ def check_adapter_path(args: dict) -> None:
     resume = args["resume_adapter_file"]
     resuming_here = resume is not None and Path(resume).resolve().parent == path.resolve()
     if run and not resuming_here and not args["force"]:
-        newest = path / "adapters.safetensors"
         raise LoadError(
-            f"--adapter-path {path} holds an earlier run ({len(old)} files); continue it with "
-            f"--resume-adapter-file {newest}, replace it with --force, or name another folder."
+            f"--adapter-path {path} holds an earlier run ({len(old)} files); continue it with --resume-adapter-file "
+            f"{path / 'adapters.safetensors'}, replace it with --force, or name another folder."
         )
     if not resuming_here and mx.distributed.init().rank() == 0:
         for f in old:
@@ -181,8 +179,6 @@ def tune(args) -> None:
     rprint(f"Loading {args.model}", flush=True)
     model, tokenizer = load(args.model)
     pairs = args.train_mode != "sft"
-    if pairs:
-        preference.check_args(args)
     train_set, valid_set, test_set = (preference.load_data if pairs else load_data)(args, tokenizer)
     loss = None
     if args.train:

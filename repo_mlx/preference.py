@@ -131,7 +131,8 @@ def load_pairs(path: Path, tokenizer, max_seq_length: int, batch_size: int) -> L
 
 
 def load_data(args, tokenizer) -> Tuple[List[Pair], List[Pair], List[Pair]]:
-    """train, valid and test pairs from the folder ``args.data``."""
+    """train, valid and test pairs from the folder ``args.data``, after the flags are checked."""
+    check_args(args)
     if args.data is None:
         raise LoadError("--data is required: a folder with train.jsonl and valid.jsonl.")
     if not Path(args.data).is_dir():
@@ -278,9 +279,8 @@ def evaluate(model, pairs: List[Pair], loss, batch_size: int, num_batches: int, 
              seed: int) -> dict:
     """The metrics over ``num_batches`` batches (-1: all), the same batches for the same seed."""
     model.eval()
-    world = mx.distributed.init()
     totals = None
-    batches = iterate_pairs(pairs, batch_size, max_seq_length, seed, world)
+    batches = iterate_pairs(pairs, batch_size, max_seq_length, seed, mx.distributed.init())
     for batch in islice(batches, None if num_batches == -1 else num_batches):
         metrics = loss(model, *batch)[1]
         totals = metrics if totals is None else tuple(a + b for a, b in zip(totals, metrics))

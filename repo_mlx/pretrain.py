@@ -96,8 +96,7 @@ def _inserting(seed: int, Model, nope: bool = False):
     class InsertedRePo(Model):
         def sanitize(self, weights):
             dtype = weights["model.norm.weight"].dtype  # float even in a quantized base
-            init = init_position_weights(self, seed, nope)
-            new = {k: v.astype(dtype) for k, v in init.items()}
+            new = {k: v.astype(dtype) for k, v in init_position_weights(self, seed, nope).items()}
             # The loader's own config/weight cross-check then runs on the result.
             return super().sanitize({**new, **weights})
 
@@ -238,8 +237,7 @@ def setup_trainable(model, train_only: str, lora_parameters: Optional[dict], nop
 def build_optimizer(args):
     """torch's AdamW with linear decay to 0 (after an optional warm-up). As the official run, weight
     decay on norms (decay_norm_and_bias: true) but not on embeddings (decay_embeddings: false)."""
-    decay_steps = max(args.iters - args.warmup, 1)
-    lr = optim.linear_schedule(args.learning_rate, 0.0, decay_steps)
+    lr = optim.linear_schedule(args.learning_rate, 0.0, max(args.iters - args.warmup, 1))
     if args.warmup:
         ramp = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
         lr = optim.join_schedules([ramp, lr], [args.warmup])
@@ -291,11 +289,10 @@ def estimate_memory(model, s) -> Dict[str, float]:
     repo_extra = b * 3 * (d // 8) + 4 * a.num_key_value_heads
     attention = s.batch_size * 2 * h * s.seq_len ** 2 * 4
     layer = T * per_token + attention
-    n_repo = len(a.repo_layers)
     if s.grad_checkpoint:
         acts = L * T * d * b + 2 * (layer + T * repo_extra)
     else:
-        acts = L * layer + n_repo * T * repo_extra + layer
+        acts = L * layer + len(a.repo_layers) * T * repo_extra + layer
     logits = T * a.vocab_size * (b + 4 + 4)
     parts = {"weights": weights, "master weights": master, "gradients": grads,
              "optimizer": optimizer, "activations": acts + logits}
@@ -467,8 +464,7 @@ def save_model(prep, trainer, args, out: Path) -> None:
 def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerprint: str, on_step=None):
     """The shared loop with pretrain's reports, metrics.jsonl and checkpoints."""
     rank0 = trainer.world.rank() == 0
-    probe = val_set[0] if len(val_set) else train_set[0]
-    probe = mx.array(np.asarray(probe, dtype=np.int32))
+    probe = mx.array(np.asarray(val_set[0] if len(val_set) else train_set[0], dtype=np.int32))
     start, tic = trainer.step, time.perf_counter()
 
     def log(record):
@@ -498,14 +494,12 @@ def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerpri
         log(record)
 
     def evaluate(step):
-        record = {"step": step}
+        record, text = {"step": step}, f"Step {step}:"
         if len(val_set):
             record["val_loss"] = validation_loss(trainer.model, val_set, args)
+            text += f" val loss {record['val_loss']:.4f}"
         if prep.repo_layers and rank0:
             record["positions"] = position_report(trainer.model, probe)
-        text = f"Step {step}:"
-        if "val_loss" in record:
-            text += f" val loss {record['val_loss']:.4f}"
         for layer, s in record.get("positions", {}).items():
             text += f" | L{layer} IQR {s['iqr']:.3g} incr {s['increasing']:.2f}"
         rprint(text)
@@ -620,8 +614,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
     if args["plot"] and importlib.util.find_spec("matplotlib") is None:
         raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]' (or drop --plot).")
     args["repo_layer_ids"] = _layer_ids(args["repo_layer_ids"])
-    # The output rule (files.check_outputs); an existing OUT without --force is refused in run(),
-    # which can offer --resume.
+    # files.check_outputs' rule; an existing OUT without --force is refused in run(), which offers --resume.
     check_outputs({f"--{k.replace('_', '-')}": args[k] for k in ("save_path", "export_hf", "plot")},
                   {f"--{k.replace('_', '-')}": args[k] for k in ("model", "data", "val_data")},
                   args["force"], {"--save-path", "--export-hf"} if args["force"] and not args["resume"] else set())

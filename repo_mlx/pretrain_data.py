@@ -195,8 +195,7 @@ class Packed:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, start: int = 0, stop: Optional[int] = None):
         self.tokens, self.seq_len = tokens, seq_len
-        total = len(tokens) // seq_len
-        self.start, self.stop = start, total if stop is None else stop
+        self.start, self.stop = start, len(tokens) // seq_len if stop is None else stop
 
     def __len__(self) -> int:
         return self.stop - self.start

@@ -75,9 +75,8 @@ class Trainer:
         self.grad_clip, self.position_warmup = grad_clip, position_warmup
         self.world = mx.distributed.init()
         trainable = dict(tree_flatten(model.trainable_parameters()))
-        half = [k for k, v in trainable.items() if v.dtype != mx.float32]
         master = master or {}
-        self.master = {k: master.get(k, trainable[k]).astype(mx.float32) for k in half}
+        self.master = {k: master.get(k, v).astype(mx.float32) for k, v in trainable.items() if v.dtype != mx.float32}
         self.step, self.seen = 0, 0  # steps done; batches since the last update
         self.grad = self.totals = None  # totals: metrics summed since the start or resume
         optimizer.init(self._params())
@@ -158,8 +157,7 @@ class Trainer:
             raise LoadError(f"{source} holds other trainable weights than this run's; was it made with the same settings?")
         self.master.update({k: weights[k].astype(mx.float32) for k in self.master})
         self.model.load_weights([(k, v.astype(current[k].dtype)) for k, v in weights.items()], strict=False)
-        expected = dict(tree_flatten(self.optimizer.state))
-        if set(optimizer_state) != set(expected):
+        if set(optimizer_state) != {k for k, _ in tree_flatten(self.optimizer.state)}:
             raise LoadError(f"{source} holds state for another optimizer or model; resume with the same optimizer settings.")
         # The learning rate stays this run's: a schedule recomputes it from the step.
         self.optimizer.state = tree_map_with_path(
@@ -245,8 +243,7 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
 
 
 def state_file(weights_file) -> Path:
-    weights_file = Path(weights_file)
-    return weights_file.with_name(weights_file.stem + ".state.safetensors")
+    return Path(weights_file).with_suffix(".state.safetensors")
 
 
 def save_checkpoint(trainer: Trainer, files: List[Path], meta: dict) -> None:
