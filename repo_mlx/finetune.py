@@ -23,47 +23,30 @@ from .finetune_data import Example
 from .trainer import Trainer, derived_seed, newest_intact, resume, save_checkpoint, state_file
 from .trainer import train as train_loop
 
-OPTIMIZERS = {
-    "adam": optim.Adam,
-    "adamw": optim.AdamW,
-    "muon": optim.Muon,
-    "sgd": optim.SGD,
-    "adafactor": optim.Adafactor,
-}
+OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
+              "adafactor": optim.Adafactor}
 
 
-def train_batches(dataset, args, world, skip: int = 0):
-    """mlx-lm's batches, epoch e shuffled by its own seed, after ``skip`` batches.
-
-    Each epoch's order depends only on (seed, epoch), never on how often
-    validation ran, so a resumed run sees the batches an uninterrupted one would.
-    """
-    per_epoch = len(dataset) // args.batch_size
-    epoch, skip = divmod(skip, per_epoch)
+def train_batches(dataset, args, world, skip: int = 0, iterate=iterate_batches):
+    """Endless batches of ``iterate`` (mlx-lm's) after ``skip``. Each epoch's order depends only on
+    (seed, epoch), never on how often validation ran: a resumed run sees an uninterrupted one's."""
+    epoch, skip = divmod(skip, len(dataset) // args.batch_size)
     while True:
-        batches = iterate_batches(
-            dataset,
-            args.batch_size,
-            args.max_seq_length,
-            seed=derived_seed(args.seed, 0, epoch),
-            comm_group=world,
-        )
+        batches = iterate(dataset, args.batch_size, args.max_seq_length, seed=derived_seed(args.seed, 0, epoch),
+                          comm_group=world)
         yield from islice(batches, skip, None)
         epoch, skip = epoch + 1, 0
 
 
 def token_weighted_loss(model, batch, lengths, world=None):
-    """mlx-lm's loss; across processes, weighted by each one's share of tokens.
-
-    The averaged gradient then equals the gradient on the combined batch even
-    when the processes' batches hold different numbers of tokens. Returns
-    (loss, (loss, tokens)): the value to differentiate and what to report.
+    """mlx-lm's loss; across processes weighted by each one's share of tokens, so the averaged
+    gradient is that of the combined batch. Returns (loss, (loss, tokens)): the value to
+    differentiate and what to report.
     """
     world = world or mx.distributed.init()
     ce, ntoks = default_loss(model, batch, lengths)
     if world.size() > 1:
-        total = mx.distributed.all_sum(ntoks, group=world, stream=mx.cpu)
-        ce = ce * (ntoks * world.size() / total)
+        ce = ce * (ntoks * world.size() / mx.distributed.all_sum(ntoks, group=world, stream=mx.cpu))
     return ce, (ce, ntoks)
 
 
@@ -86,10 +69,8 @@ def make_trainer(model, args, loss=token_weighted_loss) -> Trainer:
 
 
 def resume_from(trainer: Trainer, adapter_file, args) -> int:
-    """Continue from --resume-adapter-file; returns its trained tokens (0 if unknown).
-
-    A damaged checkpoint gives way to the newest intact numbered one before it.
-    """
+    """Continue from --resume-adapter-file, or if it is damaged the newest intact numbered checkpoint
+    before it; returns its trained tokens (0 if unknown)."""
     adapter_file = Path(adapter_file)
     if not adapter_file.is_file():
         raise LoadError(f"--resume-adapter-file {adapter_file} does not exist.")
@@ -139,10 +120,8 @@ def train(trainer: Trainer, train_set: List[Example], valid_set: List[Example], 
 
 def run_loop(trainer: Trainer, batches, args, adapter_file, trained: int, callback, summarize, validation, describe) -> None:
     """The shared loop with mlx-lm's report lines and callbacks, and adapter checkpoints.
-
-    ``summarize(metrics, steps)``: the report's numbers (with ``tokens``) from the summed
-    metrics; ``validation()``: the validation numbers (None: no validation);
-    ``describe(numbers)``: them as text.
+    ``summarize(metrics, steps)``: the report's numbers (with ``tokens``) from the summed metrics;
+    ``validation()``: the validation numbers (None: no validation); ``describe(numbers)``: as text.
     """
     adapter_file, start_tokens = Path(adapter_file), trained
 
@@ -171,23 +150,21 @@ def run_loop(trainer: Trainer, batches, args, adapter_file, trained: int, callba
             callback.on_val_loss_report({"iteration": it, **{f"val_{k}": v for k, v in s.items() if k != "tokens"},
                                          "val_time": val_time})
 
+    def save(it):
+        # adapters.safetensors and every --save-every a numbered copy. Tokens are counted on every
+        # process: all_sum must not run on rank 0 alone.
+        tokens = start_tokens + int(mx.distributed.all_sum(trainer.totals[1], stream=mx.cpu).item())
+        files = [adapter_file]
+        if it % args.save_every == 0:
+            files.append(adapter_file.with_name(f"{it:07d}_adapters.safetensors"))
+        if trainer.world.rank() == 0:
+            meta = {"trained_tokens": tokens, "seed": args.seed, "batch_size": args.batch_size}
+            save_checkpoint(trainer, files, meta)
+        rprint(f"Iter {it}: saved {', '.join(str(f) for f in files)}", flush=True)
+
     train_loop(trainer, lambda: next(batches), iters=args.iters, steps_per_report=args.steps_per_report,
                steps_per_eval=args.steps_per_eval, save_every=args.save_every, report=report, evaluate=validate,
-               save=lambda it: save_adapters(trainer, adapter_file, it, start_tokens, args),
-               clear_cache_threshold=args.clear_cache_threshold)
-
-
-def save_adapters(trainer: Trainer, adapter_file: Path, it: int, start_tokens: int, args) -> None:
-    """adapters.safetensors and, every --save-every iterations, a numbered copy, in the
-    shared loop's checkpoint format (mlx-lm's adapter file and its state file)."""
-    # Counted on every process: all_sum must not run on rank 0 alone.
-    tokens = start_tokens + int(mx.distributed.all_sum(trainer.totals[1], stream=mx.cpu).item())
-    files = [adapter_file]
-    if it % args.save_every == 0:
-        files.append(adapter_file.with_name(f"{it:07d}_adapters.safetensors"))
-    if trainer.world.rank() == 0:
-        save_checkpoint(trainer, files, {"trained_tokens": tokens, "seed": args.seed, "batch_size": args.batch_size})
-    rprint(f"Iter {it}: saved {', '.join(str(f) for f in files)}", flush=True)
+               save=save, clear_cache_threshold=args.clear_cache_threshold)
 
 
 def setup(args, model) -> None:

@@ -20,8 +20,7 @@ class PlainCompletions(CompletionsDataset):
 
     def process(self, d):
         prompt = self.tokenizer.encode(d[self.prompt_key])
-        tokens = prompt + self.tokenizer.encode(d[self.completion_key])
-        tokens.append(self.tokenizer.eos_token_id)
+        tokens = prompt + self.tokenizer.encode(d[self.completion_key]) + [self.tokenizer.eos_token_id]
         return tokens, len(prompt) if self.mask_prompt else 0
 
 
@@ -35,13 +34,9 @@ def read_jsonl(path: Path) -> List[Tuple[int, dict]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise LoadError(
-                        f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})."
-                    ) from None
+                    raise LoadError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
                 if not isinstance(record, dict):
-                    raise LoadError(
-                        f"{path}, line {n}: expected a JSON object, got {type(record).__name__}."
-                    )
+                    raise LoadError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}.")
                 records.append((n, record))
     except UnicodeDecodeError:
         raise LoadError(f"{path} is not UTF-8 text.") from None
@@ -73,9 +68,7 @@ def _make_dataset(records, tokenizer, args, where: str):
                     f"line {records[0][0]}'s ({found})."
                 )
     if isinstance(dataset, CompletionsDataset) and not tokenizer.has_chat_template:
-        # Base models have no chat template: prompt + completion joined as they are.
-        return PlainCompletions(data, tokenizer, dataset.prompt_key,
-                                dataset.completion_key, dataset.mask_prompt)
+        return PlainCompletions(data, tokenizer, dataset.prompt_key, dataset.completion_key, dataset.mask_prompt)
     if isinstance(dataset, ChatDataset) and not tokenizer.has_chat_template:
         raise LoadError(
             f"{where}: chat ('messages') data needs a chat template and this "
@@ -102,11 +95,8 @@ def tokenize(dataset, numbers, where: str, max_seq_length: int) -> List[Example]
         examples.append((tokens, offset))
     if long and mx.distributed.init().rank() == 0:
         lines = ", ".join(str(n) for n, _ in long[:5]) + (" ..." if len(long) > 5 else "")
-        warnings.warn(
-            f"{where}: {len(long)} example(s) longer than --max-seq-length "
-            f"{max_seq_length} tokens are truncated (line {lines}; longest "
-            f"{max(k for _, k in long)} tokens)."
-        )
+        warnings.warn(f"{where}: {len(long)} example(s) longer than --max-seq-length {max_seq_length} tokens are "
+                      f"truncated (line {lines}; longest {max(k for _, k in long)} tokens).")
     return examples
 
 
@@ -118,8 +108,7 @@ def load_data(args, tokenizer) -> Tuple[List[Example], List[Example], List[Examp
     if folder is not None and folder.exists():
         if not folder.is_dir():
             raise LoadError(f"--data {folder} is a file; pass the folder holding train.jsonl.")
-        return tuple(_load_split(folder / f"{name}.jsonl", name, args, tokenizer)
-                     for name in ("train", "valid", "test"))
+        return load_splits(folder, args, lambda path: _load_examples(path, args, tokenizer))
     if not getattr(args, "hf_dataset", None) and not is_hub_id(args.data):
         raise LoadError(f"Data folder {args.data} does not exist.")
     from mlx_lm.tuner.datasets import load_dataset
@@ -135,20 +124,23 @@ def load_data(args, tokenizer) -> Tuple[List[Example], List[Example], List[Examp
     )
 
 
-def _load_split(path: Path, name: str, args, tokenizer) -> List[Example]:
-    if not {"train": args.train, "valid": args.train, "test": args.test}[name]:
-        return []
-    if not path.exists():
-        if name != "valid":
+def load_splits(folder: Path, args, load) -> tuple:
+    """train, valid and test of ``folder``, each ``load(path)`` where the run needs it."""
+    out = []
+    for name, wanted in (("train", args.train), ("valid", args.train), ("test", args.test)):
+        path = folder / f"{name}.jsonl"
+        if wanted and not path.exists() and name != "valid":
             raise LoadError(f"{path} does not exist; --{name} needs it.")
-        if mx.distributed.init().rank() == 0:
+        if wanted and not path.exists() and mx.distributed.init().rank() == 0:
             warnings.warn(f"{path} does not exist; training without validation.")
-        return []
+        out.append(load(path) if wanted and path.exists() else [])
+    return tuple(out)
+
+
+def _load_examples(path: Path, args, tokenizer) -> List[Example]:
     records = read_jsonl(path)
     dataset = _make_dataset(records, tokenizer, args, str(path))
     examples = tokenize(dataset, [n for n, _ in records], str(path), args.max_seq_length)
     if len(examples) < args.batch_size:
-        raise LoadError(
-            f"{path} has {len(examples)} examples, fewer than --batch-size {args.batch_size}."
-        )
+        raise LoadError(f"{path} has {len(examples)} examples, fewer than --batch-size {args.batch_size}.")
     return examples

@@ -1,14 +1,14 @@
 """Fine-tune a RePo model: ``python -m repo_mlx.lora --model M --train --data DIR``.
 
-mlx-lm's ``mlx_lm.lora`` flags, data formats and ``-c config.yaml``, plus
-``--position-module`` and exact resumption. Data parallel: run the same
-command under ``mlx.launch`` (see docs/finetune.md).
+mlx-lm's ``mlx_lm.lora`` flags, data formats and ``-c config.yaml``, plus ``--position-module``,
+preference tuning and exact resumption; data parallel under ``mlx.launch`` (docs/finetune.md).
 """
 
 import math
 import os
 import shutil
 import types
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -41,14 +41,10 @@ CONFIG_DEFAULTS = {
 }
 # Checked while parsing, and the same checks for values from -c config.yaml.
 TYPES = {
-    **dict.fromkeys(
-        ["batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
-         "max_seq_length", "grad_accumulation_steps"],
-        _cli.positive_int,
-    ),
+    **dict.fromkeys(["batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every", "max_seq_length",
+                     "grad_accumulation_steps"], _cli.positive_int),
     **dict.fromkeys(["num_layers", "val_batches", "test_batches"], _cli.all_or_positive),
     "learning_rate": _cli.positive_float,
-    "beta": _cli.positive_float,
     "clear_cache_threshold": _cli.byte_size,
     "seed": _cli.seed,
     "resume_adapter_file": _cli.existing_file,
@@ -57,13 +53,22 @@ TYPES = {
 }
 # Files a training run writes into --adapter-path (what --force replaces).
 RUN_FILES = ("adapter_config.json", "adapters.safetensors", "*_adapters.safetensors", "*.state.safetensors")
-
-
-def _set_help(parser, flag: str, text: str) -> None:
-    # argparse has no public way to edit an inherited flag's help.
-    for action in parser._actions:
-        if flag in action.option_strings:
-            action.help = text
+# Our help where the parent's does not fit (argparse has no public way to edit an inherited flag's help).
+HELP = {
+    "model": f"Model folder (official Hugging Face or converted, e.g. 4-bit for QLoRA) or Hub id (default: {DEFAULT_MODEL}).",
+    "data": "Folder with train.jsonl, valid.jsonl (optional) and test.jsonl (for --test); each line a JSON object with 'text', 'prompt'/'completion' or chat 'messages'. A Hub dataset id also works when online.",
+    "num_layers": "Tune the last N layers, -1 for all (default: 16, all of the 1B; all of a model with fewer).",
+    "optimizer": "Optimizer: adam, adamw, muon, sgd or adafactor (default: adam).",
+    "val_batches": "Validation batches, -1 for the whole validation set (default: 25).",
+    "test_batches": "Test batches, -1 for the whole test set (default: 500).",
+    "iters": "Total iterations to train for, counting those of a resumed checkpoint (default: 1000).",
+    "learning_rate": "Learning rate (default: 1e-5).",
+    "adapter_path": "Folder for adapter_config.json, adapters.safetensors, numbered checkpoints and their .state files (default: adapters).",
+    "resume_adapter_file": "Continue from this checkpoint (adapters.safetensors or NNNNNNN_adapters.safetensors): weights, and from its .state.safetensors file the optimizer state and iteration, so the run goes on exactly as if uninterrupted.",
+    "save_every": "Save a checkpoint every N iterations (default: 100).",
+    "seed": "Seed for LoRA initialisation, data order and dropout (default: 0).",
+    "trust_remote_code": "Accepted as in mlx_lm.lora, and has no effect: repo_mlx carries the RePo model code.",
+}
 
 
 def build_parser():
@@ -77,33 +82,16 @@ def build_parser():
         conflict_handler="resolve",  # the parent's -h replaces ours
     )
     for action in p._actions:
-        if action.dest in TYPES:
-            action.type = TYPES[action.dest]
-    _set_help(p, "--model", f"Model folder (official Hugging Face or converted, e.g. 4-bit for QLoRA) or Hub id (default: {DEFAULT_MODEL}).")
-    _set_help(p, "--data", "Folder with train.jsonl, valid.jsonl (optional) and test.jsonl (for --test); each line a JSON object with 'text', 'prompt'/'completion' or chat 'messages'. A Hub dataset id also works when online.")
-    _set_help(p, "--num-layers", "Tune the last N layers, -1 for all (default: 16, all of the 1B; all of a model with fewer).")
-    _set_help(p, "--optimizer", "Optimizer: adam, adamw, muon, sgd or adafactor (default: adam).")
-    _set_help(p, "--val-batches", "Validation batches, -1 for the whole validation set (default: 25).")
-    _set_help(p, "--test-batches", "Test batches, -1 for the whole test set (default: 500).")
-    _set_help(p, "--iters", "Total iterations to train for, counting those of a resumed checkpoint (default: 1000).")
-    _set_help(p, "--learning-rate", "Learning rate (default: 1e-5).")
-    _set_help(p, "--adapter-path", "Folder for adapter_config.json, adapters.safetensors, numbered checkpoints and their .state files (default: adapters).")
-    _set_help(p, "--resume-adapter-file", "Continue from this checkpoint (adapters.safetensors or NNNNNNN_adapters.safetensors): weights, and from its .state.safetensors file the optimizer state and iteration, so the run goes on exactly as if uninterrupted.")
-    _set_help(p, "--save-every", "Save a checkpoint every N iterations (default: 100).")
-    _set_help(p, "--seed", "Seed for LoRA initialisation, data order and dropout (default: 0).")
-    _set_help(p, "--trust-remote-code", "Accepted as in mlx_lm.lora, and has no effect: repo_mlx carries the RePo model code.")
+        action.type = TYPES.get(action.dest, action.type)
+        action.help = HELP.get(action.dest, action.help)
     p.add_argument(
-        "--force",
-        action="store_true",
-        default=None,
+        "--force", action="store_true", default=None,
         help="Train into an --adapter-path that holds an earlier run, replacing its "
         "adapters and numbered checkpoints (without it, such a folder is refused; "
         "resuming from a checkpoint in it needs no --force).",
     )
     p.add_argument(
-        "--position-module",
-        choices=POSITION_MODULE_CHOICES,
-        default=None,
+        "--position-module", choices=POSITION_MODULE_CHOICES, default=None,
         help="What happens to the RePo position module (gate_map, content_map, "
         "final_map) in the tuned layers: frozen (default: keeps the positions "
         "learned in pre-training), lora (adapt it like the other linears) or full "
@@ -150,11 +138,8 @@ def parse_args(argv=None) -> types.SimpleNamespace:
 
 
 def check_adapter_path(args: dict) -> None:
-    """Refuse to mix a new run into an older one's checkpoints unless --force.
-
-    A folder without adapter weights (a run stopped before its first save)
-    holds no run: its leftovers are cleared without --force.
-    """
+    """Refuse to mix a new run into an older one's checkpoints unless --force. A folder without
+    adapter weights (a run stopped before its first save) holds no run: its leftovers are cleared."""
     path = Path(args["adapter_path"])
     if not path.is_dir():
         return
@@ -166,21 +151,13 @@ def check_adapter_path(args: dict) -> None:
     resume = args["resume_adapter_file"]
     resuming_here = resume is not None and Path(resume).resolve().parent == path.resolve()
     if run and not resuming_here and not args["force"]:
-        newest = path / "adapters.safetensors"
         raise LoadError(
-            f"--adapter-path {path} holds an earlier run ({len(old)} files); continue it with "
-            f"--resume-adapter-file {newest}, replace it with --force, or name another folder."
+            f"--adapter-path {path} holds an earlier run ({len(old)} files); continue it with --resume-adapter-file "
+            f"{path / 'adapters.safetensors'}, replace it with --force, or name another folder."
         )
     if not resuming_here and mx.distributed.init().rank() == 0:
         for f in old:
             f.unlink()
-
-
-def train_model(args, model, train_set, valid_set, callback=None):
-    finetune.setup(args, model)
-    trainer, trained = finetune.start(args, model)
-    finetune.train(trainer, train_set, valid_set, args, Path(args.adapter_path) / "adapters.safetensors",
-                   trained=trained, callback=callback)
 
 
 def run(args) -> None:
@@ -201,24 +178,28 @@ def run(args) -> None:
 def tune(args) -> None:
     rprint(f"Loading {args.model}", flush=True)
     model, tokenizer = load(args.model)
-    if args.train_mode != "sft":
-        preference.run(args, model, tokenizer)
-        return
-    train_set, valid_set, test_set = load_data(args, tokenizer)
+    pairs = args.train_mode != "sft"
+    train_set, valid_set, test_set = (preference.load_data if pairs else load_data)(args, tokenizer)
+    loss = None
     if args.train:
         try:
-            callback = get_reporting_callbacks(
-                args.report_to, args.project_name, args.adapter_path, vars(args)
-            )
+            callback = get_reporting_callbacks(args.report_to, args.project_name, args.adapter_path, vars(args))
         except (ValueError, ImportError) as e:
             raise LoadError(f"--report-to: {one_line(e)}") from None
-        train_model(args, model, train_set, valid_set, callback)
-    elif args.adapter_path:
-        if Path(args.adapter_path, "adapter_config.json").exists():
-            load_adapters(model, args.adapter_path)
-        else:
-            rprint(f"No adapters in {args.adapter_path}: testing the base model", flush=True)
-    if args.test:
+        finetune.setup(args, model)
+        loss = preference.loss_for(args, model, tokenizer) if pairs else finetune.token_weighted_loss
+        trainer, trained = finetune.start(args, model, loss)
+        train = partial(preference.train, loss=loss) if pairs else finetune.train
+        train(trainer, train_set, valid_set, args, Path(args.adapter_path) / "adapters.safetensors",
+              trained=trained, callback=callback)
+    elif Path(args.adapter_path, "adapter_config.json").exists():
+        load_adapters(model, args.adapter_path)
+    else:
+        rprint(f"No adapters in {args.adapter_path}: testing the base model", flush=True)
+        model.freeze()  # DPO's reference is then the model itself
+    if args.test and pairs:
+        preference.test(args, model, tokenizer, test_set, loss)
+    elif args.test:
         loss = evaluate(model, test_set, args.batch_size, args.test_batches, args.max_seq_length)
         rprint(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.", flush=True)
 

@@ -1,26 +1,9 @@
-"""Preference tuning for ``lora``: DPO and ORPO on the shared training loop.
+"""Preference tuning for ``lora --train-mode dpo|orpo``: DPO and ORPO on the shared loop.
 
-``python -m repo_mlx.lora --train-mode dpo|orpo`` reads JSONL lines of
-``prompt``, ``chosen`` and ``rejected`` and trains on the pairs with every
-fine-tune type, on the loop of ``trainer.py`` (exact resume, float32 masters,
-Ctrl-C). Only response tokens count. With ``sum_c``, ``sum_r`` the summed
-log-probabilities of the chosen and rejected response tokens under the model,
-``ref_c``, ``ref_r`` under the reference, ``avg_*`` the same divided by the
-number of response tokens, and ``d = (sum_c - ref_c) - (sum_r - ref_r)``:
-
-- DPO sigmoid: ``-log sigmoid(beta d)``; hinge: ``max(0, 1 - beta d)``; ipo:
-  ``(d' - 1 / (2 beta))^2`` with ``d'`` from the averages instead of the sums.
-  Rewards ``beta (sum_c - ref_c)`` and ``beta (sum_r - ref_r)`` (averages for ipo).
-- ORPO: ``NLL - beta log sigmoid(log_odds)`` with ``log_odds = (avg_c - avg_r) -
-  (log(1 - exp(avg_c)) - log(1 - exp(avg_r)))`` and NLL the mean over the
-  batch's chosen response tokens of ``-log p``. Rewards ``beta avg_c`` and
-  ``beta avg_r``.
-
-Each loss is averaged over the pairs of a batch; accuracy is the share of pairs
-whose chosen reward is above the rejected one. These are TRL's conventions.
-The DPO reference is the model with its adapters switched off when only
-adapters train (no second copy in memory), else a frozen copy of the base or
-``--reference-model-path``.
+JSONL lines of ``prompt``, ``chosen`` and ``rejected``; only response tokens count. The losses,
+rewards and metrics are TRL's (docs/finetune.md, "Losses"). The DPO reference is the model with
+its adapters switched off when only adapters train (no second copy in memory), else a frozen
+copy of the base or ``--reference-model-path``.
 """
 
 import json
@@ -35,15 +18,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.cli_ui import rprint
-from mlx_lm.tuner.callbacks import get_reporting_callbacks
 from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
-from .adapters import load_adapters
 from .errors import LoadError, one_line
 from .trainer import Trainer, derived_seed
-from .finetune import run_loop, setup, start
-from .finetune_data import read_jsonl
+from .finetune import run_loop
+from .finetune import train_batches as sft_batches
+from .finetune_data import load_splits, read_jsonl
 from .loader import load
 
 TRAIN_MODES = ("sft", "dpo", "orpo")
@@ -55,9 +37,6 @@ ADAPTERS = {LoRALinear: "linear", LoRASwitchLinear: "linear", DoRALinear: "linea
 
 Example = Tuple[List[int], int]  # tokens, index of the first response token
 Pair = Tuple[Example, Example]  # chosen, rejected
-
-
-# --- data ----------------------------------------------------------------------
 
 
 def _messages(value, role: str, key: str, where: str) -> list:
@@ -74,17 +53,10 @@ def _messages(value, role: str, key: str, where: str) -> list:
     )
 
 
-def _text(messages) -> str:
-    return "".join(m["content"] for m in messages)
-
-
 def encode_pair(record: dict, tokenizer, where: str) -> Pair:
-    """(tokens, offset) of prompt + chosen and of prompt + rejected.
-
-    With a chat template: the prompt (after an optional ``system`` message) is
-    rendered with the generation prompt and each response as the assistant's
-    turn. Without one (RePo base models): ``prompt + response + <eos>`` joined
-    as they are, as ``lora`` joins completions.
+    """(tokens, offset) of prompt + chosen and of prompt + rejected: with a chat template, the
+    (system and) prompt with the generation prompt, each response as the assistant's turn;
+    without one (RePo base models), ``prompt + response + <eos>`` joined as ``lora`` joins completions.
     """
     missing = [k for k in KEYS if k not in record]
     if missing:
@@ -98,7 +70,7 @@ def encode_pair(record: dict, tokenizer, where: str) -> Pair:
     prompt = _messages(record["prompt"], "user", "prompt", where)
     responses = [_messages(record[k], "assistant", k, where) for k in KEYS[1:]]
     for key, messages in zip(KEYS[1:], responses):
-        if not _text(messages).strip():
+        if not "".join(m["content"] for m in messages).strip():
             raise LoadError(f"{where}: {key!r} is empty; every pair needs two responses to compare.")
     if tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + prompt
@@ -128,9 +100,8 @@ def encode_pair(record: dict, tokenizer, where: str) -> Pair:
 
 
 def load_pairs(path: Path, tokenizer, max_seq_length: int, batch_size: int) -> List[Pair]:
-    """Every line of ``path`` as a pair; pairs longer than ``max_seq_length``
-    lose the end of their responses (one warning), a prompt that leaves no room
-    for a response is an error."""
+    """Every line of ``path`` as a pair; pairs over ``max_seq_length`` lose the end of their
+    responses (one warning)."""
     pairs, long = [], []
     for n, record in read_jsonl(path):
         where = f"{path}, line {n}"
@@ -160,29 +131,13 @@ def load_pairs(path: Path, tokenizer, max_seq_length: int, batch_size: int) -> L
 
 
 def load_data(args, tokenizer) -> Tuple[List[Pair], List[Pair], List[Pair]]:
-    """train, valid and test pairs from the folder ``args.data``."""
+    """train, valid and test pairs from the folder ``args.data``, after the flags are checked."""
+    check_args(args)
     if args.data is None:
         raise LoadError("--data is required: a folder with train.jsonl and valid.jsonl.")
-    folder = Path(args.data)
-    if not folder.is_dir():
-        raise LoadError(f"--data {folder}: preference data must be a local folder holding train.jsonl.")
-    out = []
-    for name, wanted in (("train", args.train), ("valid", args.train), ("test", args.test)):
-        path = folder / f"{name}.jsonl"
-        if not wanted:
-            out.append([])
-        elif path.exists():
-            out.append(load_pairs(path, tokenizer, args.max_seq_length, args.batch_size))
-        elif name == "valid":
-            if mx.distributed.init().rank() == 0:
-                warnings.warn(f"{path} does not exist; training without validation.")
-            out.append([])
-        else:
-            raise LoadError(f"{path} does not exist; --{name} needs it.")
-    return tuple(out)
-
-
-# --- batches -------------------------------------------------------------------
+    if not Path(args.data).is_dir():
+        raise LoadError(f"--data {args.data}: preference data must be a local folder holding train.jsonl.")
+    return load_splits(Path(args.data), args, lambda p: load_pairs(p, tokenizer, args.max_seq_length, args.batch_size))
 
 
 def collate(pairs: List[Pair], max_seq_length: int):
@@ -197,10 +152,10 @@ def collate(pairs: List[Pair], max_seq_length: int):
     return mx.array(batch), mx.array([[offset, len(tokens)] for tokens, offset in rows])
 
 
-def iterate_pairs(pairs: List[Pair], batch_size: int, max_seq_length: int, seed: int, world=None):
+def iterate_pairs(pairs: List[Pair], batch_size: int, max_seq_length: int, seed: int, comm_group=None):
     """One pass over the pairs in batches, as mlx-lm's iterate_batches: sorted by
     length, batches in an order drawn from ``seed``, each process its share."""
-    rank, size = (world.rank(), world.size()) if world is not None else (0, 1)
+    rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
     order = sorted(range(len(pairs)), key=lambda i: max(len(t) for t, _ in pairs[i]))
     batches = [order[i + rank : i + batch_size : size] for i in range(0, len(order) - batch_size + 1, batch_size)]
     for b in np.random.RandomState(seed).permutation(len(batches)):
@@ -208,16 +163,7 @@ def iterate_pairs(pairs: List[Pair], batch_size: int, max_seq_length: int, seed:
 
 
 def train_batches(pairs: List[Pair], args, world, skip: int = 0):
-    """Endless batches; epoch e's order depends only on (seed, e), so a resumed
-    run continues with the batches of an uninterrupted one."""
-    epoch, skip = divmod(skip, len(pairs) // args.batch_size)
-    while True:
-        batches = iterate_pairs(pairs, args.batch_size, args.max_seq_length, derived_seed(args.seed, 0, epoch), world)
-        yield from islice(batches, skip, None)
-        epoch, skip = epoch + 1, 0
-
-
-# --- losses --------------------------------------------------------------------
+    return sft_batches(pairs, args, world, skip, iterate=iterate_pairs)
 
 
 def sequence_logps(model, batch, lengths):
@@ -263,11 +209,8 @@ def adapter_layers(model) -> list:
 
 @contextmanager
 def adapters_off(model):
-    """The model as its base: every adapter layer replaced by the layer it wraps.
-
-    The wrapped layer computes exactly what the base model's layer computes
-    (scale 0 would not do for DoRA, whose trained magnitude rescales the base output).
-    """
+    """The model as its base: every adapter layer replaced by the layer it wraps (scale 0
+    would not do for DoRA, whose trained magnitude rescales the base output)."""
     adapted = adapter_layers(model)
     model.update_modules(tree_unflatten([(n, getattr(m, ADAPTERS[type(m)])) for n, m in adapted]))
     try:
@@ -283,10 +226,8 @@ def only_adapters_train(model) -> bool:
 
 
 def make_loss(train_mode: str, beta: float, loss_type: str = "sigmoid", reference=None, world=None):
-    """The Trainer's ``loss(model, batch, lengths) -> (value, metrics)``.
-
-    ``reference``: the frozen DPO reference, or None for the model with its
-    adapters off. Metrics, summed over batches and processes: (loss x pairs,
+    """The Trainer's ``loss(model, batch, lengths) -> (value, metrics)``; ``reference`` None: the
+    model with its adapters off. Metrics, summed over batches and processes: (loss x pairs,
     response tokens, pairs, chosen rewards, rejected rewards, pairs ranked right).
     """
     world = world or mx.distributed.init()
@@ -338,17 +279,13 @@ def evaluate(model, pairs: List[Pair], loss, batch_size: int, num_batches: int, 
              seed: int) -> dict:
     """The metrics over ``num_batches`` batches (-1: all), the same batches for the same seed."""
     model.eval()
-    world = mx.distributed.init()
     totals = None
-    batches = iterate_pairs(pairs, batch_size, max_seq_length, seed, world)
+    batches = iterate_pairs(pairs, batch_size, max_seq_length, seed, mx.distributed.init())
     for batch in islice(batches, None if num_batches == -1 else num_batches):
         metrics = loss(model, *batch)[1]
         totals = metrics if totals is None else tuple(a + b for a, b in zip(totals, metrics))
         mx.eval(totals)
     return summary([mx.distributed.all_sum(m, stream=mx.cpu).item() for m in totals])
-
-
-# --- the reference model -------------------------------------------------------
 
 
 def reference_model(args, model, tokenizer):
@@ -384,7 +321,9 @@ def check_args(args) -> None:
         raise LoadError(f"--reference-model-path is for --train-mode dpo; {args.train_mode} uses none.")
 
 
-# --- training ------------------------------------------------------------------
+def loss_for(args, model, tokenizer):
+    """The loss of ``args``, with its DPO reference (after the trainable weights are set up)."""
+    return make_loss(args.train_mode, args.beta, args.dpo_loss_type, reference_model(args, model, tokenizer))
 
 
 def train(trainer: Trainer, train_set: List[Pair], valid_set: List[Pair], args, adapter_file,
@@ -398,35 +337,8 @@ def train(trainer: Trainer, train_set: List[Pair], valid_set: List[Pair], args, 
              describe=describe)
 
 
-def train_model(args, model, tokenizer, train_set, valid_set, callback=None):
-    """Train as ``args`` say; returns the loss (``--test`` uses it with the same reference)."""
-    setup(args, model)
-    loss = make_loss(args.train_mode, args.beta, args.dpo_loss_type, reference_model(args, model, tokenizer))
-    trainer, trained = start(args, model, loss)
-    train(trainer, train_set, valid_set, args, Path(args.adapter_path) / "adapters.safetensors", loss,
-          trained=trained, callback=callback)
-    return loss
-
-
-def run(args, model, tokenizer) -> None:
-    """``lora --train-mode dpo|orpo``: data checks, training, ``--test``."""
-    check_args(args)
-    train_set, valid_set, test_set = load_data(args, tokenizer)
-    loss = None
-    if args.train:
-        try:
-            callback = get_reporting_callbacks(args.report_to, args.project_name, args.adapter_path, vars(args))
-        except (ValueError, ImportError) as e:
-            raise LoadError(f"--report-to: {one_line(e)}") from None
-        loss = train_model(args, model, tokenizer, train_set, valid_set, callback)
-    elif args.adapter_path and Path(args.adapter_path, "adapter_config.json").exists():
-        load_adapters(model, args.adapter_path)
-    else:
-        rprint(f"No adapters in {args.adapter_path}: testing the base model", flush=True)
-        model.freeze()
-    if args.test:
-        loss = loss or make_loss(args.train_mode, args.beta, args.dpo_loss_type,
-                                 reference_model(args, model, tokenizer))
-        s = evaluate(model, test_set, loss, args.batch_size, args.test_batches, args.max_seq_length,
-                     derived_seed(args.seed, 3))
-        rprint(f"Test {describe(s)}.", flush=True)
+def test(args, model, tokenizer, test_set: List[Pair], loss=None) -> None:
+    """``--test``, with the loss of the training just done (its reference) if there was one."""
+    s = evaluate(model, test_set, loss or loss_for(args, model, tokenizer), args.batch_size, args.test_batches,
+                 args.max_seq_length, derived_seed(args.seed, 3))
+    rprint(f"Test {describe(s)}.", flush=True)

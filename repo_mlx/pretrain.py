@@ -1,15 +1,9 @@
 """Continual pre-training into RePo: ``python -m repo_mlx.pretrain --model BASE --data PATH``.
 
-The paper's recipe (arXiv 2512.14391; docs/pretrain.md): take a plain OLMo-2
-(or Llama, Mistral, Qwen3: one position per key/value head, docs/gqa.md), add
-the position module (gate_map, content_map, final_map) to its upper layers,
-initialised as the official trainer does, and continue pre-training all
-parameters on packed text. A RePo BASE keeps its module and continues.
-
-Half precision computes with float32 master weights and optimizer state:
-at lr 7e-5 a bfloat16 weight's rounding step swallows most updates.
-Checkpoints resume bit-identically; the same command under ``mlx.launch`` is
-data-parallel.
+The paper's recipe (arXiv 2512.14391; docs/pretrain.md): add the position module to the upper
+layers of a plain OLMo-2, Llama, Mistral or Qwen3 (one position per key/value head, docs/gqa.md),
+initialised as the official trainer does, and continue pre-training all parameters on packed
+text; a RePo BASE keeps its module. Under ``mlx.launch`` the same command is data-parallel.
 """
 
 import argparse
@@ -41,10 +35,9 @@ from .position_stats import summary
 from .probe import index_probe
 from . import trainer as trainer_lib
 from .trainer import Trainer, train as train_loop
-from .rope import POSITION_WEIGHTS, pe_config, repo_layer_ids
+from .rope import POSITION_WEIGHTS, pe_config, positions, repo_layer_ids, set_position_blend
 from .loader import (DTYPES, architecture_name, get_model_path, load_config, load_model,
                      load_tokenizer, model_file, save_standalone, yarn_scaling)
-from .rope import positions, set_position_blend
 
 TRAIN_ONLY = ("all", "position", "position+lora")
 DEFAULTS = {
@@ -74,22 +67,15 @@ ARGS_FILE, METRICS_FILE = "pretrain_args.json", "metrics.jsonl"
 rprint = partial(cli_ui.rprint, flush=True)  # rank 0 only; progress shows at once when piped
 
 
-# --- the position module ----------------------------------------------------
-
-
 def default_start_layer(num_layers: int) -> int:
-    """The release's 5 of 16 at any depth: RePo from layer round(n * 5 / 16) on
-    (halves rounded up), the upper two thirds."""
+    """The release's 5 of 16 at any depth: RePo from layer round(n * 5 / 16) on, halves rounded up."""
     return (5 * num_layers + 8) // 16
 
 
 def init_position_weights(model, seed: int, nope: bool = False) -> Dict[str, mx.array]:
-    """New gate_map/content_map/final_map weights (HF names) for every RePo layer.
-
-    The official trainer's init (init_fn normal, init_std 0.02, init_cutoff_factor 3):
-    a normal of std 0.02 truncated at +-3 std, so z starts near 0. final_map gives
-    one position per key/value head (per head without grouped-query attention).
-    ``nope``: final_map is 0, so every position is 0 (no rotation: NoPE).
+    """New gate_map/content_map/final_map weights (HF names) for every RePo layer, as the
+    official trainer's init (normal, std 0.02, cut at 3 std): z starts near 0. ``nope``:
+    final_map is 0, so every position is 0 (no rotation: NoPE).
     """
     key = mx.random.key(seed)
     out = {}
@@ -110,8 +96,7 @@ def _inserting(seed: int, Model, nope: bool = False):
     class InsertedRePo(Model):
         def sanitize(self, weights):
             dtype = weights["model.norm.weight"].dtype  # float even in a quantized base
-            init = init_position_weights(self, seed, nope)
-            new = {k: v.astype(dtype) for k, v in init.items()}
+            new = {k: v.astype(dtype) for k, v in init_position_weights(self, seed, nope).items()}
             # The loader's own config/weight cross-check then runs on the result.
             return super().sanitize({**new, **weights})
 
@@ -142,10 +127,14 @@ def prepare_model(args, log=rprint):
         )
     if quantized and args.export_hf:
         raise LoadError("--export-hf needs a float base; this one is quantized.")
-    try:
-        existing = repo_layer_ids(config.get("pe_config"), n)
-    except ValueError as e:
-        raise LoadError(f"{src / 'config.json'}: {one_line(e)}") from None
+
+    def layer_ids(pe, where):
+        try:
+            return repo_layer_ids(pe, n)
+        except ValueError as e:
+            raise LoadError(f"{where}: {one_line(e)}") from None
+
+    existing = layer_ids(config.get("pe_config"), src / "config.json")
     overrides = {}
     if args.yarn_factor:
         overrides.update(yarn_scaling(args.yarn_factor, config.get("max_position_embeddings") or 4096))
@@ -164,19 +153,15 @@ def prepare_model(args, log=rprint):
             "--nope inserts a position module fixed at 0 into a plain base and trains every "
             f"other weight; {'drop --train-only' if not existing else f'{args.model} is already a RePo model'}."
         )
-    if getattr(args, "plain", False):
+    if args.plain:
         if existing:
             raise LoadError(f"--plain continues a plain {name}, but {args.model} is a RePo model (RePo layers {existing}).")
         if args.repo_start_layer is not None or ids or args.position_warmup or args.train_only != "all":
             raise LoadError("--plain trains every weight of a plain model; drop --repo-start-layer, --repo-layer-ids, --position-warmup and --train-only.")
         new_layers = []
     elif existing:
-        pe = config["pe_config"]
         if args.repo_start_layer is not None or ids:
-            try:
-                wanted = repo_layer_ids(pe_config(args.repo_start_layer or 0, ids or ""), n)
-            except ValueError as e:
-                raise LoadError(f"--repo-layer-ids: {one_line(e)}") from None
+            wanted = layer_ids(pe_config(args.repo_start_layer or 0, ids or ""), "--repo-layer-ids")
             if wanted != existing:
                 raise LoadError(
                     f"{args.model} is already a RePo model with RePo layers {existing}; "
@@ -187,9 +172,7 @@ def prepare_model(args, log=rprint):
     else:
         start = default_start_layer(n) if args.repo_start_layer is None else args.repo_start_layer
         if not 0 <= start < n:
-            raise LoadError(
-                f"--repo-start-layer {start} is beyond the base's {n} layers (0..{n - 1})."
-            )
+            raise LoadError(f"--repo-start-layer {start} is beyond the base's {n} layers (0..{n - 1}).")
         if kv != heads and config["model_type"] == "olmo2":
             raise LoadError(
                 f"{args.model} uses grouped-query attention ({kv} key/value heads for "
@@ -197,10 +180,7 @@ def prepare_model(args, log=rprint):
                 "positions, so it needs a base with as many key/value heads as query heads."
             )
         pe = pe_config(start, ids or "")
-        try:
-            new_layers = repo_layer_ids(pe, n)
-        except ValueError as e:
-            raise LoadError(f"--repo-layer-ids: {one_line(e)}") from None
+        new_layers = layer_ids(pe, "--repo-layer-ids")
         if not new_layers:
             raise LoadError(f"--repo-layer-ids {ids} has no layer >= --repo-start-layer {start}.")
         overrides["pe_config"] = pe
@@ -211,7 +191,7 @@ def prepare_model(args, log=rprint):
     tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))
     if tokenizer.eos_token_id is None:
         raise LoadError(f"The tokenizer in {src} has no EOS token to separate documents.")
-    if getattr(args, "plain", False):
+    if args.plain:
         log(f"Plain {name}: continuing without a position module (the RoPE control)")
     elif new_layers and args.nope:
         log(f"NoPE control: layers {new_layers} get a position module fixed at 0 (no rotation), frozen")
@@ -227,12 +207,8 @@ def prepare_model(args, log=rprint):
 
 
 def to_compute_dtype(prep, dtype: str) -> Optional[dict]:
-    """Cast to the compute dtype; returns float32 masters of the trainable weights.
-
-    The masters come from the stored values, before they are rounded. A
-    quantized base keeps its format (its trainable weights get masters in
-    the Trainer if they are not float32).
-    """
+    """Cast to the compute dtype; returns float32 masters of the trainable weights from the stored
+    values, before they are rounded. A quantized base keeps its format."""
     model, master = prep.model, None
     if not prep.quantized:
         if dtype != "float32":
@@ -258,18 +234,10 @@ def setup_trainable(model, train_only: str, lora_parameters: Optional[dict], nop
     return None
 
 
-# --- optimizer and memory ---------------------------------------------------------
-
-
 def build_optimizer(args):
-    """torch's AdamW (bias-corrected) with linear decay to 0 (after optional
-    warm-up); no decay on embeddings.
-
-    The official run decays norms too (decay_norm_and_bias: true) but not the
-    embeddings (decay_embeddings: false).
-    """
-    decay_steps = max(args.iters - args.warmup, 1)
-    lr = optim.linear_schedule(args.learning_rate, 0.0, decay_steps)
+    """torch's AdamW with linear decay to 0 (after an optional warm-up). As the official run, weight
+    decay on norms (decay_norm_and_bias: true) but not on embeddings (decay_embeddings: false)."""
+    lr = optim.linear_schedule(args.learning_rate, 0.0, max(args.iters - args.warmup, 1))
     if args.warmup:
         ramp = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
         lr = optim.join_schedules([ramp, lr], [args.warmup])
@@ -296,12 +264,10 @@ def count_parameters(model) -> Dict[str, int]:
 
 
 def estimate_memory(model, s) -> Dict[str, float]:
-    """Estimated peak bytes of one training step of ``model`` (set up to train), by part.
-
-    ``s`` carries dtype, batch_size (per process), seq_len, grad_checkpoint and
-    grad_accumulation_steps. Activations count what the backward pass keeps: per
-    layer the projections, norms, MLP and the attention matrices (MLX's attention
-    backward materialises them), and the logits in float32 for the loss.
+    """Estimated peak bytes of one training step of ``model`` (set up to train) with the settings
+    ``s`` (batch_size per process), by part. Activations count what the backward pass keeps: per
+    layer the projections, norms, MLP and the attention matrices (MLX's attention backward
+    materialises them), and the logits in float32 for the loss.
     """
     a, n = model.args, count_parameters(model)
     b = 4 if s.dtype == "float32" else 2
@@ -323,11 +289,10 @@ def estimate_memory(model, s) -> Dict[str, float]:
     repo_extra = b * 3 * (d // 8) + 4 * a.num_key_value_heads
     attention = s.batch_size * 2 * h * s.seq_len ** 2 * 4
     layer = T * per_token + attention
-    n_repo = len(a.repo_layers)
     if s.grad_checkpoint:
         acts = L * T * d * b + 2 * (layer + T * repo_extra)
     else:
-        acts = L * layer + n_repo * T * repo_extra + layer
+        acts = L * layer + len(a.repo_layers) * T * repo_extra + layer
     logits = T * a.vocab_size * (b + 4 + 4)
     parts = {"weights": weights, "master weights": master, "gradients": grads,
              "optimizer": optimizer, "activations": acts + logits}
@@ -348,17 +313,6 @@ def print_probe(prep, sequences, windows: int = 16, length: int = 512) -> None:
         rprint(f"  layer {layer:3d}  R^2 {v:6.2f}" + ("  (RePo layer)" if layer in prep.repo_layers else ""))
 
 
-def print_memory(parts: Dict[str, float], counts: Dict[str, int], where: str) -> None:
-    gb = lambda x: f"{x / 1e9:8.3f} GB"
-    rprint(f"Parameters: {counts['total'] / 1e6:.2f}M, trainable {counts['trainable'] / 1e6:.2f}M")
-    rprint(f"Estimated peak memory per process ({where}):")
-    for k, v in parts.items():
-        rprint(f"  {k:<15}{gb(v)}")
-
-
-# --- training -------------------------------------------------------------------
-
-
 def loss_fn(model, batch, z_loss: float):
     """Next-token cross-entropy of every packed token, plus OLMo's z-loss."""
     logits = model(batch)[:, :-1]
@@ -372,8 +326,7 @@ def loss_fn(model, batch, z_loss: float):
 
 
 def make_trainer(model, args, master: Optional[dict] = None) -> Trainer:
-    """The shared loop's Trainer with the recipe: a step is one update of
-    --grad-accumulation-steps batches, clipped, z-loss, position warm-up."""
+    """The shared loop's Trainer: a step is one update of --grad-accumulation-steps batches."""
     accum = args.grad_accumulation_steps
     return Trainer(model, build_optimizer(args), partial(loss_fn, z_loss=args.z_loss),
                    seed=args.seed, micro_batches=accum, accumulate=accum, grad_clip=args.grad_clip or None,
@@ -382,11 +335,8 @@ def make_trainer(model, args, master: Optional[dict] = None) -> Trainer:
 
 
 def batches(data: pretrain_data.Packed, args, step: int = 0):
-    """This process's share of each global batch, from step ``step`` on.
-
-    The order depends only on (seed, cursor), the cursor being the number of
-    sequences drawn, so a resumed run draws what an uninterrupted one would.
-    """
+    """This process's share of each global batch from step ``step`` on; the order depends only on
+    (seed, sequences drawn), so a resumed run draws what an uninterrupted one would."""
     world = mx.distributed.init()
     local = args.batch_size // world.size()
     cursor = step * args.grad_accumulation_steps * args.batch_size
@@ -410,15 +360,7 @@ def validation_loss(model, val: pretrain_data.Packed, args) -> float:
         total = total + loss_fn(model, batch, 0.0)[1][0]
         mx.eval(total)
     total = mx.distributed.all_sum(total, stream=mx.cpu) / world.size()
-    return total.item() / max(n, 1)
-
-
-def save_checkpoint(trainer: Trainer, file: Path, args, fingerprint: str) -> None:
-    """The shared loop's checkpoint (trainer.py) with where the data stands: the
-    random state needs no saving, as each step reseeds from (seed, step)."""
-    sequences = trainer.step * args.grad_accumulation_steps * args.batch_size
-    trainer_lib.save_checkpoint(trainer, [file], {
-        "cursor": sequences, "tokens": sequences * args.seq_len, "seed": args.seed, "data": fingerprint})
+    return total.item() / n
 
 
 def position_report(model, sequence) -> Dict[str, Dict[str, float]]:
@@ -474,15 +416,6 @@ def plot_metrics(records: List[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _replace_into(dst: Path, src: Path) -> None:
-    """Move src's files into dst, config.json last: no loader sees a half model."""
-    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json")
-    for f in files:
-        target = dst / f.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(f, target)
-
-
 def save_model(prep, trainer, args, out: Path) -> None:
     """The final model in OUT (standalone MLX folder) and, if asked, the HF format."""
     model = prep.model
@@ -519,7 +452,11 @@ def save_model(prep, trainer, args, out: Path) -> None:
     (out / "config.json").unlink(missing_ok=True)
     try:
         save_standalone(tmp, prep.src, model, prep.tokenizer, config, donate_model=False)
-        _replace_into(out, tmp)
+        # Into OUT, config.json last: no loader sees a half model.
+        for f in sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json"):
+            target = out / f.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -527,8 +464,7 @@ def save_model(prep, trainer, args, out: Path) -> None:
 def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerprint: str, on_step=None):
     """The shared loop with pretrain's reports, metrics.jsonl and checkpoints."""
     rank0 = trainer.world.rank() == 0
-    probe = val_set[0] if len(val_set) else train_set[0]
-    probe = mx.array(np.asarray(probe, dtype=np.int32))
+    probe = mx.array(np.asarray(val_set[0] if len(val_set) else train_set[0], dtype=np.int32))
     start, tic = trainer.step, time.perf_counter()
 
     def log(record):
@@ -558,14 +494,12 @@ def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerpri
         log(record)
 
     def evaluate(step):
-        record = {"step": step}
+        record, text = {"step": step}, f"Step {step}:"
         if len(val_set):
             record["val_loss"] = validation_loss(trainer.model, val_set, args)
+            text += f" val loss {record['val_loss']:.4f}"
         if prep.repo_layers and rank0:
             record["positions"] = position_report(trainer.model, probe)
-        text = f"Step {step}:"
-        if "val_loss" in record:
-            text += f" val loss {record['val_loss']:.4f}"
         for layer, s in record.get("positions", {}).items():
             text += f" | L{layer} IQR {s['iqr']:.3g} incr {s['increasing']:.2f}"
         rprint(text)
@@ -573,8 +507,10 @@ def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerpri
 
     def save(step):
         file = out / "checkpoints" / f"step-{step:07d}.safetensors"
-        if rank0:
-            save_checkpoint(trainer, file, args, fingerprint)
+        if rank0:  # the random state needs no saving: each step reseeds from (seed, step)
+            sequences = trainer.step * args.grad_accumulation_steps * args.batch_size
+            trainer_lib.save_checkpoint(trainer, [file], {
+                "cursor": sequences, "tokens": sequences * args.seq_len, "seed": args.seed, "data": fingerprint})
             for old in checkpoints(out)[: -args.keep_checkpoints]:
                 old.unlink()
                 trainer_lib.state_file(old).unlink(missing_ok=True)
@@ -584,9 +520,6 @@ def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerpri
     train_loop(trainer, lambda: next(source), iters=args.iters, steps_per_report=args.steps_per_report,
                steps_per_eval=args.steps_per_eval, save_every=args.save_every,
                report=report, evaluate=evaluate, save=save, on_step=on_step)
-
-
-# --- the command --------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -681,8 +614,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
     if args["plot"] and importlib.util.find_spec("matplotlib") is None:
         raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]' (or drop --plot).")
     args["repo_layer_ids"] = _layer_ids(args["repo_layer_ids"])
-    # The output rule (files.check_outputs); an existing OUT without --force is refused in run(),
-    # which can offer --resume.
+    # files.check_outputs' rule; an existing OUT without --force is refused in run(), which offers --resume.
     check_outputs({f"--{k.replace('_', '-')}": args[k] for k in ("save_path", "export_hf", "plot")},
                   {f"--{k.replace('_', '-')}": args[k] for k in ("model", "data", "val_data")},
                   args["force"], {"--save-path", "--export-hf"} if args["force"] and not args["resume"] else set())
@@ -696,15 +628,15 @@ def _barrier():
 def load_split(args, tokenizer, cache: Path):
     """Training and validation sequences; the fingerprint of what they came from."""
     world = mx.distributed.init()
-    log = rprint
+
     def tokens(path, name):
         source = pretrain_data.Source(path, args.text_feature, args.data_split)
-        # Rank 0 tokenizes; the others then find the cache.
+        # Rank 0 tokenizes; the others then find the cache (rprint prints on rank 0 only).
         if world.rank() == 0:
-            t = pretrain_data.token_cache(source, tokenizer, cache, name, log)
+            t = pretrain_data.token_cache(source, tokenizer, cache, name, rprint)
         _barrier()
         if world.rank() != 0:
-            t = pretrain_data.token_cache(source, tokenizer, cache, name, lambda *a: None)
+            t = pretrain_data.token_cache(source, tokenizer, cache, name, rprint)
         return t, source.fingerprint()
 
     train_tokens, fp = tokens(args.data, "train")
@@ -759,9 +691,12 @@ def run(args, on_step=None):
                                         "dtype": prep.stored_dtype if prep.quantized else args.dtype})
     if prep.quantized and args.dtype != prep.stored_dtype:
         rprint(f"A quantized base computes in its own dtype ({prep.stored_dtype}); --dtype {args.dtype} is not applied")
-    print_memory(estimate_memory(prep.model, settings), count_parameters(prep.model),
-                 f"{args.train_only}, {args.dtype}, batch {rank_batch} x {args.seq_len} tokens"
-                 + (", grad checkpoint" if args.grad_checkpoint else ""))
+    counts = count_parameters(prep.model)
+    rprint(f"Parameters: {counts['total'] / 1e6:.2f}M, trainable {counts['trainable'] / 1e6:.2f}M")
+    rprint(f"Estimated peak memory per process ({args.train_only}, {args.dtype}, batch {rank_batch} x "
+           f"{args.seq_len} tokens{', grad checkpoint' if args.grad_checkpoint else ''}):")
+    for k, v in estimate_memory(prep.model, settings).items():
+        rprint(f"  {k:<15}{v / 1e9:8.3f} GB")
     if args.dry_run:
         return None
     cache = out.parent / f"{out.name}.tokens"
@@ -775,9 +710,7 @@ def run(args, on_step=None):
     if args.probe:
         # Held-out sequences first (Packed has no end for iteration: index it).
         return print_probe(prep, [d[i] for d in (val_set, train_set) for i in range(min(len(d), 16))])
-    master = to_compute_dtype(prep, args.dtype)
-    trainer = make_trainer(prep.model, args, master)
-    del master  # the trainer holds what it needs
+    trainer = make_trainer(prep.model, args, to_compute_dtype(prep, args.dtype))
     _barrier()  # every process has checked its input before OUT changes
     if args.resume:
         trainer_lib.resume(trainer, *found)

@@ -1,11 +1,9 @@
 """Pre-training data: documents -> memory-mapped token cache -> packed sequences.
 
-Documents are tokenized once, each followed by EOS, into one flat uint32 file
-(numpy memmap) named by a fingerprint of the data and the tokenizer, so an
-unchanged corpus is reused and a changed one is tokenized again. The stream is
-cut into sequences of ``seq_len`` tokens (the tail that does not fill one is
-dropped, as OLMo does) and visited in an order that depends only on
-(seed, epoch): the data cursor is just the number of sequences consumed.
+Documents are tokenized once, each followed by EOS, into one uint32 memmap named by a fingerprint
+of the data and the tokenizer. The stream is cut into ``seq_len``-token sequences (the tail that
+fills none is dropped, as OLMo does), visited in an order that depends only on (seed, epoch): the
+data cursor is just the number of sequences consumed.
 """
 
 import functools
@@ -13,6 +11,7 @@ import hashlib
 import json
 import shutil
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -34,10 +33,7 @@ def data_files(path: str) -> List[Path]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         if not files:
-            raise LoadError(
-                f"{p} holds no .txt, .jsonl or .parquet files; pass a text file or a "
-                "folder of them."
-            )
+            raise LoadError(f"{p} holds no .txt, .jsonl or .parquet files; pass a text file or a folder of them.")
         return files
     if p.exists():
         raise LoadError(f"{p} is neither a file nor a folder.")
@@ -70,9 +66,7 @@ def _parquet_documents(file: Path, key: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise LoadError(
-            f"{file}: reading .parquet needs pyarrow; pip install 'repo-mlx[data]'."
-        ) from None
+        raise LoadError(f"{file}: reading .parquet needs pyarrow; pip install 'repo-mlx[data]'.") from None
     try:
         table = pq.ParquetFile(file)
     except Exception as e:
@@ -158,30 +152,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def encode_documents(tokenizer, docs: Iterator[str], chunk: int = 256) -> Iterator[np.ndarray]:
     """Each document's ids followed by EOS; no BOS (OLMo-2 adds none)."""
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    eos = tokenizer.eos_token_id
-    batch = []
-
-    def flush():
+    docs = (d for d in docs if d.strip())
+    while batch := list(islice(docs, chunk)):
         for ids in hf(batch, add_special_tokens=False)["input_ids"]:
-            yield np.asarray(ids + [eos], dtype=np.uint32)
-        batch.clear()
-
-    for doc in docs:
-        if doc.strip():
-            batch.append(doc)
-        if len(batch) == chunk:
-            yield from flush()
-    if batch:
-        yield from flush()
+            yield np.asarray(ids + [tokenizer.eos_token_id], dtype=np.uint32)
 
 
-def token_cache(
-    source: Source, tokenizer, cache_dir: Path, name: str, log: Callable = print
-) -> np.ndarray:
+def token_cache(source: Source, tokenizer, cache_dir: Path, name: str, log: Callable = print) -> np.ndarray:
     """The source's tokens as a read-only memmap, built once per fingerprint."""
-    key = hashlib.sha256(
-        f"{source.fingerprint()}|{tokenizer_fingerprint(tokenizer)}".encode()
-    ).hexdigest()[:16]
+    key = hashlib.sha256(f"{source.fingerprint()}|{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:16]
     file = cache_dir / f"{name}-{key}.u32"
     if file.exists():
         log(f"Token cache {file} (reused)")
@@ -216,8 +195,7 @@ class Packed:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, start: int = 0, stop: Optional[int] = None):
         self.tokens, self.seq_len = tokens, seq_len
-        total = len(tokens) // seq_len
-        self.start, self.stop = start, total if stop is None else stop
+        self.start, self.stop = start, len(tokens) // seq_len if stop is None else stop
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -248,8 +226,4 @@ def order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def batch_indices(n: int, seed: int, cursor: int, size: int) -> np.ndarray:
     """The ``size`` sequences after the first ``cursor`` of the shuffled stream."""
-    out = []
-    for pos in range(cursor, cursor + size):
-        epoch, i = divmod(pos, n)
-        out.append(order(n, seed, epoch)[i])
-    return np.asarray(out)
+    return np.asarray([order(n, seed, pos // n)[pos % n] for pos in range(cursor, cursor + size)])

@@ -1,10 +1,7 @@
-"""The training loop and checkpoints of ``lora`` and ``pretrain``.
-
-mlx-lm's compiled step (gradient accumulation, data-parallel averaging) with
-what its loop lacks: exact resume (randomness and data order follow from
-(seed, step)), float32 master weights for half-precision training, gradient
-clipping, the RePo position warm-up, and Ctrl-C or SIGTERM saving a
-checkpoint before stopping. Each command brings its loss, batches and reports.
+"""The training loop and checkpoints of ``lora`` and ``pretrain``: mlx-lm's compiled step with
+what its loop lacks: exact resume (randomness and data order follow from (seed, step)), float32
+master weights for half precision, gradient clipping, the RePo position warm-up, and Ctrl-C or
+SIGTERM saving a checkpoint before stopping. Each command brings its loss, batches and reports.
 """
 
 import math
@@ -63,12 +60,10 @@ def checkpoint_layers(model):
 class Trainer:
     """One step at a time; its whole state is (model, optimizer, masters, step).
 
-    ``loss(model, *batch)`` returns ``(value, metrics)``, metrics a tuple of
-    scalars that are summed over micro-batches. A step runs ``micro_batches``
-    batches; the optimizer updates after every ``accumulate`` batches (pretrain:
-    both the same, a step is one update; lora: mlx-lm's iterations, one batch
-    each). Trainable weights that compute in half precision get float32
-    masters: at lr 7e-5 a bfloat16 rounding step swallows most updates.
+    ``loss(model, *batch)`` returns ``(value, metrics)``, metrics scalars summed over batches. A
+    step runs ``micro_batches`` batches, an update every ``accumulate`` (pretrain: a step is one
+    update; lora: mlx-lm's iterations, one batch each). Half-precision trainable weights get
+    float32 masters: at lr 7e-5 a bfloat16 rounding step swallows most updates.
     """
 
     def __init__(self, model, optimizer, loss: Callable, *, seed: int = 0,
@@ -80,9 +75,8 @@ class Trainer:
         self.grad_clip, self.position_warmup = grad_clip, position_warmup
         self.world = mx.distributed.init()
         trainable = dict(tree_flatten(model.trainable_parameters()))
-        half = [k for k, v in trainable.items() if v.dtype != mx.float32]
         master = master or {}
-        self.master = {k: master.get(k, trainable[k]).astype(mx.float32) for k in half}
+        self.master = {k: master.get(k, v).astype(mx.float32) for k, v in trainable.items() if v.dtype != mx.float32}
         self.step, self.seen = 0, 0  # steps done; batches since the last update
         self.grad = self.totals = None  # totals: metrics summed since the start or resume
         optimizer.init(self._params())
@@ -156,12 +150,6 @@ class Trainer:
         self.totals = total if self.totals is None else tuple(a + b for a, b in zip(self.totals, total))
         return total, norm
 
-    # -- checkpoints: each command writes these arrays in its own files --
-
-    def weights(self) -> dict:
-        """The trainable weights, float32 masters where they exist."""
-        return {**dict(tree_flatten(self.model.trainable_parameters())), **self.master}
-
     def restore(self, weights: dict, optimizer_state: dict, step: int, source) -> None:
         """Continue from a checkpoint's weights (masters or as trained) and optimizer state."""
         current = dict(tree_flatten(self.model.trainable_parameters()))
@@ -169,8 +157,7 @@ class Trainer:
             raise LoadError(f"{source} holds other trainable weights than this run's; was it made with the same settings?")
         self.master.update({k: weights[k].astype(mx.float32) for k in self.master})
         self.model.load_weights([(k, v.astype(current[k].dtype)) for k, v in weights.items()], strict=False)
-        expected = dict(tree_flatten(self.optimizer.state))
-        if set(optimizer_state) != set(expected):
+        if set(optimizer_state) != {k for k, _ in tree_flatten(self.optimizer.state)}:
             raise LoadError(f"{source} holds state for another optimizer or model; resume with the same optimizer settings.")
         # The learning rate stays this run's: a schedule recomputes it from the step.
         self.optimizer.state = tree_map_with_path(
@@ -184,14 +171,10 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
           steps_per_report: int, steps_per_eval: int, save_every: int,
           report: Callable, evaluate: Callable, save: Callable,
           clear_cache_threshold: int = 0, on_step: Optional[Callable] = None) -> None:
-    """Steps up to ``iters`` with the report, evaluation and save cadence.
-
-    ``report(step, metrics, grad_norm, steps, seconds)`` gets the metrics
-    summed over the steps since the last report and over all processes; ``evaluate(step)``
-    runs on a fresh run's step 0, every ``steps_per_eval`` and at the end;
-    ``save(step)`` every ``save_every`` and at the end; ``on_step(trainer)``
-    after every step. Ctrl-C or SIGTERM
-    finishes the step, saves, and raises KeyboardInterrupt; Ctrl-C again
+    """Steps up to ``iters``. ``report(step, metrics, grad_norm, steps, seconds)`` gets the metrics
+    summed since the last report and over all processes; ``evaluate(step)`` runs on a fresh run's
+    step 0, every ``steps_per_eval`` and at the end, ``save(step)`` every ``save_every`` and at the
+    end. Ctrl-C or SIGTERM finishes the step, saves and raises KeyboardInterrupt; Ctrl-C again
     stops at once.
     """
     maybe_set_recommended_wired_limit()  # keeps the weights resident on a Mac, as mlx-lm does
@@ -253,16 +236,14 @@ def train(trainer: Trainer, next_batch: Callable[[], tuple], *, iters: int,
             signal.signal(s, h)
 
 
-# -- checkpoints: one format for lora and pretrain --------------------------------
-# A checkpoint is a weights file (the trainable weights as the model holds them:
-# for lora, mlx-lm's adapter file) and beside it NAME.state.safetensors with the
-# optimizer state, the float32 masters and the step. Both carry the same metadata;
-# files from two different saves are a damaged checkpoint.
+# One checkpoint format for lora and pretrain: a weights file (the trainable weights as the model
+# holds them: for lora, mlx-lm's adapter file) and beside it NAME.state.safetensors with the optimizer
+# state, the float32 masters and the step. Both carry the same metadata; files from two different
+# saves are a damaged checkpoint.
 
 
 def state_file(weights_file) -> Path:
-    weights_file = Path(weights_file)
-    return weights_file.with_name(weights_file.stem + ".state.safetensors")
+    return Path(weights_file).with_suffix(".state.safetensors")
 
 
 def save_checkpoint(trainer: Trainer, files: List[Path], meta: dict) -> None:
@@ -278,8 +259,7 @@ def save_checkpoint(trainer: Trainer, files: List[Path], meta: dict) -> None:
 
 
 def read_checkpoint(file: Path):
-    """(weights, state, metadata) of an intact checkpoint, or why it is not one
-    (a kill during a save, a full disk)."""
+    """(weights, state, metadata) of an intact checkpoint, or why it is not one (a kill, a full disk)."""
     if not state_file(file).is_file():
         return f"{state_file(file).name} is missing"
     try:

@@ -252,7 +252,7 @@ def test_ctrl_c_and_resume_equal_an_uninterrupted_run(base, pairs, tmp_path, mon
             if info["iteration"] == 3:
                 signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(preference, "get_reporting_callbacks", lambda *a: StopAt3())
+    monkeypatch.setattr(lora, "get_reporting_callbacks", lambda *a: StopAt3())
     with pytest.raises(SystemExit) as e:
         with contextlib.redirect_stdout(io.StringIO()) as out:
             lora.main(argv(base, pairs, stopped, *flags, iters=6))
