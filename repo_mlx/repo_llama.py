@@ -19,13 +19,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.activations import swiglu
+from mlx_lm.models import llama
 from mlx_lm.models.base import (
     BaseModelArgs,
     create_attention_mask,
     scaled_dot_product_attention,
 )
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.llama import MLP
 
 try:
     from repo_mlx import rope
@@ -139,18 +139,6 @@ class Attention(rope.RePoAttention):
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-
-    def __call__(self, x) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, repo: bool, use_sliding: bool = False):
         super().__init__()
@@ -221,10 +209,4 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self):
-        return [
-            RotatingKVCache(max_size=self.model.sliding_window)
-            if layer.use_sliding
-            else KVCache()
-            for layer in self.layers
-        ]
+    make_cache = llama.Model.make_cache

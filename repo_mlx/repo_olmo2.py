@@ -12,12 +12,12 @@ from typing import Any, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import (
     BaseModelArgs,
     create_attention_mask,
     scaled_dot_product_attention,
 )
+from mlx_lm.models.olmo2 import MLP
 
 try:
     from repo_mlx import rope
@@ -101,17 +101,6 @@ class Attention(rope.RePoAttention):
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-
-    def __call__(self, x) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):

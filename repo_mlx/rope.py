@@ -308,16 +308,11 @@ def continuous_rope_qk(
     attention_factor: Union[float, mx.array] = 1.0,
 ) -> Tuple[mx.array, mx.array]:
     """Rotate ``queries`` [B, Hq, N, head_dim] and ``keys`` [B, Hkv, N, head_dim] by
-    real ``positions`` [B, Hkv, N] (or anything that broadcasts to it). Key head h
-    and query heads h*G .. h*G + G-1 (G = Hq / Hkv, mlx-lm's grouping) share
-    ``positions[:, h]``, so cos and sin are computed once per KV head; with
-    Hq == Hkv this is the official rule, query head h with key head h.
-
-    "Rotate half" layout (dims i and i + head_dim/2 pair up), angles in float32,
-    results in the inputs' dtype. Give ``base`` (plain RoPE frequencies) or
-    ``inv_freq`` (e.g. YaRN's blend); ``attention_factor`` multiplies cos and sin.
-    Differentiable in queries, keys and positions (whose gradient has the
-    positions' dtype); ``inv_freq`` and ``attention_factor`` are constants.
+    real ``positions`` [B, Hkv, N] (or what broadcasts to it), rotate-half layout,
+    angles in float32. Query heads h*G .. h*G + G-1 (G = Hq / Hkv, mlx-lm's grouping)
+    share KV head h's positions; with Hq == Hkv that is the official rule. Give
+    ``base`` or ``inv_freq`` (e.g. YaRN's); ``attention_factor`` multiplies cos and
+    sin. Differentiable in queries, keys and positions.
     """
     D = queries.shape[-1]
     q_shape, k_shape = queries.shape, keys.shape
@@ -351,20 +346,17 @@ def continuous_rope_qk(
         positions = positions.astype(mx.float32)
     if positions.shape != k_shape[:-1]:
         try:
-            if mx.broadcast_shapes(positions.shape, k_shape[:-1]) != k_shape[:-1]:
-                raise ValueError
+            positions = mx.broadcast_to(positions, k_shape[:-1])
         except ValueError:
             raise ValueError(
                 f"positions must be [..., Hkv, N] = {k_shape[:-1]}, one per KV head and "
                 f"token (or broadcast to that); got {positions.shape}."
             ) from None
-        positions = mx.broadcast_to(positions, k_shape[:-1])
     return _rope_qk(queries, keys, positions, inv_freq=inv_freq, factor=attention_factor)
 
 
 def continuous_rope(x: mx.array, positions: mx.array, **kwargs) -> mx.array:
-    """``continuous_rope_qk`` of one tensor, for tests and experiments (the model
-    rotates queries and keys together)."""
+    """``continuous_rope_qk`` of one tensor, for tests and experiments."""
     return continuous_rope_qk(x, x, positions, **kwargs)[0]
 
 
@@ -476,16 +468,11 @@ def check_position_weights(weights: dict, repo_layers: List[int]) -> None:
 
 # ------------------------------------------------------------ the RePo attention
 class RePoAttention(nn.Module):
-    """The part of a RePo model file's Attention that is RePo's: in a RePo layer the
-    position module (gate_map, content_map, final_map) and the rotation by its
-    positions, in any other layer mlx-lm's RoPE.
-
-    ``observe``: None, or a function that each call hands the attention's input
-    and its positions (None in a plain layer); ``positions()`` reads it.
-    """
+    """What is RePo's in a model file's Attention: in a RePo layer the position module
+    and the rotation by its positions, in any other layer mlx-lm's RoPE. ``observe``:
+    None, or a function each call hands the attention's input and its positions."""
 
     def init_positions(self, args, repo: bool, head_dim: int, n_positions: int, traditional: bool = False):
-        """``n_positions``: positions per token, one per head (or per KV head with GQA)."""
         self.repo, self.observe = repo, None
         if repo:
             dim, d_p = args.hidden_size, args.hidden_size // 8
