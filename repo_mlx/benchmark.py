@@ -1,12 +1,8 @@
 """Speed and memory to paste into a bug report: ``python -m repo_mlx.benchmark``.
 
-Like ``mlx_lm.benchmark`` (random prompt tokens, no early stop, a warm-up, then
-timed trials), for the RePo model and for mlx-lm's plain model of its
-architecture (olmo2, llama or qwen3) built on the very same weights (the
-position module left out), alternating ABBA. Prints medians, the ratio RePo /
-plain (median of the per-trial ratios, 1.0 = no cost, with their range) and the
-machine, as Markdown. Without ``--model`` the model is random
-with the released 1B's shapes: no download.
+Like ``mlx_lm.benchmark``, for the RePo model and mlx-lm's plain model of its
+architecture on the same weights, alternating ABBA; prints medians, the ratio
+RePo / plain and the machine as Markdown.
 """
 
 import argparse

@@ -15,16 +15,12 @@
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
-from mlx_lm.models.base import (
-    BaseModelArgs,
-    create_attention_mask,
-    scaled_dot_product_attention,
-)
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.llama import MLP
 
 try:
@@ -40,26 +36,9 @@ MODEL_TYPES = ("llama", "mistral", "qwen3")  # mlx-lm runs mistral configs as ll
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    rms_norm_eps: float
-    vocab_size: int
-    head_dim: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
-    num_key_value_heads: Optional[int] = None
-    attention_bias: bool = False
-    mlp_bias: bool = False
+class ModelArgs(llama.ModelArgs):
     rope_theta: Optional[float] = None
-    rope_traditional: bool = False
-    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
     rope_parameters: Optional[dict] = None
-    tie_word_embeddings: bool = True
-    layer_types: Optional[List[str]] = None
-    sliding_window: Optional[int] = None
     pe_config: Optional[Dict[str, Any]] = None
     # The official dynamic_pe_pdrop: 0 uses the learned positions, 1 is plain RoPE.
     position_blend: float = 0.0
@@ -69,8 +48,7 @@ class ModelArgs(BaseModelArgs):
             raise ValueError(
                 f"model_type {self.model_type!r}: this file builds {', '.join(MODEL_TYPES)}."
             )
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__()
         # transformers >= 5 nests rope_theta and rope_scaling under rope_parameters.
         if self.rope_parameters:
             if self.rope_theta is None:
@@ -79,8 +57,6 @@ class ModelArgs(BaseModelArgs):
                 self.rope_scaling = self.rope_parameters
         if self.rope_theta is None:
             self.rope_theta = 10000.0
-        if self.layer_types is None:
-            self.layer_types = ["full_attention"] * self.num_hidden_layers
         # Qwen3 normalises each head's queries and keys (RMSNorm over head_dim).
         self.qk_norm = self.model_type == "qwen3"
         self.repo_layers = rope.repo_layer_ids(self.pe_config, self.num_hidden_layers)

@@ -8,15 +8,12 @@
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import (
-    BaseModelArgs,
-    create_attention_mask,
-    scaled_dot_product_attention,
-)
+from mlx_lm.models import olmo2
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.olmo2 import MLP
 
 try:
@@ -30,28 +27,14 @@ except ImportError:  # a converted folder run by stock mlx-lm: use the copy besi
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    rms_norm_eps: float
-    vocab_size: int
-    head_dim: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
-    num_key_value_heads: Optional[int] = None
-    attention_bias: bool = False
-    rope_theta: float = 10000
-    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
+class ModelArgs(olmo2.ModelArgs):
     tie_word_embeddings: bool = False
     pe_config: Optional[Dict[str, Any]] = None
     # The official dynamic_pe_pdrop: 0 uses the learned positions, 1 is plain RoPE.
     position_blend: float = 0.0
 
     def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__()
         self.repo_layers = rope.repo_layer_ids(self.pe_config, self.num_hidden_layers)
         if self.repo_layers and self.num_key_value_heads != self.num_attention_heads:
             raise ValueError(
