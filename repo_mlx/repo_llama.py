@@ -72,26 +72,15 @@ class ModelArgs(llama.ModelArgs):
             )
 
 
-class Attention(rope.RePoAttention):
+# mlx-lm's projections and RoPE; RePo layers add the position module, one
+# position per KV head, and rotate by its positions.
+class Attention(rope.RePoAttention, llama.Attention):
     def __init__(self, args: ModelArgs, repo: bool):
-        super().__init__()
-        dim = args.hidden_size
-        self.n_heads = n_heads = args.num_attention_heads
-        self.n_kv_heads = n_kv_heads = args.num_key_value_heads
-        self.head_dim = head_dim = args.head_dim or dim // n_heads
-        self.scale = head_dim**-0.5
-        bias = args.attention_bias
-
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        super().__init__(args)
         if args.qk_norm:
-            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-
-        # RePo layers: the position module, one position per KV head.
-        self.init_positions(args, repo, head_dim, n_kv_heads, args.rope_traditional)
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.init_positions(args, repo, self.head_dim, self.n_kv_heads)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape

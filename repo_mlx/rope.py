@@ -1,10 +1,8 @@
-# What RePo adds to a transformer, written once for every model file: the
-# position module and the rotation of queries and keys by its continuous,
-# per-head positions (spec sections 3-4): one differentiable op, the kernels of
-# metal/rope.metal on a Metal GPU, the same math as compiled MLX ops elsewhere or
-# if a kernel fails. Only mlx, mlx-lm and the standard library: a converted
-# folder carries this file as repo_rope.py, with metal/rope.metal beside it, for
-# stock mlx-lm.
+# What RePo adds to a transformer, written once for every model file: the position
+# module and the rotation by its per-head positions (spec sections 3-4), one
+# differentiable op: metal/rope.metal's kernels on a Metal GPU, compiled MLX ops
+# elsewhere or if a kernel fails. Only mlx, mlx-lm and the standard library: a
+# converted folder carries it as repo_rope.py, with metal/rope.metal beside it.
 
 import functools
 import importlib.resources
@@ -17,7 +15,6 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models.rope_utils import initialize_rope
 
 
 def inv_frequencies(head_dim: int, base: float) -> mx.array:
@@ -132,8 +129,7 @@ MAX_KERNEL_ELEMENTS = 2**28  # 32-bit offsets, with 8x room for views of larger 
 # A first use's largest difference from the pure path, relative to max(1, |pure|):
 # a few units of the dtype pass (the pure path rounds after each op), a wrong index does not.
 CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 6e-2}
-MODES = {"1": "on", "on": "on", True: "on", "0": "off", "off": "off", False: "off"}
-MODES["strict"] = "strict"
+MODES = {"1": "on", "on": "on", True: "on", "0": "off", "off": "off", False: "off", "strict": "strict"}
 
 
 class KernelError(RuntimeError):
@@ -149,8 +145,8 @@ def set_kernels(mode: Union[bool, str]) -> None:
 
 
 def kernel_state() -> dict:
-    """The mode ("on", "off", "strict"), the failure that turned the kernels off (or
-    None), and how many kernel instances passed their first-use check so far."""
+    """The mode, the failure that turned the kernels off (or None), and how many kernel
+    instances passed their first-use check so far."""
     return {"mode": _state["mode"], "failure": _state["failure"], "checked": len(_state["checked"])}
 
 
@@ -161,8 +157,7 @@ if _env not in MODES:
 
 
 def metal_source_path() -> Optional[Path]:
-    """rope.metal in package repo_mlx.metal, or in metal/ beside this file (the
-    copy in a converted folder); None where it is absent."""
+    """rope.metal in package repo_mlx.metal, or in metal/ beside a converted folder's copy."""
     if __package__:
         try:
             path = Path(importlib.resources.files(__package__ + ".metal") / "rope.metal")
@@ -226,9 +221,8 @@ def launch(name, *inputs) -> dict:
 
 
 def _check(name, q, z) -> None:
-    # First use of an instance (dtypes, query and KV heads, head_dim): run it on
-    # two tokens against the pure path, so a compile error or a wrong result
-    # shows here, once, and not in some later mx.eval.
+    # First use of an instance: run it on two tokens against the pure path, so a
+    # compile error or a wrong result shows here, once, not in some later mx.eval.
     Hq, H, D = q.shape[1], z.shape[1], q.shape[3]
     if (key := (name, q.dtype, z.dtype, Hq, H, D)) in _state["checked"]:
         return
@@ -468,11 +462,11 @@ def check_position_weights(weights: dict, repo_layers: List[int]) -> None:
 
 # ------------------------------------------------------------ the RePo attention
 class RePoAttention(nn.Module):
-    """What is RePo's in a model file's Attention: in a RePo layer the position module
-    and the rotation by its positions, in any other layer mlx-lm's RoPE. ``observe``:
-    None, or a function each call hands the attention's input and its positions."""
+    """What is RePo's in a model file's Attention (a subclass of mlx-lm's, which brings
+    ``self.rope``): in a RePo layer the position module and the rotation by its positions.
+    ``observe``: None, or a function each call hands the attention's input and its positions."""
 
-    def init_positions(self, args, repo: bool, head_dim: int, n_positions: int, traditional: bool = False):
+    def init_positions(self, args, repo: bool, head_dim: int, n_positions: int):
         self.repo, self.observe = repo, None
         if repo:
             dim, d_p = args.hidden_size, args.hidden_size // 8
@@ -484,10 +478,6 @@ class RePoAttention(nn.Module):
             # Built once; private, so not a parameter.
             self._inv_freq, self._attention_factor = rope_parameters(
                 head_dim, args.rope_theta, args.rope_scaling
-            )
-        else:
-            self.rope = initialize_rope(
-                head_dim, args.rope_theta, traditional, args.rope_scaling, args.max_position_embeddings
             )
 
     def positions(self, x: mx.array, offset=0) -> mx.array:
@@ -517,8 +507,7 @@ class RePoAttention(nn.Module):
 
 
 def observe(model, input_ids) -> Dict[int, Tuple[mx.array, Optional[mx.array]]]:
-    """{layer: (its attention's input, its positions or None)} for ``input_ids``,
-    from one forward pass of the model without its head."""
+    """{layer: (its attention's input, its positions or None)} for ``input_ids``."""
     ids = mx.array(input_ids)
     ids = ids[None] if ids.ndim == 1 else ids
     seen = {}
@@ -535,8 +524,7 @@ def observe(model, input_ids) -> Dict[int, Tuple[mx.array, Optional[mx.array]]]:
 
 
 def positions(model, input_ids) -> Dict[int, mx.array]:
-    """The positions z [B, heads, N] (float32) that every RePo layer assigns
-    (per key/value head in a grouped-query model)."""
+    """The positions z [B, (KV) heads, N] (float32) that every RePo layer assigns."""
     return {i: z for i, (_, z) in observe(model, input_ids).items() if z is not None}
 
 
