@@ -1,7 +1,5 @@
-"""Checks of the rotation and the model that the Metal-only tests and
-``python -m repo_mlx.doctor`` share: float64 references, the kernels against the
-pure path, the model against the official fixture, operations per decode step.
-"""
+"""Checks that the Metal-only tests and ``python -m repo_mlx.doctor`` share: float64
+references, the kernels against the pure path, the model against the official fixture."""
 
 import contextlib
 import dataclasses
@@ -111,8 +109,7 @@ def rotation_outputs(inputs: dict) -> List[mx.array]:
 
 
 def reference_outputs(inputs: dict) -> List[np.ndarray]:
-    """float64 q, k, dq, dk, dz; query head h takes KV head h // G's positions and
-    adds its share to that head's dz."""
+    """float64 q, k, dq, dk, dz; query head h takes KV head h // G's positions."""
     w, a = f64(inputs["inv_freq"]), inputs["factor"]
     q, k, z, gq, gk = (f64(inputs[n]) for n in ("q", "k", "z", "gq", "gk"))
     z = np.broadcast_to(z, k.shape[:-1])
@@ -143,8 +140,7 @@ def units(got: mx.array, want: mx.array) -> float:
 
 
 def within_reference(errs, dtype, dz_dtype=F32) -> bool:
-    """``errs`` (reference_errors) within REFERENCE_LIMITS for values of ``dtype``
-    and dz of ``dz_dtype`` (the positions' dtype)."""
+    """``errs`` within REFERENCE_LIMITS for values of ``dtype`` and dz of ``dz_dtype``."""
     dz = max(REFERENCE_LIMITS[dtype][1], REFERENCE_LIMITS[dz_dtype][1])
     return max(errs[:4]) <= REFERENCE_LIMITS[dtype][0] and errs[4] <= dz
 
@@ -201,9 +197,8 @@ def kernel_status() -> str:
 
 
 def check_kernels(dtypes=DTYPES, shapes=KERNEL_SHAPES) -> List[Check]:
-    """The Metal kernels (strict: a failure is a failed check, not a silent
-    fallback) against the pure path on the CPU and against float64. ``shapes``:
-    name -> tokens or (tokens, query heads per KV head)."""
+    """The Metal kernels, strict, against the pure path on the CPU and against float64.
+    ``shapes``: name -> tokens or (tokens, query heads per KV head)."""
     if why := kernels_unavailable():
         return [Check("Metal kernels", "skip", why)]
     rows = []

@@ -8,9 +8,8 @@
 # cached once; with kv_heads == heads it is the official rule. The module reads
 # the tensor that feeds q/k/v: here the normed input of a pre-norm block.
 #
-# The position module and the rotation are rope.py's, shared by every RePo model
-# file. Converted folders ship this file (config key "model_file") and rope.py
-# as repo_rope.py, so stock mlx-lm loads them with --trust-remote-code.
+# The RePo parts are rope.py's; converted folders ship it as repo_rope.py beside this
+# file (config key "model_file"), so stock mlx-lm loads them with --trust-remote-code.
 
 import importlib.util
 from dataclasses import dataclass
@@ -170,8 +169,6 @@ class Model(nn.Module):
         rope.check_position_weights(weights, self.args.repo_layers)
         return weights
 
-    @property
-    def layers(self):
-        return self.model.layers
+    layers = llama.Model.layers
 
     make_cache = llama.Model.make_cache

@@ -1,9 +1,8 @@
 # RePo-OLMo2: OLMo-2 whose upper layers rotate queries and keys by positions a
 # small network assigns to each token and head (arXiv 2512.14391).
 #
-# The position module and the rotation are rope.py's, shared by every RePo model
-# file. Converted folders ship this file (config key "model_file") and rope.py
-# as repo_rope.py, so stock mlx-lm loads them with --trust-remote-code.
+# The RePo parts are rope.py's; converted folders ship it as repo_rope.py beside this
+# file (config key "model_file"), so stock mlx-lm loads them with --trust-remote-code.
 
 import importlib.util
 from dataclasses import dataclass
@@ -128,6 +127,4 @@ class Model(nn.Module):
         rope.check_position_weights(weights, self.args.repo_layers)
         return weights
 
-    @property
-    def layers(self):
-        return self.model.layers
+    layers = olmo2.Model.layers
