@@ -1,9 +1,6 @@
-"""Which weights train when fine-tuning RePo, and loading the adapters.
-
-LoRA/DoRA layers are mlx-lm's. What this adds is the position module's
-training mode (frozen, LoRA or full), recorded in adapter_config.json so that
-``load_adapters`` (and stock mlx-lm) rebuild exactly the trained layers.
-"""
+"""Which weights train when fine-tuning RePo, and loading the adapters. LoRA/DoRA layers
+are mlx-lm's; this adds the position module's training mode (frozen, LoRA or full),
+recorded in adapter_config.json so that stock mlx-lm rebuilds exactly the trained layers."""
 
 import json
 from pathlib import Path

@@ -1,10 +1,6 @@
-"""Write a float RePo model in the official Hugging Face format.
-
-The result loads in the official PyTorch implementation (SakanaAI's
-transformers fork) and in ``repo_mlx.load``: HF weight names (ours are the
-same), safetensors marked ``format: pt``, and a config.json without MLX-only
-keys whose ``pe_config`` carries both spellings the official code may read.
-"""
+"""Write a float RePo model in the official Hugging Face format, which the official
+PyTorch code (SakanaAI's transformers fork) reads: safetensors marked ``format: pt``,
+a config.json without MLX-only keys, ``pe_config`` in both spellings."""
 
 import json
 import shutil

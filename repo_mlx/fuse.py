@@ -1,9 +1,7 @@
 """Fuse adapters into a RePo model: ``python -m repo_mlx.fuse --model M --adapter-path A``.
 
-The output is a standalone MLX folder like ``repo_mlx.convert`` writes (it
-also runs in stock mlx-lm with --trust-remote-code), or with ``--export-hf``
-the official Hugging Face format.
-"""
+The output is a standalone MLX folder like ``repo_mlx.convert`` writes, or with
+``--export-hf`` the official Hugging Face format."""
 
 import argparse
 import json

@@ -264,8 +264,7 @@ def check_model(device=None, fixture: Path = FIXTURE) -> List[Check]:
 
 
 def plain_twin(model):
-    """mlx-lm's own model of the same architecture (olmo2, llama or qwen3) with
-    the same weights minus the position module."""
+    """mlx-lm's own model of the same architecture on the same weights, minus the position module."""
     config = {f.name: getattr(model.args, f.name) for f in dataclasses.fields(model.args)}
     config.pop("pe_config", None)
     kind = MODEL_REMAPPING.get(config["model_type"], config["model_type"])
@@ -290,8 +289,7 @@ VIEW_OPS = {
 
 
 def count_ops(*outputs) -> int:
-    """Operations that compute ``outputs`` from evaluated arrays, views not
-    counted (each is a kernel launch on a GPU)."""
+    """Operations (kernel launches on a GPU) that compute ``outputs``, views not counted."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "graph.dot"
         mx.export_to_dot(str(path), *outputs)

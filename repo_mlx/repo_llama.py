@@ -71,8 +71,7 @@ class ModelArgs(llama.ModelArgs):
             )
 
 
-# mlx-lm's projections and RoPE; RePo layers add the position module, one
-# position per KV head, and rotate by its positions.
+# mlx-lm's projections and RoPE; RePo layers add one position per KV head.
 class Attention(rope.RePoAttention, llama.Attention):
     def __init__(self, args: ModelArgs, repo: bool):
         super().__init__(args)

@@ -43,8 +43,7 @@ class ModelArgs(olmo2.ModelArgs):
             )
 
 
-# mlx-lm's projections, q/k norms and RoPE; RePo layers add the position module,
-# one position per head, and rotate by its positions.
+# mlx-lm's projections, q/k norms and RoPE; RePo layers add one position per head.
 class Attention(rope.RePoAttention, olmo2.Attention):
     def __init__(self, args: ModelArgs, repo: bool):
         super().__init__(args)

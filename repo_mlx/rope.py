@@ -361,9 +361,7 @@ POSITION_MODES = ("swigluex_multihead",)
 POSITION_WEIGHTS = ("gate_map", "content_map", "final_map")
 
 
-def rope_parameters(
-    head_dim: int, base: float, rope_scaling: Optional[dict]
-) -> Tuple[mx.array, float]:
+def rope_parameters(head_dim: int, base: float, rope_scaling: Optional[dict]) -> Tuple[mx.array, float]:
     """Inverse frequencies and cos/sin factor of a config's ``rope_scaling``, as
     mlx-lm's ``initialize_rope`` scales them for integer positions."""
     scaling = rope_scaling or {}
