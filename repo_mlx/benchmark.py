@@ -49,9 +49,7 @@ def random_model(shape: str, dtype: str):
 
 def machine() -> dict:
     info = mx.device_info()
-    memory = info.get("memory_size")
-    if memory is None:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     system = platform.mac_ver()[0] and f"macOS {platform.mac_ver()[0]}" or platform.platform()
     return {
         "chip": info.get("device_name") or platform.processor() or platform.machine(),

@@ -92,10 +92,7 @@ def report(env: list, checks: list) -> str:
     lines += ["", "| check | result | detail |", "|---|---|---|"]
     mark = {"pass": "pass", "fail": "**FAIL**", "skip": "skipped", "info": "measured"}
     lines += [f"| {c.name} | {mark[c.status]} | {c.detail} |" for c in checks]
-    lines += [
-        "",
-        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped.",
-    ]
+    lines += ["", f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped."]
     return "\n".join(lines) + "\n"
 
 
