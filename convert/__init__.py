@@ -40,10 +40,8 @@ def check_all_quantized(model, config) -> None:
 
 
 def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = None) -> str:
-    """The converted folder's README.md: what RePo is and how to run it, with
-    mlx-lm's front matter (mlx-lm's own card is an empty stub, and its upload
-    replaces the text with a recipe that stock mlx-lm cannot run without
-    trust_remote_code)."""
+    """The converted folder's README.md with mlx-lm's front matter (mlx-lm's own card is a
+    stub, and its upload writes a recipe that stock mlx-lm cannot run without trust_remote_code)."""
     q = config.get("quantization")
     weights = (
         f"{q['bits']}-bit weights (group size {q['group_size']}); the position module "
@@ -222,5 +220,4 @@ def command(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)

@@ -1,9 +1,6 @@
-"""Which weights train when fine-tuning RePo, and loading the adapters.
-
-LoRA/DoRA layers are mlx-lm's. What this adds is the position module's
-training mode (frozen, LoRA or full), recorded in adapter_config.json so that
-``load_adapters`` (and stock mlx-lm) rebuild exactly the trained layers.
-"""
+"""Which weights train when fine-tuning RePo, and loading the adapters. LoRA/DoRA layers
+are mlx-lm's; this adds the position module's training mode (frozen, LoRA or full),
+recorded in adapter_config.json so that stock mlx-lm rebuilds exactly the trained layers."""
 
 import json
 from pathlib import Path
@@ -23,14 +20,6 @@ POSITION_MODULE_CHOICES = ("frozen", "lora", "full")
 POSITION_KEYS = tuple(f"self_attn.{name}" for name in POSITION_WEIGHTS)
 
 
-def _tuned_layers(model, num_layers: int):
-    if num_layers > len(model.layers):
-        raise LoadError(
-            f"--num-layers {num_layers} is more than the model's {len(model.layers)} layers."
-        )
-    return model.layers[-max(num_layers, 0) :]
-
-
 def position_maps(layers):
     return [
         getattr(layer.self_attn, name)
@@ -47,19 +36,19 @@ def setup_trainable(
     lora_parameters: Optional[dict],
     position_module: str = "frozen",
 ) -> Optional[dict]:
-    """Freeze the model, then make trainable what the options ask for.
-
-    ``position_module`` decides gate_map/content_map/final_map in the tuned
-    layers: "frozen", "lora" (low-rank adapters, like the other linears) or
-    "full" (the weights themselves). Returns the LoRA parameters with the
-    exact module ``keys`` used, so stock mlx-lm rebuilds the same layers.
-    """
+    """Freeze the model, then make trainable what the options ask for; ``position_module``
+    ("frozen", "lora" or "full") decides the position module's weights in the tuned layers.
+    Returns the LoRA parameters with the exact ``keys`` used, so stock mlx-lm rebuilds them."""
     if position_module not in POSITION_MODULE_CHOICES:
         raise LoadError(
             f"position_module must be one of {', '.join(POSITION_MODULE_CHOICES)}, "
             f"got {position_module!r}."
         )
-    layers = _tuned_layers(model, num_layers)
+    if num_layers > len(model.layers):
+        raise LoadError(
+            f"--num-layers {num_layers} is more than the model's {len(model.layers)} layers."
+        )
+    layers = model.layers[-max(num_layers, 0) :]
     lora_parameters = lora_parameters or {}
     model.freeze()
     if fine_tune_type == "full":
@@ -153,11 +142,8 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
 
 
 def fuse_layer(layer: nn.Module, dequantize: bool = False) -> nn.Module:
-    """mlx-lm's ``fuse`` of one adapted layer, computed in float32 and rounded once.
-
-    mlx-lm adds the delta in the weight's dtype: in bfloat16 that rounds the
-    delta and then the sum.
-    """
+    """mlx-lm's ``fuse`` of one adapted layer in float32, rounded once (mlx-lm adds the
+    delta in the weight's dtype: in bfloat16 that rounds the delta and then the sum)."""
     base = layer.linear
     dtype = (base.scales if isinstance(base, nn.QuantizedLinear) else base.weight).dtype
     if dtype == mx.float32:

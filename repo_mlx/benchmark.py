@@ -1,12 +1,8 @@
 """Speed and memory to paste into a bug report: ``python -m repo_mlx.benchmark``.
 
-Like ``mlx_lm.benchmark`` (random prompt tokens, no early stop, a warm-up, then
-timed trials), for the RePo model and for mlx-lm's plain model of its
-architecture (olmo2, llama or qwen3) built on the very same weights (the
-position module left out), alternating ABBA. Prints medians, the ratio RePo /
-plain (median of the per-trial ratios, 1.0 = no cost, with their range) and the
-machine, as Markdown. Without ``--model`` the model is random
-with the released 1B's shapes: no download.
+Like ``mlx_lm.benchmark``, for the RePo model and mlx-lm's plain model of its
+architecture on the same weights, alternating ABBA; prints medians, the ratio
+RePo / plain and the machine as Markdown.
 """
 
 import argparse
@@ -53,9 +49,7 @@ def random_model(shape: str, dtype: str):
 
 def machine() -> dict:
     info = mx.device_info()
-    memory = info.get("memory_size")
-    if memory is None:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     system = platform.mac_ver()[0] and f"macOS {platform.mac_ver()[0]}" or platform.platform()
     return {
         "chip": info.get("device_name") or platform.processor() or platform.machine(),
@@ -147,7 +141,6 @@ def command(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 

@@ -1,13 +1,7 @@
 """Check repo_mlx on this machine: ``python -m repo_mlx.doctor [--model M]``.
 
-Prints versions, the device and whether the Metal kernels are in use, then
-checks: the pure rotation path against float64, each Metal kernel against the
-pure path and float64 (float32/float16/bfloat16, decode and prefill shapes,
-forward and backward), the official tiny checkpoint against the official
-implementation's outputs, the operations of one decode step, and on a Metal GPU
-a short speed comparison. It ends with a Markdown report to paste into an
-issue, and exits with status 1 if a check fails. What cannot run here is
-skipped, saying why.
+The rotation, the kernels and the model against their references, the operations
+of a decode step and the speed, as a Markdown report; what cannot run here is skipped.
 """
 
 import argparse
@@ -35,7 +29,6 @@ def _version(package: str) -> str:
 
 
 def environment() -> list:
-    """(name, value) rows: versions, machine, device, kernels."""
     rows = [
         ("repo_mlx", _cli.version()),
         ("mlx", mx.__version__),
@@ -59,9 +52,8 @@ def environment() -> list:
 
 
 def speed(model, tokens: int, prompt_tokens: int = 64, trials: int = 3) -> list:
-    """Decode tokens/s: RePo with kernels on and off, and mlx-lm's plain model of the
-    same architecture on the same weights (the position module and rotation are
-    RePo's whole cost)."""
+    """Decode tokens/s: RePo with kernels on and off, and mlx-lm's plain model on the
+    same weights (the position module and rotation are RePo's whole cost)."""
     if why := kc.kernels_unavailable():
         return [Check("speed", "skip", f"{why}: speed is measured on a Metal GPU only")]
     models = {
@@ -100,10 +92,7 @@ def report(env: list, checks: list) -> str:
     lines += ["", "| check | result | detail |", "|---|---|---|"]
     mark = {"pass": "pass", "fail": "**FAIL**", "skip": "skipped", "info": "measured"}
     lines += [f"| {c.name} | {mark[c.status]} | {c.detail} |" for c in checks]
-    lines += [
-        "",
-        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped.",
-    ]
+    lines += ["", f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped."]
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +177,6 @@ def command(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 

@@ -1,10 +1,6 @@
-"""Write a float RePo model in the official Hugging Face format.
-
-The result loads in the official PyTorch implementation (SakanaAI's
-transformers fork) and in ``repo_mlx.load``: HF weight names (ours are the
-same), safetensors marked ``format: pt``, and a config.json without MLX-only
-keys whose ``pe_config`` carries both spellings the official code may read.
-"""
+"""Write a float RePo model in the official Hugging Face format, which the official
+PyTorch code (SakanaAI's transformers fork) reads: safetensors marked ``format: pt``,
+a config.json without MLX-only keys, ``pe_config`` in both spellings."""
 
 import json
 import shutil
@@ -63,15 +59,11 @@ def export_hf(dst: Path, model: nn.Module, tokenizer, config: dict, src: Path) -
         raise LoadError(f"Cannot export mixed or unsupported dtypes {sorted(map(str, dtypes))}.")
     dst.mkdir(parents=True, exist_ok=True)
     shards = make_shards(weights)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
     weight_map = {}
-    for name, shard in zip(names, shards):
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
         mx.save_safetensors(str(dst / name), shard, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
+        weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(w.nbytes for w in weights.values())},

@@ -1,9 +1,7 @@
 """Fuse adapters into a RePo model: ``python -m repo_mlx.fuse --model M --adapter-path A``.
 
-The output is a standalone MLX folder like ``repo_mlx.convert`` writes (it
-also runs in stock mlx-lm with --trust-remote-code), or with ``--export-hf``
-the official Hugging Face format.
-"""
+The output is a standalone MLX folder like ``repo_mlx.convert`` writes, or with
+``--export-hf`` the official Hugging Face format."""
 
 import argparse
 import json
@@ -93,7 +91,6 @@ def command(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 

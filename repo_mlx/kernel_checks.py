@@ -1,9 +1,9 @@
-"""Checks of the rotation and the model that the Metal-only tests and
-``python -m repo_mlx.doctor`` share: float64 references, the kernels against the
-pure path, the model against the official fixture, operations per decode step.
-"""
+"""Checks that the Metal-only tests and ``python -m repo_mlx.doctor`` share: float64
+references, the kernels against the pure path, the model against the official fixture."""
 
 import contextlib
+import dataclasses
+import importlib
 import re
 import tempfile
 from pathlib import Path
@@ -13,8 +13,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import MODEL_REMAPPING
 
 from . import rope
+from .loader import load
 
 F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
 DTYPES = (F32, F16, BF16)
@@ -105,8 +109,7 @@ def rotation_outputs(inputs: dict) -> List[mx.array]:
 
 
 def reference_outputs(inputs: dict) -> List[np.ndarray]:
-    """float64 q, k, dq, dk, dz; query head h takes KV head h // G's positions and
-    adds its share to that head's dz."""
+    """float64 q, k, dq, dk, dz; query head h takes KV head h // G's positions."""
     w, a = f64(inputs["inv_freq"]), inputs["factor"]
     q, k, z, gq, gk = (f64(inputs[n]) for n in ("q", "k", "z", "gq", "gk"))
     z = np.broadcast_to(z, k.shape[:-1])
@@ -137,8 +140,7 @@ def units(got: mx.array, want: mx.array) -> float:
 
 
 def within_reference(errs, dtype, dz_dtype=F32) -> bool:
-    """``errs`` (reference_errors) within REFERENCE_LIMITS for values of ``dtype``
-    and dz of ``dz_dtype`` (the positions' dtype)."""
+    """``errs`` within REFERENCE_LIMITS for values of ``dtype`` and dz of ``dz_dtype``."""
     dz = max(REFERENCE_LIMITS[dtype][1], REFERENCE_LIMITS[dz_dtype][1])
     return max(errs[:4]) <= REFERENCE_LIMITS[dtype][0] and errs[4] <= dz
 
@@ -195,9 +197,8 @@ def kernel_status() -> str:
 
 
 def check_kernels(dtypes=DTYPES, shapes=KERNEL_SHAPES) -> List[Check]:
-    """The Metal kernels (strict: a failure is a failed check, not a silent
-    fallback) against the pure path on the CPU and against float64. ``shapes``:
-    name -> tokens or (tokens, query heads per KV head)."""
+    """The Metal kernels, strict, against the pure path on the CPU and against float64.
+    ``shapes``: name -> tokens or (tokens, query heads per KV head)."""
     if why := kernels_unavailable():
         return [Check("Metal kernels", "skip", why)]
     rows = []
@@ -235,71 +236,42 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def model_errors(model, reference) -> dict:
-    """The model against the official outputs: logits, positions, greedy tokens."""
-    from mlx_lm.generate import generate_step
-
-    from .rope import positions
-
-    ids = reference["input_ids"]
-    z = positions(model, ids)
-    steps = generate_step(mx.array(ids[0]), model, max_tokens=len(reference["greedy"]))
-    return dict(
-        logits=rel_err(model(mx.array(ids)), reference["logits"]),
-        positions=max(
-            float(np.abs(np.array(v) - reference[f"positions_layer{i}"]).max())
-            for i, v in z.items()
-        ),
-        greedy=[int(t) for t, _ in steps] == reference["greedy"].tolist(),
-    )
-
-
-MODEL_LIMITS = {"logits": 1e-4, "positions": 1e-2}
-
-
 def check_model(device=None, fixture: Path = FIXTURE) -> List[Check]:
-    """The official tiny checkpoint on ``device`` (the default one if None)
-    against the official implementation's outputs; on a GPU with kernels strict."""
-    from .loader import load
-
+    """The official tiny checkpoint on ``device`` (the default one if None) against
+    the official outputs (logits, positions, greedy tokens); on a GPU with kernels strict."""
     if not (fixture / "reference.npz").is_file():
-        why = f"fixture not found at {fixture}"
-        return [Check("model vs official fixture", "skip", why)]
+        return [Check("model vs official fixture", "skip", f"fixture not found at {fixture}")]
     device = device or mx.default_device()
     name = f"model vs official fixture ({device})"
-    reference = dict(np.load(fixture / "reference.npz"))
+    ref = dict(np.load(fixture / "reference.npz"))
+    ids = ref["input_ids"]
     try:
         with kernels("strict"), mx.stream(device):
             model, _ = load(str(fixture))
-            e = model_errors(model, reference)
+            z = rope.positions(model, ids)
+            steps = generate_step(mx.array(ids[0]), model, max_tokens=len(ref["greedy"]))
+            logits = rel_err(model(mx.array(ids)), ref["logits"])
+            positions = max(float(np.abs(np.array(v) - ref[f"positions_layer{i}"]).max()) for i, v in z.items())
+            greedy = [int(t) for t, _ in steps] == ref["greedy"].tolist()
     except Exception as ex:
         return [Check(name, "fail", one_line_error(ex))]
-    ok = e["logits"] <= MODEL_LIMITS["logits"] and e["positions"] <= MODEL_LIMITS["positions"]
-    ok = ok and e["greedy"]
+    ok = logits <= 1e-4 and positions <= 1e-2 and greedy
     detail = (
-        f"logits {e['logits']:.2g} (limit 1e-4), positions {e['positions']:.2g} "
-        f"(limit 1e-2), greedy tokens {'equal' if e['greedy'] else 'DIFFER'}"
+        f"logits {logits:.2g} (limit 1e-4), positions {positions:.2g} "
+        f"(limit 1e-2), greedy tokens {'equal' if greedy else 'DIFFER'}"
     )
     return [Check(name, "pass" if ok else "fail", detail)]
 
 
 def plain_twin(model):
-    """mlx-lm's own model of the same architecture (olmo2, llama or qwen3) with
-    the same weights minus the position module."""
-    import dataclasses
-    import importlib
-
-    from mlx_lm.utils import MODEL_REMAPPING
-
-    from .rope import POSITION_WEIGHTS
-
+    """mlx-lm's own model of the same architecture on the same weights, minus the position module."""
     config = {f.name: getattr(model.args, f.name) for f in dataclasses.fields(model.args)}
     config.pop("pe_config", None)
     kind = MODEL_REMAPPING.get(config["model_type"], config["model_type"])
     arch = importlib.import_module(f"mlx_lm.models.{kind}")
     plain = arch.Model(arch.ModelArgs.from_dict(config))
     weights = tree_flatten(model.parameters())
-    weights = [(k, v) for k, v in weights if k.split(".")[-2] not in POSITION_WEIGHTS]
+    weights = [(k, v) for k, v in weights if k.split(".")[-2] not in rope.POSITION_WEIGHTS]
     names = dict(weights)
     quantized = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     if quantized:  # quantize the layers the RePo model has quantized, as it did
@@ -317,8 +289,7 @@ VIEW_OPS = {
 
 
 def count_ops(*outputs) -> int:
-    """Operations that compute ``outputs`` from evaluated arrays, views not
-    counted (each is a kernel launch on a GPU)."""
+    """Operations (kernel launches on a GPU) that compute ``outputs``, views not counted."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "graph.dot"
         mx.export_to_dot(str(path), *outputs)
@@ -329,8 +300,6 @@ def count_ops(*outputs) -> int:
 def decode_ops(model) -> dict:
     """Operations of one decode step (one token, a KV cache holding 8) of the
     first RePo layer and of the first plain layer (None if it has none)."""
-    from mlx_lm.models.cache import make_prompt_cache
-
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array([[1] * 8]), cache=cache))
     h = mx.random.normal((1, 1, model.args.hidden_size), key=mx.random.key(0))

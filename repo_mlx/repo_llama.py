@@ -8,24 +8,19 @@
 # cached once; with kv_heads == heads it is the official rule. The module reads
 # the tensor that feeds q/k/v: here the normed input of a pre-norm block.
 #
-# The position module and the rotation are rope.py's, shared by every RePo model
-# file. Converted folders ship this file (config key "model_file") and rope.py
-# as repo_rope.py, so stock mlx-lm loads them with --trust-remote-code.
+# The RePo parts are rope.py's; converted folders ship it as repo_rope.py beside this
+# file (config key "model_file"), so stock mlx-lm loads them with --trust-remote-code.
 
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.activations import swiglu
-from mlx_lm.models.base import (
-    BaseModelArgs,
-    create_attention_mask,
-    scaled_dot_product_attention,
-)
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models import llama
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.llama import MLP
 
 try:
     from repo_mlx import rope
@@ -40,26 +35,9 @@ MODEL_TYPES = ("llama", "mistral", "qwen3")  # mlx-lm runs mistral configs as ll
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    rms_norm_eps: float
-    vocab_size: int
-    head_dim: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
-    num_key_value_heads: Optional[int] = None
-    attention_bias: bool = False
-    mlp_bias: bool = False
+class ModelArgs(llama.ModelArgs):
     rope_theta: Optional[float] = None
-    rope_traditional: bool = False
-    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
     rope_parameters: Optional[dict] = None
-    tie_word_embeddings: bool = True
-    layer_types: Optional[List[str]] = None
-    sliding_window: Optional[int] = None
     pe_config: Optional[Dict[str, Any]] = None
     # The official dynamic_pe_pdrop: 0 uses the learned positions, 1 is plain RoPE.
     position_blend: float = 0.0
@@ -69,8 +47,7 @@ class ModelArgs(BaseModelArgs):
             raise ValueError(
                 f"model_type {self.model_type!r}: this file builds {', '.join(MODEL_TYPES)}."
             )
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__()
         # transformers >= 5 nests rope_theta and rope_scaling under rope_parameters.
         if self.rope_parameters:
             if self.rope_theta is None:
@@ -79,8 +56,6 @@ class ModelArgs(BaseModelArgs):
                 self.rope_scaling = self.rope_parameters
         if self.rope_theta is None:
             self.rope_theta = 10000.0
-        if self.layer_types is None:
-            self.layer_types = ["full_attention"] * self.num_hidden_layers
         # Qwen3 normalises each head's queries and keys (RMSNorm over head_dim).
         self.qk_norm = self.model_type == "qwen3"
         self.repo_layers = rope.repo_layer_ids(self.pe_config, self.num_hidden_layers)
@@ -96,26 +71,14 @@ class ModelArgs(BaseModelArgs):
             )
 
 
-class Attention(rope.RePoAttention):
+# mlx-lm's projections and RoPE; RePo layers add one position per KV head.
+class Attention(rope.RePoAttention, llama.Attention):
     def __init__(self, args: ModelArgs, repo: bool):
-        super().__init__()
-        dim = args.hidden_size
-        self.n_heads = n_heads = args.num_attention_heads
-        self.n_kv_heads = n_kv_heads = args.num_key_value_heads
-        self.head_dim = head_dim = args.head_dim or dim // n_heads
-        self.scale = head_dim**-0.5
-        bias = args.attention_bias
-
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        super().__init__(args)
         if args.qk_norm:
-            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-
-        # RePo layers: the position module, one position per KV head.
-        self.init_positions(args, repo, head_dim, n_kv_heads, args.rope_traditional)
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.init_positions(args, repo, self.head_dim, self.n_kv_heads)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
@@ -137,18 +100,6 @@ class Attention(rope.RePoAttention):
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-
-    def __call__(self, x) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -217,14 +168,6 @@ class Model(nn.Module):
         rope.check_position_weights(weights, self.args.repo_layers)
         return weights
 
-    @property
-    def layers(self):
-        return self.model.layers
+    layers = llama.Model.layers
 
-    def make_cache(self):
-        return [
-            RotatingKVCache(max_size=self.model.sliding_window)
-            if layer.use_sliding
-            else KVCache()
-            for layer in self.layers
-        ]
+    make_cache = llama.Model.make_cache

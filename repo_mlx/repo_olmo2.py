@@ -1,23 +1,19 @@
 # RePo-OLMo2: OLMo-2 whose upper layers rotate queries and keys by positions a
 # small network assigns to each token and head (arXiv 2512.14391).
 #
-# The position module and the rotation are rope.py's, shared by every RePo model
-# file. Converted folders ship this file (config key "model_file") and rope.py
-# as repo_rope.py, so stock mlx-lm loads them with --trust-remote-code.
+# The RePo parts are rope.py's; converted folders ship it as repo_rope.py beside this
+# file (config key "model_file"), so stock mlx-lm loads them with --trust-remote-code.
 
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.activations import swiglu
-from mlx_lm.models.base import (
-    BaseModelArgs,
-    create_attention_mask,
-    scaled_dot_product_attention,
-)
+from mlx_lm.models import olmo2
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.olmo2 import MLP
 
 try:
     from repo_mlx import rope
@@ -30,28 +26,14 @@ except ImportError:  # a converted folder run by stock mlx-lm: use the copy besi
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    rms_norm_eps: float
-    vocab_size: int
-    head_dim: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
-    num_key_value_heads: Optional[int] = None
-    attention_bias: bool = False
-    rope_theta: float = 10000
-    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
+class ModelArgs(olmo2.ModelArgs):
     tie_word_embeddings: bool = False
     pe_config: Optional[Dict[str, Any]] = None
     # The official dynamic_pe_pdrop: 0 uses the learned positions, 1 is plain RoPE.
     position_blend: float = 0.0
 
     def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__()
         self.repo_layers = rope.repo_layer_ids(self.pe_config, self.num_hidden_layers)
         if self.repo_layers and self.num_key_value_heads != self.num_attention_heads:
             raise ValueError(
@@ -61,26 +43,11 @@ class ModelArgs(BaseModelArgs):
             )
 
 
-class Attention(rope.RePoAttention):
+# mlx-lm's projections, q/k norms and RoPE; RePo layers add one position per head.
+class Attention(rope.RePoAttention, olmo2.Attention):
     def __init__(self, args: ModelArgs, repo: bool):
-        super().__init__()
-        dim = args.hidden_size
-        self.n_heads = n_heads = args.num_attention_heads
-        self.n_kv_heads = n_kv_heads = args.num_key_value_heads
-        self.head_dim = head_dim = args.head_dim or dim // n_heads
-        self.scale = head_dim**-0.5
-        bias = args.attention_bias
-
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
-        # q/k norms span the whole projection, before the split into heads.
-        self.q_norm = nn.RMSNorm(n_heads * head_dim, args.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, args.rms_norm_eps)
-
-        # RePo layers: the position module, one position per head.
-        self.init_positions(args, repo, head_dim, n_heads)
+        super().__init__(args)
+        self.init_positions(args, repo, self.head_dim, self.n_heads)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
@@ -101,17 +68,6 @@ class Attention(rope.RePoAttention):
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-
-    def __call__(self, x) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -170,6 +126,4 @@ class Model(nn.Module):
         rope.check_position_weights(weights, self.args.repo_layers)
         return weights
 
-    @property
-    def layers(self):
-        return self.model.layers
+    layers = olmo2.Model.layers

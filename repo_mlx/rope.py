@@ -1,10 +1,8 @@
-# What RePo adds to a transformer, written once for every model file: the
-# position module and the rotation of queries and keys by its continuous,
-# per-head positions (spec sections 3-4): one differentiable op, the kernels of
-# metal/rope.metal on a Metal GPU, the same math as compiled MLX ops elsewhere or
-# if a kernel fails. Only mlx, mlx-lm and the standard library: a converted
-# folder carries this file as repo_rope.py, with metal/rope.metal beside it, for
-# stock mlx-lm.
+# What RePo adds to a transformer, written once for every model file: the position
+# module and the rotation by its per-head positions (spec sections 3-4), one
+# differentiable op: metal/rope.metal's kernels on a Metal GPU, compiled MLX ops
+# elsewhere or if a kernel fails. Only mlx, mlx-lm and the standard library: a
+# converted folder carries it as repo_rope.py, with metal/rope.metal beside it.
 
 import functools
 import importlib.resources
@@ -17,7 +15,6 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models.rope_utils import initialize_rope
 
 
 def inv_frequencies(head_dim: int, base: float) -> mx.array:
@@ -132,8 +129,7 @@ MAX_KERNEL_ELEMENTS = 2**28  # 32-bit offsets, with 8x room for views of larger 
 # A first use's largest difference from the pure path, relative to max(1, |pure|):
 # a few units of the dtype pass (the pure path rounds after each op), a wrong index does not.
 CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 6e-2}
-MODES = {"1": "on", "on": "on", True: "on", "0": "off", "off": "off", False: "off"}
-MODES["strict"] = "strict"
+MODES = {"1": "on", "on": "on", True: "on", "0": "off", "off": "off", False: "off", "strict": "strict"}
 
 
 class KernelError(RuntimeError):
@@ -149,8 +145,8 @@ def set_kernels(mode: Union[bool, str]) -> None:
 
 
 def kernel_state() -> dict:
-    """The mode ("on", "off", "strict"), the failure that turned the kernels off (or
-    None), and how many kernel instances passed their first-use check so far."""
+    """The mode, the failure that turned the kernels off (or None), and how many kernel
+    instances passed their first-use check so far."""
     return {"mode": _state["mode"], "failure": _state["failure"], "checked": len(_state["checked"])}
 
 
@@ -161,8 +157,7 @@ if _env not in MODES:
 
 
 def metal_source_path() -> Optional[Path]:
-    """rope.metal in package repo_mlx.metal, or in metal/ beside this file (the
-    copy in a converted folder); None where it is absent."""
+    """rope.metal in package repo_mlx.metal, or in metal/ beside a converted folder's copy."""
     if __package__:
         try:
             path = Path(importlib.resources.files(__package__ + ".metal") / "rope.metal")
@@ -226,9 +221,8 @@ def launch(name, *inputs) -> dict:
 
 
 def _check(name, q, z) -> None:
-    # First use of an instance (dtypes, query and KV heads, head_dim): run it on
-    # two tokens against the pure path, so a compile error or a wrong result
-    # shows here, once, and not in some later mx.eval.
+    # First use of an instance: run it on two tokens against the pure path, so a
+    # compile error or a wrong result shows here, once, not in some later mx.eval.
     Hq, H, D = q.shape[1], z.shape[1], q.shape[3]
     if (key := (name, q.dtype, z.dtype, Hq, H, D)) in _state["checked"]:
         return
@@ -308,16 +302,11 @@ def continuous_rope_qk(
     attention_factor: Union[float, mx.array] = 1.0,
 ) -> Tuple[mx.array, mx.array]:
     """Rotate ``queries`` [B, Hq, N, head_dim] and ``keys`` [B, Hkv, N, head_dim] by
-    real ``positions`` [B, Hkv, N] (or anything that broadcasts to it). Key head h
-    and query heads h*G .. h*G + G-1 (G = Hq / Hkv, mlx-lm's grouping) share
-    ``positions[:, h]``, so cos and sin are computed once per KV head; with
-    Hq == Hkv this is the official rule, query head h with key head h.
-
-    "Rotate half" layout (dims i and i + head_dim/2 pair up), angles in float32,
-    results in the inputs' dtype. Give ``base`` (plain RoPE frequencies) or
-    ``inv_freq`` (e.g. YaRN's blend); ``attention_factor`` multiplies cos and sin.
-    Differentiable in queries, keys and positions (whose gradient has the
-    positions' dtype); ``inv_freq`` and ``attention_factor`` are constants.
+    real ``positions`` [B, Hkv, N] (or what broadcasts to it), rotate-half layout,
+    angles in float32. Query heads h*G .. h*G + G-1 (G = Hq / Hkv, mlx-lm's grouping)
+    share KV head h's positions; with Hq == Hkv that is the official rule. Give
+    ``base`` or ``inv_freq`` (e.g. YaRN's); ``attention_factor`` multiplies cos and
+    sin. Differentiable in queries, keys and positions.
     """
     D = queries.shape[-1]
     q_shape, k_shape = queries.shape, keys.shape
@@ -351,20 +340,17 @@ def continuous_rope_qk(
         positions = positions.astype(mx.float32)
     if positions.shape != k_shape[:-1]:
         try:
-            if mx.broadcast_shapes(positions.shape, k_shape[:-1]) != k_shape[:-1]:
-                raise ValueError
+            positions = mx.broadcast_to(positions, k_shape[:-1])
         except ValueError:
             raise ValueError(
                 f"positions must be [..., Hkv, N] = {k_shape[:-1]}, one per KV head and "
                 f"token (or broadcast to that); got {positions.shape}."
             ) from None
-        positions = mx.broadcast_to(positions, k_shape[:-1])
     return _rope_qk(queries, keys, positions, inv_freq=inv_freq, factor=attention_factor)
 
 
 def continuous_rope(x: mx.array, positions: mx.array, **kwargs) -> mx.array:
-    """``continuous_rope_qk`` of one tensor, for tests and experiments (the model
-    rotates queries and keys together)."""
+    """``continuous_rope_qk`` of one tensor, for tests and experiments."""
     return continuous_rope_qk(x, x, positions, **kwargs)[0]
 
 
@@ -375,9 +361,7 @@ POSITION_MODES = ("swigluex_multihead",)
 POSITION_WEIGHTS = ("gate_map", "content_map", "final_map")
 
 
-def rope_parameters(
-    head_dim: int, base: float, rope_scaling: Optional[dict]
-) -> Tuple[mx.array, float]:
+def rope_parameters(head_dim: int, base: float, rope_scaling: Optional[dict]) -> Tuple[mx.array, float]:
     """Inverse frequencies and cos/sin factor of a config's ``rope_scaling``, as
     mlx-lm's ``initialize_rope`` scales them for integer positions."""
     scaling = rope_scaling or {}
@@ -476,16 +460,11 @@ def check_position_weights(weights: dict, repo_layers: List[int]) -> None:
 
 # ------------------------------------------------------------ the RePo attention
 class RePoAttention(nn.Module):
-    """The part of a RePo model file's Attention that is RePo's: in a RePo layer the
-    position module (gate_map, content_map, final_map) and the rotation by its
-    positions, in any other layer mlx-lm's RoPE.
+    """What is RePo's in a model file's Attention (a subclass of mlx-lm's, which brings
+    ``self.rope``): in a RePo layer the position module and the rotation by its positions.
+    ``observe``: None, or a function each call hands the attention's input and its positions."""
 
-    ``observe``: None, or a function that each call hands the attention's input
-    and its positions (None in a plain layer); ``positions()`` reads it.
-    """
-
-    def init_positions(self, args, repo: bool, head_dim: int, n_positions: int, traditional: bool = False):
-        """``n_positions``: positions per token, one per head (or per KV head with GQA)."""
+    def init_positions(self, args, repo: bool, head_dim: int, n_positions: int):
         self.repo, self.observe = repo, None
         if repo:
             dim, d_p = args.hidden_size, args.hidden_size // 8
@@ -497,10 +476,6 @@ class RePoAttention(nn.Module):
             # Built once; private, so not a parameter.
             self._inv_freq, self._attention_factor = rope_parameters(
                 head_dim, args.rope_theta, args.rope_scaling
-            )
-        else:
-            self.rope = initialize_rope(
-                head_dim, args.rope_theta, traditional, args.rope_scaling, args.max_position_embeddings
             )
 
     def positions(self, x: mx.array, offset=0) -> mx.array:
@@ -530,8 +505,7 @@ class RePoAttention(nn.Module):
 
 
 def observe(model, input_ids) -> Dict[int, Tuple[mx.array, Optional[mx.array]]]:
-    """{layer: (its attention's input, its positions or None)} for ``input_ids``,
-    from one forward pass of the model without its head."""
+    """{layer: (its attention's input, its positions or None)} for ``input_ids``."""
     ids = mx.array(input_ids)
     ids = ids[None] if ids.ndim == 1 else ids
     seen = {}
@@ -548,8 +522,7 @@ def observe(model, input_ids) -> Dict[int, Tuple[mx.array, Optional[mx.array]]]:
 
 
 def positions(model, input_ids) -> Dict[int, mx.array]:
-    """The positions z [B, heads, N] (float32) that every RePo layer assigns
-    (per key/value head in a grouped-query model)."""
+    """The positions z [B, (KV) heads, N] (float32) that every RePo layer assigns."""
     return {i: z for i, (_, z) in observe(model, input_ids).items() if z is not None}
 
 

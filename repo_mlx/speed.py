@@ -45,9 +45,8 @@ def run_batch(model, prompt, args):
 
 
 def alternate(models: dict, run, trials: int):
-    """A warm-up each, then ABBA trials (order reversed every other trial): medians
-    per model, the median per-trial ratios of the first model to the second, and
-    their spread (lowest, highest) per column: a ratio is only as sure as that."""
+    """A warm-up each, then ABBA trials: medians per model, the median per-trial ratios
+    of the first model to the second, and their spread (lowest, highest) per column."""
     for name, model in models.items():
         print(f"warm-up: {name}", file=sys.stderr, flush=True)
         run(model)
