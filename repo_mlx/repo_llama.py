@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.llama import MLP
 
 try:
@@ -132,18 +132,7 @@ class LlamaModel(nn.Module):
         self.fa_idx = args.layer_types.index("full_attention")
         self.swa_idx = next((i for i, l in enumerate(self.layers) if l.use_sliding), None)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
-        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        if cache is None:
-            cache = [None] * len(self.layers)
-        fa_mask = create_attention_mask(h, cache[self.fa_idx])
-        if self.swa_idx is not None:
-            swa_mask = create_attention_mask(
-                h, cache[self.swa_idx], window_size=self.sliding_window
-            )
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, swa_mask if layer.use_sliding else fa_mask, cache=c)
-        return self.norm(h)
+    __call__ = llama.LlamaModel.__call__
 
 
 class Model(nn.Module):
@@ -155,11 +144,7 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
-        out = self.model(inputs, cache, input_embeddings)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(out)
-        return self.lm_head(out)
+    __call__ = llama.Model.__call__
 
     def sanitize(self, weights):
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
