@@ -45,11 +45,6 @@ class Check(NamedTuple):
     detail: str
 
 
-def one_line_error(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
 def dtype_name(dtype) -> str:
     return str(dtype).replace("mlx.core.", "")
 
@@ -214,7 +209,7 @@ def check_kernels(dtypes=DTYPES, shapes=KERNEL_SHAPES) -> List[Check]:
                 with kernels("off"), mx.stream(mx.cpu):
                     pure = rotation_outputs(inputs)
             except Exception as e:  # a compile error or crash is a result here
-                rows.append(Check(name, "fail", one_line_error(e)))
+                rows.append(Check(name, "fail", rope.one_line_error(e)))
                 continue
             errs = reference_errors(got, reference_outputs(inputs))
             diff = [units(g, p) for g, p in zip(got, pure)]
@@ -254,7 +249,7 @@ def check_model(device=None, fixture: Path = FIXTURE) -> List[Check]:
             positions = max(float(np.abs(np.array(v) - ref[f"positions_layer{i}"]).max()) for i, v in z.items())
             greedy = [int(t) for t, _ in steps] == ref["greedy"].tolist()
     except Exception as ex:
-        return [Check(name, "fail", one_line_error(ex))]
+        return [Check(name, "fail", rope.one_line_error(ex))]
     ok = logits <= 1e-4 and positions <= 1e-2 and greedy
     detail = (
         f"logits {logits:.2g} (limit 1e-4), positions {positions:.2g} "

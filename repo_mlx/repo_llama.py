@@ -19,7 +19,6 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
-from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.llama import MLP
 
 try:
@@ -90,16 +89,7 @@ class Attention(rope.RePoAttention, llama.Attention):
         queries = queries.transpose(0, 2, 1, 3)
         keys = keys.transpose(0, 2, 1, 3)
         values = values.transpose(0, 2, 1, 3)
-
-        queries, keys = self.rotate(queries, keys, x, cache)
-        # The cache holds rotated keys: a token's position never changes later.
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-
-        output = scaled_dot_product_attention(
-            queries, keys, values, cache=cache, scale=self.scale, mask=mask
-        )
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.attend(queries, keys, values, x, mask, cache)
 
 
 class TransformerBlock(nn.Module):

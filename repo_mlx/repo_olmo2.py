@@ -12,7 +12,6 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama, olmo2
-from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.olmo2 import MLP
 
 try:
@@ -58,16 +57,7 @@ class Attention(rope.RePoAttention, olmo2.Attention):
         queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-
-        queries, keys = self.rotate(queries, keys, x, cache)
-        # The cache holds rotated keys: a token's position never changes later.
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-
-        output = scaled_dot_product_attention(
-            queries, keys, values, cache=cache, scale=self.scale, mask=mask
-        )
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.attend(queries, keys, values, x, mask, cache)
 
 
 class TransformerBlock(nn.Module):

@@ -15,6 +15,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import scaled_dot_product_attention
 
 
 def inv_frequencies(head_dim: int, base: float) -> mx.array:
@@ -245,14 +246,18 @@ def _check(name, q, z) -> None:
     _state["checked"].add(key)
 
 
+def one_line_error(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def _run(name, *inputs):
     """The kernel's outputs, or None after a failure (the caller then runs the pure path)."""
     try:
         _check(name, inputs[0], inputs[2])
         return _kernel(name)(**launch(name, *inputs))
     except Exception as e:
-        lines = str(e).strip().splitlines() or [""]
-        cause = _state["failure"] = f"{type(e).__name__}: {lines[0]}"
+        cause = _state["failure"] = one_line_error(e)
     message = (
         f"repo_mlx: a Metal rotary kernel failed ({cause}). Continuing on the pure-MLX path "
         "(same results, slower); please report it to the repo_mlx project with the output "
@@ -491,17 +496,27 @@ class RePoAttention(nn.Module):
             z = (1 - p) * z + p * index
         return z
 
-    def rotate(self, queries: mx.array, keys: mx.array, x: mx.array, cache=None):
-        """Queries and keys rotated by this layer's positions; ``x`` feeds the module."""
+    def attend(self, queries, keys, values, x: mx.array, mask=None, cache=None) -> mx.array:
+        """Attention of split heads [B, heads, N, head_dim], queries and keys rotated by
+        this layer's positions (``x`` feeds the module), then o_proj."""
         offset = cache.offset if cache is not None else 0
         z = self.positions(x, offset) if self.repo else None
         if self.observe is not None:
             self.observe(x, z)
         if z is None:
-            return self.rope(queries, offset=offset), self.rope(keys, offset=offset)
-        return continuous_rope_qk(
-            queries, keys, z, inv_freq=self._inv_freq, attention_factor=self._attention_factor
+            queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        else:
+            queries, keys = continuous_rope_qk(
+                queries, keys, z, inv_freq=self._inv_freq, attention_factor=self._attention_factor
+            )
+        # The cache holds rotated keys: a token's position never changes later.
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        output = scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
+        B, _, L, _ = queries.shape
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 def observe(model, input_ids) -> Dict[int, Tuple[mx.array, Optional[mx.array]]]:
