@@ -19,7 +19,6 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
-from mlx_lm.models.llama import MLP
 
 try:
     from repo_mlx import rope
@@ -97,16 +96,12 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.use_sliding = use_sliding
         self.self_attn = Attention(args, repo)
-        self.mlp = MLP(args)
+        self.mlp = llama.MLP(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(
-            args.hidden_size, eps=args.rms_norm_eps
-        )
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, mask=None, cache=None) -> mx.array:
-        # Pre-norm: attention, its position module included, reads the normed input.
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    # Pre-norm: attention, its position module included, reads the normed input.
+    __call__ = llama.TransformerBlock.__call__
 
 
 class LlamaModel(nn.Module):

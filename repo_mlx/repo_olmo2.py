@@ -12,7 +12,6 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama, olmo2
-from mlx_lm.models.olmo2 import MLP
 
 try:
     from repo_mlx import rope
@@ -66,16 +65,12 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, repo: bool):
         super().__init__()
         self.self_attn = Attention(args, repo)
-        self.mlp = MLP(args)
+        self.mlp = olmo2.MLP(args)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_feedforward_layernorm = nn.RMSNorm(
-            args.hidden_size, args.rms_norm_eps
-        )
+        self.post_feedforward_layernorm = nn.RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, x, mask=None, cache=None) -> mx.array:
-        # Post-norm: attention and MLP read the raw residual stream.
-        h = x + self.post_attention_layernorm(self.self_attn(x, mask, cache))
-        return h + self.post_feedforward_layernorm(self.mlp(h))
+    # Post-norm: attention and MLP read the raw residual stream.
+    __call__ = olmo2.TransformerBlock.__call__
 
 
 class Olmo2Model(nn.Module):
