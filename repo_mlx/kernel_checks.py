@@ -49,7 +49,6 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("mlx.core.", "")
 
 
-# ----------------------------------------------------------------- references
 def reference_rotate(x, p, w, a=1.0):
     """Spec section 4 in float64: out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin."""
     x, p, w = (np.asarray(v, np.float64) for v in (x, p, w))
@@ -142,7 +141,6 @@ def within_reference(errs, dtype, dz_dtype=F32) -> bool:
 
 @contextlib.contextmanager
 def kernels(mode: str):
-    """Run a block with rope.set_kernels(mode), then restore the previous mode."""
     before = rope.kernel_state()["mode"]
     rope.set_kernels(mode)
     try:
@@ -224,7 +222,6 @@ def check_kernels(dtypes=DTYPES, shapes=KERNEL_SHAPES) -> List[Check]:
     return rows
 
 
-# ---------------------------------------------------------------------- model
 def rel_err(a, b) -> float:
     a = np.asarray(a.astype(F32) if isinstance(a, mx.array) else a, np.float64)
     b = np.asarray(b, np.float64)
@@ -300,9 +297,9 @@ def decode_ops(model) -> dict:
     h = mx.random.normal((1, 1, model.args.hidden_size), key=mx.random.key(0))
     h = h.astype(model.model.embed_tokens.weight.dtype)
     mx.eval(h, [c.state for c in cache])
-    counts = {}
-    for i, layer in enumerate(model.layers):
+    counts = {"repo": None, "plain": None}
+    for layer, c in zip(model.layers, cache):
         kind = "repo" if layer.self_attn.repo else "plain"
-        if kind not in counts:
-            counts[kind] = count_ops(layer(h, None, cache=cache[i]))
-    return {"repo": counts.get("repo"), "plain": counts.get("plain")}
+        if counts[kind] is None:
+            counts[kind] = count_ops(layer(h, None, cache=c))
+    return counts

@@ -46,7 +46,6 @@ def yarn_parameters(
     return inv_freq, attention_factor
 
 
-# ------------------------------------------------------------------ pure path
 # Pairs (i, i + D/2) as [..., 2, D/2]: reshapes and a reversed slice are views,
 # so each rotation compiles to one elementwise kernel.
 def _halves(x):
@@ -103,7 +102,6 @@ def _backward(q, k, positions, gq, gk, inv_freq, factor):
     return _rotate_queries(gq, k, cos, -sin), _rotate_by(gk, cos, -sin), dz
 
 
-# ---------------------------------------------------------------- Metal kernels
 class Kernel(NamedTuple):
     kind: str  # "forward": a thread per pair; "backward": a simdgroup per row
     inputs: Tuple[str, ...]
@@ -269,7 +267,6 @@ def _run(name, *inputs):
     warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
-# ------------------------------------------------------------- differentiable op
 # inv_freq and the attention factor are keyword arguments: constants to the VJP,
 # as nothing trains them.
 @mx.custom_function
@@ -359,7 +356,6 @@ def continuous_rope(x: mx.array, positions: mx.array, **kwargs) -> mx.array:
     return continuous_rope_qk(x, x, positions, **kwargs)[0]
 
 
-# ------------------------------------------------------------------ RePo configs
 # Rules every RePo model file shares (spec sections 3, 6 and 7); here because a
 # converted folder carries this file beside its model file.
 POSITION_MODES = ("swigluex_multihead",)
@@ -463,7 +459,6 @@ def check_position_weights(weights: dict, repo_layers: List[int]) -> None:
                 )
 
 
-# ------------------------------------------------------------ the RePo attention
 class RePoAttention(nn.Module):
     """What is RePo's in a model file's Attention (a subclass of mlx-lm's, which brings
     ``self.rope``): in a RePo layer the position module and the rotation by its positions.
@@ -521,8 +516,7 @@ class RePoAttention(nn.Module):
 
 def observe(model, input_ids) -> Dict[int, Tuple[mx.array, Optional[mx.array]]]:
     """{layer: (its attention's input, its positions or None)} for ``input_ids``."""
-    ids = mx.array(input_ids)
-    ids = ids[None] if ids.ndim == 1 else ids
+    ids = mx.atleast_2d(mx.array(input_ids))
     seen = {}
     attention = [layer.self_attn for layer in model.layers]
     for i, a in enumerate(attention):
