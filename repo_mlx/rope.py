@@ -461,8 +461,9 @@ def check_position_weights(weights: dict, repo_layers: List[int]) -> None:
 
 class RePoAttention(nn.Module):
     """What is RePo's in a model file's Attention (a subclass of mlx-lm's, which brings
-    ``self.rope``): in a RePo layer the position module and the rotation by its positions.
-    ``observe``: None, or a function each call hands the attention's input and its positions."""
+    ``rope``, ``scale`` and ``o_proj``): in a RePo layer the position module and the rotation
+    by its positions. ``observe``: None, or a function each call hands the attention's input
+    and its positions."""
 
     def init_positions(self, args, repo: bool, head_dim: int, n_positions: int):
         self.repo, self.observe = repo, None
