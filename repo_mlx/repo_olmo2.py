@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama, olmo2
+from mlx_lm.models import olmo2
+from mlx_lm.models.base import create_attention_mask
 
 try:
     from repo_mlx import rope
@@ -60,8 +61,6 @@ class Attention(rope.RePoAttention, olmo2.Attention):
 
 
 class TransformerBlock(nn.Module):
-    use_sliding = False
-
     def __init__(self, args: ModelArgs, repo: bool):
         super().__init__()
         self.self_attn = Attention(args, repo)
@@ -82,11 +81,15 @@ class Olmo2Model(nn.Module):
             for i in range(args.num_hidden_layers)
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.fa_idx = 0
-        self.swa_idx = None
 
-    # llama's, which also takes input_embeddings; every layer attends to all tokens.
-    __call__ = llama.LlamaModel.__call__
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, cache=c)
+        return self.norm(h)
 
 
 class Model(nn.Module):
@@ -98,7 +101,11 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    __call__ = llama.Model.__call__
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
+        out = self.model(inputs, cache, input_embeddings)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(out)
+        return self.lm_head(out)
 
     def sanitize(self, weights):
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
