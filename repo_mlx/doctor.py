@@ -162,7 +162,7 @@ def command(argv=None) -> None:
         try:
             rows = run()
         except Exception as e:  # a crash of one check is its result; go on
-            rows = [Check(title, "fail", kc.one_line_error(e))]
+            rows = [Check(title, "fail", rope.one_line_error(e))]
         for c in rows:
             print(f"    {c.status:5s} {c.name}: {c.detail}", file=sys.stderr)
         checks += rows

@@ -72,13 +72,7 @@ def export_hf(dst: Path, model: nn.Module, tokenizer, config: dict, src: Path) -
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     dtype = DTYPE_NAMES[next(iter(dtypes))]
     (dst / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2))
-    write_tokenizer(dst, tokenizer, src)
-    if (src / "generation_config.json").exists():
-        shutil.copy(src / "generation_config.json", dst)
-
-
-def write_tokenizer(dst: Path, tokenizer, src: Path) -> None:
-    """The source's tokenizer files as they are, readable by transformers 4.x."""
+    # The source's tokenizer files as they are, readable by transformers 4.x.
     if (src / "tokenizer.json").exists():
         for name in TOKENIZER_FILES:
             if (src / name).exists():
@@ -86,9 +80,12 @@ def write_tokenizer(dst: Path, tokenizer, src: Path) -> None:
     else:
         tokenizer.save_pretrained(str(dst))
     file = dst / "tokenizer_config.json"
-    config = json.loads(file.read_text()) if file.exists() else {}
-    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_config = json.loads(file.read_text()) if file.exists() else {}
+    if tok_config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     for key in NEW_TOKENIZER_KEYS:
-        config.pop(key, None)
-    file.write_text(json.dumps(config, indent=2))
+        tok_config.pop(key, None)
+    file.write_text(json.dumps(tok_config, indent=2))
+    if (src / "generation_config.json").exists():
+        shutil.copy(src / "generation_config.json", dst)
+

@@ -45,16 +45,10 @@ class Check(NamedTuple):
     detail: str
 
 
-def one_line_error(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
 def dtype_name(dtype) -> str:
     return str(dtype).replace("mlx.core.", "")
 
 
-# ----------------------------------------------------------------- references
 def reference_rotate(x, p, w, a=1.0):
     """Spec section 4 in float64: out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin."""
     x, p, w = (np.asarray(v, np.float64) for v in (x, p, w))
@@ -147,7 +141,6 @@ def within_reference(errs, dtype, dz_dtype=F32) -> bool:
 
 @contextlib.contextmanager
 def kernels(mode: str):
-    """Run a block with rope.set_kernels(mode), then restore the previous mode."""
     before = rope.kernel_state()["mode"]
     rope.set_kernels(mode)
     try:
@@ -214,7 +207,7 @@ def check_kernels(dtypes=DTYPES, shapes=KERNEL_SHAPES) -> List[Check]:
                 with kernels("off"), mx.stream(mx.cpu):
                     pure = rotation_outputs(inputs)
             except Exception as e:  # a compile error or crash is a result here
-                rows.append(Check(name, "fail", one_line_error(e)))
+                rows.append(Check(name, "fail", rope.one_line_error(e)))
                 continue
             errs = reference_errors(got, reference_outputs(inputs))
             diff = [units(g, p) for g, p in zip(got, pure)]
@@ -229,7 +222,6 @@ def check_kernels(dtypes=DTYPES, shapes=KERNEL_SHAPES) -> List[Check]:
     return rows
 
 
-# ---------------------------------------------------------------------- model
 def rel_err(a, b) -> float:
     a = np.asarray(a.astype(F32) if isinstance(a, mx.array) else a, np.float64)
     b = np.asarray(b, np.float64)
@@ -254,7 +246,7 @@ def check_model(device=None, fixture: Path = FIXTURE) -> List[Check]:
             positions = max(float(np.abs(np.array(v) - ref[f"positions_layer{i}"]).max()) for i, v in z.items())
             greedy = [int(t) for t, _ in steps] == ref["greedy"].tolist()
     except Exception as ex:
-        return [Check(name, "fail", one_line_error(ex))]
+        return [Check(name, "fail", rope.one_line_error(ex))]
     ok = logits <= 1e-4 and positions <= 1e-2 and greedy
     detail = (
         f"logits {logits:.2g} (limit 1e-4), positions {positions:.2g} "
@@ -305,9 +297,9 @@ def decode_ops(model) -> dict:
     h = mx.random.normal((1, 1, model.args.hidden_size), key=mx.random.key(0))
     h = h.astype(model.model.embed_tokens.weight.dtype)
     mx.eval(h, [c.state for c in cache])
-    counts = {}
-    for i, layer in enumerate(model.layers):
+    counts = {"repo": None, "plain": None}
+    for layer, c in zip(model.layers, cache):
         kind = "repo" if layer.self_attn.repo else "plain"
-        if kind not in counts:
-            counts[kind] = count_ops(layer(h, None, cache=cache[i]))
-    return {"repo": counts.get("repo"), "plain": counts.get("plain")}
+        if counts[kind] is None:
+            counts[kind] = count_ops(layer(h, None, cache=c))
+    return counts

@@ -19,8 +19,6 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.llama import MLP
 
 try:
     from repo_mlx import rope
@@ -90,16 +88,7 @@ class Attention(rope.RePoAttention, llama.Attention):
         queries = queries.transpose(0, 2, 1, 3)
         keys = keys.transpose(0, 2, 1, 3)
         values = values.transpose(0, 2, 1, 3)
-
-        queries, keys = self.rotate(queries, keys, x, cache)
-        # The cache holds rotated keys: a token's position never changes later.
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-
-        output = scaled_dot_product_attention(
-            queries, keys, values, cache=cache, scale=self.scale, mask=mask
-        )
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.attend(queries, keys, values, x, mask, cache)
 
 
 class TransformerBlock(nn.Module):
@@ -107,16 +96,12 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.use_sliding = use_sliding
         self.self_attn = Attention(args, repo)
-        self.mlp = MLP(args)
+        self.mlp = llama.MLP(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(
-            args.hidden_size, eps=args.rms_norm_eps
-        )
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, mask=None, cache=None) -> mx.array:
-        # Pre-norm: attention, its position module included, reads the normed input.
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    # Pre-norm: attention, its position module included, reads the normed input.
+    __call__ = llama.TransformerBlock.__call__
 
 
 class LlamaModel(nn.Module):
@@ -132,18 +117,7 @@ class LlamaModel(nn.Module):
         self.fa_idx = args.layer_types.index("full_attention")
         self.swa_idx = next((i for i, l in enumerate(self.layers) if l.use_sliding), None)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
-        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        if cache is None:
-            cache = [None] * len(self.layers)
-        fa_mask = create_attention_mask(h, cache[self.fa_idx])
-        if self.swa_idx is not None:
-            swa_mask = create_attention_mask(
-                h, cache[self.swa_idx], window_size=self.sliding_window
-            )
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, swa_mask if layer.use_sliding else fa_mask, cache=c)
-        return self.norm(h)
+    __call__ = llama.LlamaModel.__call__
 
 
 class Model(nn.Module):
@@ -155,11 +129,7 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None):
-        out = self.model(inputs, cache, input_embeddings)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(out)
-        return self.lm_head(out)
+    __call__ = llama.Model.__call__
 
     def sanitize(self, weights):
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

@@ -12,8 +12,7 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import olmo2
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.olmo2 import MLP
+from mlx_lm.models.base import create_attention_mask
 
 try:
     from repo_mlx import rope
@@ -58,32 +57,19 @@ class Attention(rope.RePoAttention, olmo2.Attention):
         queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-
-        queries, keys = self.rotate(queries, keys, x, cache)
-        # The cache holds rotated keys: a token's position never changes later.
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-
-        output = scaled_dot_product_attention(
-            queries, keys, values, cache=cache, scale=self.scale, mask=mask
-        )
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.attend(queries, keys, values, x, mask, cache)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, repo: bool):
         super().__init__()
         self.self_attn = Attention(args, repo)
-        self.mlp = MLP(args)
+        self.mlp = olmo2.MLP(args)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_feedforward_layernorm = nn.RMSNorm(
-            args.hidden_size, args.rms_norm_eps
-        )
+        self.post_feedforward_layernorm = nn.RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, x, mask=None, cache=None) -> mx.array:
-        # Post-norm: attention and MLP read the raw residual stream.
-        h = x + self.post_attention_layernorm(self.self_attn(x, mask, cache))
-        return h + self.post_feedforward_layernorm(self.mlp(h))
+    # Post-norm: attention and MLP read the raw residual stream.
+    __call__ = olmo2.TransformerBlock.__call__
 
 
 class Olmo2Model(nn.Module):

@@ -15,6 +15,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import scaled_dot_product_attention
 
 
 def inv_frequencies(head_dim: int, base: float) -> mx.array:
@@ -45,7 +46,6 @@ def yarn_parameters(
     return inv_freq, attention_factor
 
 
-# ------------------------------------------------------------------ pure path
 # Pairs (i, i + D/2) as [..., 2, D/2]: reshapes and a reversed slice are views,
 # so each rotation compiles to one elementwise kernel.
 def _halves(x):
@@ -102,7 +102,6 @@ def _backward(q, k, positions, gq, gk, inv_freq, factor):
     return _rotate_queries(gq, k, cos, -sin), _rotate_by(gk, cos, -sin), dz
 
 
-# ---------------------------------------------------------------- Metal kernels
 class Kernel(NamedTuple):
     kind: str  # "forward": a thread per pair; "backward": a simdgroup per row
     inputs: Tuple[str, ...]
@@ -245,14 +244,18 @@ def _check(name, q, z) -> None:
     _state["checked"].add(key)
 
 
+def one_line_error(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def _run(name, *inputs):
     """The kernel's outputs, or None after a failure (the caller then runs the pure path)."""
     try:
         _check(name, inputs[0], inputs[2])
         return _kernel(name)(**launch(name, *inputs))
     except Exception as e:
-        lines = str(e).strip().splitlines() or [""]
-        cause = _state["failure"] = f"{type(e).__name__}: {lines[0]}"
+        cause = _state["failure"] = one_line_error(e)
     message = (
         f"repo_mlx: a Metal rotary kernel failed ({cause}). Continuing on the pure-MLX path "
         "(same results, slower); please report it to the repo_mlx project with the output "
@@ -264,7 +267,6 @@ def _run(name, *inputs):
     warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
-# ------------------------------------------------------------- differentiable op
 # inv_freq and the attention factor are keyword arguments: constants to the VJP,
 # as nothing trains them.
 @mx.custom_function
@@ -354,7 +356,6 @@ def continuous_rope(x: mx.array, positions: mx.array, **kwargs) -> mx.array:
     return continuous_rope_qk(x, x, positions, **kwargs)[0]
 
 
-# ------------------------------------------------------------------ RePo configs
 # Rules every RePo model file shares (spec sections 3, 6 and 7); here because a
 # converted folder carries this file beside its model file.
 POSITION_MODES = ("swigluex_multihead",)
@@ -458,11 +459,11 @@ def check_position_weights(weights: dict, repo_layers: List[int]) -> None:
                 )
 
 
-# ------------------------------------------------------------ the RePo attention
 class RePoAttention(nn.Module):
     """What is RePo's in a model file's Attention (a subclass of mlx-lm's, which brings
-    ``self.rope``): in a RePo layer the position module and the rotation by its positions.
-    ``observe``: None, or a function each call hands the attention's input and its positions."""
+    ``rope``, ``scale`` and ``o_proj``): in a RePo layer the position module and the rotation
+    by its positions. ``observe``: None, or a function each call hands the attention's input
+    and its positions."""
 
     def init_positions(self, args, repo: bool, head_dim: int, n_positions: int):
         self.repo, self.observe = repo, None
@@ -491,23 +492,32 @@ class RePoAttention(nn.Module):
             z = (1 - p) * z + p * index
         return z
 
-    def rotate(self, queries: mx.array, keys: mx.array, x: mx.array, cache=None):
-        """Queries and keys rotated by this layer's positions; ``x`` feeds the module."""
+    def attend(self, queries, keys, values, x: mx.array, mask=None, cache=None) -> mx.array:
+        """Attention of split heads [B, heads, N, head_dim], queries and keys rotated by
+        this layer's positions (``x`` feeds the module), then o_proj."""
         offset = cache.offset if cache is not None else 0
         z = self.positions(x, offset) if self.repo else None
         if self.observe is not None:
             self.observe(x, z)
         if z is None:
-            return self.rope(queries, offset=offset), self.rope(keys, offset=offset)
-        return continuous_rope_qk(
-            queries, keys, z, inv_freq=self._inv_freq, attention_factor=self._attention_factor
+            queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        else:
+            queries, keys = continuous_rope_qk(
+                queries, keys, z, inv_freq=self._inv_freq, attention_factor=self._attention_factor
+            )
+        # The cache holds rotated keys: a token's position never changes later.
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        output = scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
+        B, _, L, _ = queries.shape
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 def observe(model, input_ids) -> Dict[int, Tuple[mx.array, Optional[mx.array]]]:
     """{layer: (its attention's input, its positions or None)} for ``input_ids``."""
-    ids = mx.array(input_ids)
-    ids = ids[None] if ids.ndim == 1 else ids
+    ids = mx.atleast_2d(mx.array(input_ids))
     seen = {}
     attention = [layer.self_attn for layer in model.layers]
     for i, a in enumerate(attention):
