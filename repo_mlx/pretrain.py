@@ -748,14 +748,7 @@ def run(args, on_step=None):
     return trainer
 
 
-def command(argv=None) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    run(parse_args(argv))
-
-
-def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
-    _cli.run(command, argv)
+command, main = trainer_lib.commands(parse_args, run)
 
 
 if __name__ == "__main__":
