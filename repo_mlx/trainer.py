@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
-from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_class
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from . import _cli
@@ -63,13 +63,6 @@ def clip_grad_norm(grad, max_norm: float):
     return tree_map(lambda g: g * scale, grad), norm
 
 
-def checkpoint_layers(model):
-    cls = type(model.layers[0])
-    if not getattr(cls, "_repo_checkpointed", False):  # mlx-lm patches the class
-        grad_checkpoint(model.layers[0])
-        cls._repo_checkpointed = True
-
-
 class Trainer:
     """One step at a time; its whole state is (model, optimizer, masters, step).
 
@@ -93,8 +86,9 @@ class Trainer:
         self.step, self.seen = 0, 0  # steps done; batches since the last update
         self.grad = self.totals = None  # totals: metrics summed since the start or resume
         optimizer.init(self._params())
-        if grad_checkpoint:
-            checkpoint_layers(model)
+        if grad_checkpoint and not getattr(type(model.layers[0]), "_repo_checkpointed", False):
+            checkpoint_class(model.layers[0])  # patches the class, once
+            type(model.layers[0])._repo_checkpointed = True
         self.loss_and_grad = nn.value_and_grad(model, loss)
         self._capture()
 
