@@ -55,12 +55,10 @@ DEFAULTS = {
 }
 POSITIVE = ("iters", "batch_size", "grad_accumulation_steps", "seq_len", "steps_per_report",
             "steps_per_eval", "save_every", "keep_checkpoints")
-# Settings a resumed run must share with the original to continue it exactly.
-RUN_DEFINING = ("model", "data", "val_data", "val_share", "text_feature", "data_split",
-                "repo_start_layer", "repo_layer_ids", "plain", "nope", "train_only", "lora_parameters",
-                "batch_size", "grad_accumulation_steps", "seq_len", "learning_rate", "warmup",
-                "betas", "weight_decay", "adam_eps", "grad_clip", "z_loss", "dtype", "seed",
-                "position_warmup", "yarn_factor", "iters")
+# Settings a resumed run must share with the original to continue it exactly: all but these.
+RUN_DEFINING = tuple(k for k in DEFAULTS if k not in (
+    "val_batches", "save_path", "grad_checkpoint", "steps_per_report", "steps_per_eval", "save_every",
+    "keep_checkpoints", "plot", "export_hf", "dry_run", "probe", "force", "resume"))
 ARGS_FILE, METRICS_FILE = "pretrain_args.json", "metrics.jsonl"
 
 
@@ -73,10 +71,8 @@ def default_start_layer(num_layers: int) -> int:
 
 
 def init_position_weights(model, seed: int, nope: bool = False) -> Dict[str, mx.array]:
-    """New gate_map/content_map/final_map weights (HF names) for every RePo layer, as the
-    official trainer's init (normal, std 0.02, cut at 3 std): z starts near 0. ``nope``:
-    final_map is 0, so every position is 0 (no rotation: NoPE).
-    """
+    """New position-module weights (HF names) for every RePo layer, as the official trainer's init
+    (normal, std 0.02, cut at 3 std). ``nope``: final_map is 0, so every position is 0 (no rotation)."""
     key = mx.random.key(seed)
     out = {}
     for i in model.args.repo_layers:
@@ -88,19 +84,6 @@ def init_position_weights(model, seed: int, nope: bool = False) -> Dict[str, mx.
                 w = mx.zeros_like(w)
             out[f"model.layers.{i}.self_attn.{name}.weight"] = w
     return out
-
-
-def _inserting(seed: int, Model, nope: bool = False):
-    """The model class whose loading adds a freshly initialised position module."""
-
-    class InsertedRePo(Model):
-        def sanitize(self, weights):
-            dtype = weights["model.norm.weight"].dtype  # float even in a quantized base
-            new = {k: v.astype(dtype) for k, v in init_position_weights(self, seed, nope).items()}
-            # The loader's own config/weight cross-check then runs on the result.
-            return super().sanitize({**new, **weights})
-
-    return InsertedRePo
 
 
 def _layer_ids(text) -> str:
@@ -184,7 +167,15 @@ def prepare_model(args, log=rprint):
         if not new_layers:
             raise LoadError(f"--repo-layer-ids {ids} has no layer >= --repo-start-layer {start}.")
         overrides["pe_config"] = pe
-    model_class = _inserting(args.seed, arch.Model, args.nope) if new_layers else arch.Model
+
+    class InsertedRePo(arch.Model):  # loading adds a freshly initialised position module
+        def sanitize(self, weights):
+            dtype = weights["model.norm.weight"].dtype  # float even in a quantized base
+            new = {k: v.astype(dtype) for k, v in init_position_weights(self, args.seed, args.nope).items()}
+            # The loader's own config/weight cross-check then runs on the result.
+            return super().sanitize({**new, **weights})
+
+    model_class = InsertedRePo if new_layers else arch.Model
     model, config = load_model(src, model_config=overrides, lazy=True, model_class=model_class)
     config.pop("position_blend", None)
     stored = config.get("torch_dtype") or "float32"
@@ -264,11 +255,9 @@ def count_parameters(model) -> Dict[str, int]:
 
 
 def estimate_memory(model, s) -> Dict[str, float]:
-    """Estimated peak bytes of one training step of ``model`` (set up to train) with the settings
-    ``s`` (batch_size per process), by part. Activations count what the backward pass keeps: per
-    layer the projections, norms, MLP and the attention matrices (MLX's attention backward
-    materialises them), and the logits in float32 for the loss.
-    """
+    """Estimated peak bytes, by part, of one training step with the settings ``s`` (batch_size per
+    process). Activations: what the backward pass keeps, attention matrices included (MLX's
+    attention backward materialises them), and the logits in float32 for the loss."""
     a, n = model.args, count_parameters(model)
     b = 4 if s.dtype == "float32" else 2
     q = next((m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)), None)
@@ -334,42 +323,35 @@ def make_trainer(model, args, master: Optional[dict] = None) -> Trainer:
                    master=master)
 
 
+def local_batch(data: pretrain_data.Packed, idx) -> mx.array:
+    """This process's share of the global batch of sequences ``idx``."""
+    world = mx.distributed.init()
+    local = len(idx) // world.size()
+    return mx.array(data.batch(idx[world.rank() * local : (world.rank() + 1) * local]))
+
+
 def batches(data: pretrain_data.Packed, args, step: int = 0):
     """This process's share of each global batch from step ``step`` on; the order depends only on
     (seed, sequences drawn), so a resumed run draws what an uninterrupted one would."""
-    world = mx.distributed.init()
-    local = args.batch_size // world.size()
     cursor = step * args.grad_accumulation_steps * args.batch_size
     while True:
-        idx = pretrain_data.batch_indices(len(data), args.seed, cursor, args.batch_size)
-        yield (mx.array(data.batch(idx[world.rank() * local : (world.rank() + 1) * local])),)
+        yield (local_batch(data, pretrain_data.batch_indices(len(data), args.seed, cursor, args.batch_size)),)
         cursor += args.batch_size
 
 
 def validation_loss(model, val: pretrain_data.Packed, args) -> float:
     world = mx.distributed.init()
-    local = args.batch_size // world.size()
     # A short validation set wraps around to fill its batches.
     n = max(1, len(val) // args.batch_size)
     if args.val_batches > 0:
         n = min(n, args.val_batches)
     total = mx.array(0.0)
     for i in range(n):
-        idx = np.arange(i * args.batch_size, (i + 1) * args.batch_size) % len(val)
-        batch = mx.array(val.batch(idx[world.rank() * local : (world.rank() + 1) * local]))
+        batch = local_batch(val, np.arange(i * args.batch_size, (i + 1) * args.batch_size) % len(val))
         total = total + loss_fn(model, batch, 0.0)[1][0]
         mx.eval(total)
     total = mx.distributed.all_sum(total, stream=mx.cpu) / world.size()
     return total.item() / n
-
-
-def position_report(model, sequence) -> Dict[str, Dict[str, float]]:
-    """Per RePo layer, head-averaged spread (IQR), range and share of increasing steps."""
-    out = {}
-    for layer, z in positions(model, sequence[None]).items():
-        heads = [summary(np.array(z[0, h])) for h in range(z.shape[1])]
-        out[str(layer)] = {k: float(np.mean([s[k] for s in heads])) for k in heads[0]}
-    return out
 
 
 def checkpoints(out: Path) -> List[Path]:
@@ -498,8 +480,11 @@ def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerpri
         if len(val_set):
             record["val_loss"] = validation_loss(trainer.model, val_set, args)
             text += f" val loss {record['val_loss']:.4f}"
-        if prep.repo_layers and rank0:
-            record["positions"] = position_report(trainer.model, probe)
+        if prep.repo_layers and rank0:  # per RePo layer, the head means of the position summary
+            record["positions"] = {}
+            for layer, z in positions(trainer.model, probe[None]).items():
+                heads = [summary(np.array(z[0, h])) for h in range(z.shape[1])]
+                record["positions"][str(layer)] = {k: float(np.mean([s[k] for s in heads])) for k in heads[0]}
         for layer, s in record.get("positions", {}).items():
             text += f" | L{layer} IQR {s['iqr']:.3g} incr {s['increasing']:.2f}"
         rprint(text)
