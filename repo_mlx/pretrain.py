@@ -1,10 +1,8 @@
 """Continual pre-training into RePo: ``python -m repo_mlx.pretrain --model BASE --data PATH``.
 
-The paper's recipe (arXiv 2512.14391; docs/pretrain.md): add the position module to the upper
-layers of a plain OLMo-2, Llama, Mistral or Qwen3 (one position per key/value head, docs/gqa.md),
-initialised as the official trainer does, and continue pre-training all parameters on packed
-text; a RePo BASE keeps its module. Under ``mlx.launch`` the same command is data-parallel.
-"""
+The paper's recipe (arXiv 2512.14391; docs/pretrain.md): a position module, initialised as the official
+trainer does, in the upper layers of a plain base (one position per key/value head, docs/gqa.md), then
+all parameters trained on packed text; a RePo BASE keeps its module. Data-parallel under ``mlx.launch``."""
 
 import argparse
 import importlib.util
@@ -15,6 +13,7 @@ import shutil
 import sys
 import time
 import types
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -86,12 +85,6 @@ def init_position_weights(model, seed: int, nope: bool = False) -> Dict[str, mx.
     return out
 
 
-def _layer_ids(text) -> str:
-    if text is None or isinstance(text, str):
-        return text
-    return ",".join(str(int(i)) for i in text)  # a YAML list
-
-
 def prepare_model(args, log=rprint):
     """Load BASE, add the position module if it has none; returns what training needs."""
     src = get_model_path(args.model)
@@ -128,7 +121,7 @@ def prepare_model(args, log=rprint):
             f"tokens; use --seq-len {context} or pass --yarn-factor "
             f"{math.ceil(args.seq_len / context)} (YaRN, as the paper did for 8K/16K)."
         )
-    ids = _layer_ids(args.repo_layer_ids)
+    ids = args.repo_layer_ids
     if args.plain and args.nope:
         raise LoadError("--plain and --nope are two different controls; pass one of them.")
     if args.nope and (existing or args.train_only != "all"):
@@ -363,10 +356,8 @@ def read_metrics(out: Path) -> List[dict]:
     """metrics.jsonl's records; a line cut short by a kill is skipped."""
     records = []
     for line in (out / METRICS_FILE).read_text().splitlines():
-        try:
+        with suppress(ValueError):
             records.append(json.loads(line))
-        except ValueError:
-            continue
     return records
 
 
@@ -598,7 +589,8 @@ def parse_args(argv=None) -> types.SimpleNamespace:
         raise LoadError(f"--batch-size {args['batch_size']} must be divisible by the number of processes ({mx.distributed.init().size()}).")
     if args["plot"] and importlib.util.find_spec("matplotlib") is None:
         raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]' (or drop --plot).")
-    args["repo_layer_ids"] = _layer_ids(args["repo_layer_ids"])
+    if args["repo_layer_ids"] is not None and not isinstance(args["repo_layer_ids"], str):  # a YAML list
+        args["repo_layer_ids"] = ",".join(str(int(i)) for i in args["repo_layer_ids"])
     # files.check_outputs' rule; an existing OUT without --force is refused in run(), which offers --resume.
     check_outputs({f"--{k.replace('_', '-')}": args[k] for k in ("save_path", "export_hf", "plot")},
                   {f"--{k.replace('_', '-')}": args[k] for k in ("model", "data", "val_data")},
