@@ -1,10 +1,8 @@
 """Pre-training data: documents -> memory-mapped token cache -> packed sequences.
 
-Documents are tokenized once, each followed by EOS, into one uint32 memmap named by a fingerprint
-of the data and the tokenizer. The stream is cut into ``seq_len``-token sequences (the tail that
-fills none is dropped, as OLMo does), visited in an order that depends only on (seed, epoch): the
-data cursor is just the number of sequences consumed.
-"""
+The cache is named by a fingerprint of the data and the tokenizer; its stream is cut into ``seq_len``-token
+sequences (the tail that fills none is dropped, as OLMo does), visited in an order that depends only on
+(seed, epoch): the data cursor is just the number of sequences consumed."""
 
 import functools
 import hashlib

@@ -1,8 +1,6 @@
-"""The training loop and checkpoints of ``lora`` and ``pretrain``: mlx-lm's compiled step with
-what its loop lacks: exact resume (randomness and data order follow from (seed, step)), float32
-master weights for half precision, gradient clipping, the RePo position warm-up, and Ctrl-C or
-SIGTERM saving a checkpoint before stopping. Each command brings its loss, batches and reports.
-"""
+"""The training loop and checkpoints of ``lora`` and ``pretrain``: mlx-lm's compiled step plus exact resume
+(randomness and data order follow from (seed, step)), float32 masters for half precision, gradient clipping,
+the RePo position warm-up, and a checkpoint on Ctrl-C or SIGTERM. Each command brings its loss and batches."""
 
 import math
 import os
