@@ -23,7 +23,7 @@ from .errors import LoadError, one_line
 from .trainer import Trainer, derived_seed
 from .finetune import run_loop
 from .finetune import train_batches as sft_batches
-from .finetune_data import load_splits, read_jsonl
+from .finetune_data import Example, load_splits, read_jsonl
 from .loader import load
 
 TRAIN_MODES = ("sft", "dpo", "orpo")
@@ -33,7 +33,6 @@ KEYS = ("prompt", "chosen", "rejected")
 ADAPTERS = {LoRALinear: "linear", LoRASwitchLinear: "linear", DoRALinear: "linear",
             LoRAEmbedding: "embedding", DoRAEmbedding: "embedding"}
 
-Example = Tuple[List[int], int]  # tokens, index of the first response token
 Pair = Tuple[Example, Example]  # chosen, rejected
 
 

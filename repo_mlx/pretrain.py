@@ -129,12 +129,12 @@ def prepare_model(args, log=rprint):
             "--nope inserts a position module fixed at 0 into a plain base and trains every "
             f"other weight; {'drop --train-only' if not existing else f'{args.model} is already a RePo model'}."
         )
+    new_layers = []
     if args.plain:
         if existing:
             raise LoadError(f"--plain continues a plain {name}, but {args.model} is a RePo model (RePo layers {existing}).")
         if args.repo_start_layer is not None or ids or args.position_warmup or args.train_only != "all":
             raise LoadError("--plain trains every weight of a plain model; drop --repo-start-layer, --repo-layer-ids, --position-warmup and --train-only.")
-        new_layers = []
     elif existing:
         if args.repo_start_layer is not None or ids:
             wanted = layer_ids(pe_config(args.repo_start_layer or 0, ids or ""), "--repo-layer-ids")
@@ -144,7 +144,6 @@ def prepare_model(args, log=rprint):
                     f"--repo-start-layer/--repo-layer-ids ask for {wanted}. Drop them to "
                     f"continue training its module, or start from a plain {name}."
                 )
-        new_layers = []
     else:
         start = default_start_layer(n) if args.repo_start_layer is None else args.repo_start_layer
         if not 0 <= start < n:
@@ -205,16 +204,14 @@ def to_compute_dtype(prep, dtype: str) -> Optional[dict]:
 def setup_trainable(model, train_only: str, lora_parameters: Optional[dict], nope: bool = False) -> Optional[dict]:
     """all: every parameter; position: gate/content/final maps; position+lora: plus LoRA.
     ``nope``: every parameter but the position module, which keeps positions at 0."""
-    if train_only == "all":
-        model.unfreeze()
-        for m in adapters.position_maps(model.layers) if nope else []:
-            m.freeze()
-        return None
     if train_only == "position+lora":
         return adapters.setup_trainable(model, "lora", -1, lora_parameters, "full")
-    model.freeze()
+    if train_only == "all":
+        model.unfreeze()
+    else:
+        model.freeze()
     for m in adapters.position_maps(model.layers):
-        m.unfreeze()
+        m.freeze() if nope and train_only == "all" else m.unfreeze()
     return None
 
 
@@ -617,13 +614,11 @@ def load_split(args, tokenizer, cache: Path):
         return t, source.fingerprint()
 
     train_tokens, fp = tokens(args.data, "train")
+    train_set, val_set = pretrain_data.split(train_tokens, args.seq_len, 0 if args.val_data else args.val_share)
     if args.val_data:
-        train_set = pretrain_data.Packed(train_tokens, args.seq_len)
         val_tokens, vfp = tokens(args.val_data, "valid")
         val_set = pretrain_data.Packed(val_tokens, args.seq_len)
         fp += vfp
-    else:
-        train_set, val_set = pretrain_data.split(train_tokens, args.seq_len, args.val_share)
     if len(train_set) < args.batch_size:
         raise LoadError(
             f"Data {args.data} gives {len(train_set)} training sequences of {args.seq_len} "
