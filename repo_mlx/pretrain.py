@@ -392,9 +392,7 @@ def save_model(prep, trainer, args, out: Path) -> None:
     set_position_blend(model, 0.0)
     if not prep.quantized and args.dtype != prep.stored_dtype:
         # Frozen weights as stored, not rounded to the compute dtype.
-        base = {}
-        for f in sorted(prep.src.glob("model*.safetensors")):
-            base.update(mx.load(str(f)))
+        base = {k: v for f in sorted(prep.src.glob("model*.safetensors")) for k, v in mx.load(str(f)).items()}
         trainable = dict(tree_flatten(model.trainable_parameters()))
         frozen = []
         for k, v in tree_flatten(model.parameters()):
@@ -563,9 +561,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
         given["save_path"] = given["resume"]
     if given.get("config"):
         args.update(_cli.read_config(given["config"], build_parser(), set(DEFAULTS) | {"config"}))
-    args.update(given)
-    for k, v in DEFAULTS.items():
-        args.setdefault(k, v)
+    args = {**DEFAULTS, **args, **given}
     for k in POSITIVE:
         if not isinstance(args[k], int) or args[k] < 1:
             raise LoadError(f"--{k.replace('_', '-')} must be a positive integer, got {args[k]!r}.")
