@@ -39,10 +39,8 @@ def train_batches(dataset, args, world, skip: int = 0, iterate=iterate_batches):
 
 
 def token_weighted_loss(model, batch, lengths, world=None):
-    """mlx-lm's loss; across processes weighted by each one's share of tokens, so the averaged
-    gradient is that of the combined batch. Returns (loss, (loss, tokens)): the value to
-    differentiate and what to report.
-    """
+    """mlx-lm's loss, across processes weighted by each one's share of tokens (the averaged gradient
+    is the combined batch's). Returns (value to differentiate, (loss, tokens) to report)."""
     world = world or mx.distributed.init()
     ce, ntoks = default_loss(model, batch, lengths)
     if world.size() > 1:
@@ -120,9 +118,8 @@ def train(trainer: Trainer, train_set: List[Example], valid_set: List[Example], 
 
 def run_loop(trainer: Trainer, batches, args, adapter_file, trained: int, callback, summarize, validation, describe) -> None:
     """The shared loop with mlx-lm's report lines and callbacks, and adapter checkpoints.
-    ``summarize(metrics, steps)``: the report's numbers (with ``tokens``) from the summed metrics;
-    ``validation()``: the validation numbers (None: no validation); ``describe(numbers)``: as text.
-    """
+    ``summarize(metrics, steps)``: the report's numbers (with ``tokens``); ``validation()``: the
+    validation numbers (None: no validation); ``describe(numbers)``: as text."""
     adapter_file, start_tokens = Path(adapter_file), trained
 
     def report(it, metrics, norm, steps, seconds):

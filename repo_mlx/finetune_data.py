@@ -1,7 +1,6 @@
 """Fine-tuning data: mlx-lm's datasets and formats, with every problem named by
 file and line before training starts."""
 
-import json
 import warnings
 from pathlib import Path
 from typing import List, Tuple
@@ -11,6 +10,7 @@ from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, create_datase
 
 from .errors import LoadError, one_line
 from .loader import check_hub_reachable, is_hub_id
+from .pretrain_data import json_lines
 
 Example = Tuple[List[int], int]  # tokens, index of the first token the loss sees
 
@@ -26,22 +26,10 @@ class PlainCompletions(CompletionsDataset):
 
 def read_jsonl(path: Path) -> List[Tuple[int, dict]]:
     records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LoadError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
-                if not isinstance(record, dict):
-                    raise LoadError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}.")
-                records.append((n, record))
-    except UnicodeDecodeError:
-        raise LoadError(f"{path} is not UTF-8 text.") from None
-    except OSError as e:
-        raise LoadError(f"Cannot read {path}: {e.strerror}.") from None
+    for n, record in json_lines(path):
+        if not isinstance(record, dict):
+            raise LoadError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}.")
+        records.append((n, record))
     if not records:
         raise LoadError(f"{path} is empty; it needs one JSON object per line.")
     return records

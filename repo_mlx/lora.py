@@ -5,7 +5,6 @@ preference tuning and exact resumption; data parallel under ``mlx.launch`` (docs
 """
 
 import math
-import os
 import shutil
 import types
 from functools import partial
@@ -24,6 +23,7 @@ from .adapters import POSITION_MODULE_CHOICES, load_adapters
 from .errors import LoadError, one_line
 from .files import check_outputs, remove_stale
 from .loader import DEFAULT_MODEL, load
+from .trainer import commands
 
 CONFIG_DEFAULTS = {
     **_mlx_lm_lora.CONFIG_DEFAULTS,
@@ -204,14 +204,7 @@ def tune(args) -> None:
         rprint(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.", flush=True)
 
 
-def command(argv=None) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    run(parse_args(argv))
-
-
-def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
-    _cli.run(command, argv)
+command, main = commands(parse_args, run)
 
 
 if __name__ == "__main__":

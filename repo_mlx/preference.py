@@ -1,10 +1,8 @@
 """Preference tuning for ``lora --train-mode dpo|orpo``: DPO and ORPO on the shared loop.
 
-JSONL lines of ``prompt``, ``chosen`` and ``rejected``; only response tokens count. The losses,
-rewards and metrics are TRL's (docs/finetune.md, "Losses"). The DPO reference is the model with
-its adapters switched off when only adapters train (no second copy in memory), else a frozen
-copy of the base or ``--reference-model-path``.
-"""
+Only response tokens count; losses, rewards and metrics are TRL's (docs/finetune.md, "Losses"). The DPO
+reference is the model with its adapters off when only adapters train (no second copy in memory), else a
+frozen copy of the base or ``--reference-model-path``."""
 
 import json
 import warnings
@@ -25,7 +23,7 @@ from .errors import LoadError, one_line
 from .trainer import Trainer, derived_seed
 from .finetune import run_loop
 from .finetune import train_batches as sft_batches
-from .finetune_data import load_splits, read_jsonl
+from .finetune_data import Example, load_splits, read_jsonl
 from .loader import load
 
 TRAIN_MODES = ("sft", "dpo", "orpo")
@@ -35,7 +33,6 @@ KEYS = ("prompt", "chosen", "rejected")
 ADAPTERS = {LoRALinear: "linear", LoRASwitchLinear: "linear", DoRALinear: "linear",
             LoRAEmbedding: "embedding", DoRAEmbedding: "embedding"}
 
-Example = Tuple[List[int], int]  # tokens, index of the first response token
 Pair = Tuple[Example, Example]  # chosen, rejected
 
 
@@ -54,10 +51,9 @@ def _messages(value, role: str, key: str, where: str) -> list:
 
 
 def encode_pair(record: dict, tokenizer, where: str) -> Pair:
-    """(tokens, offset) of prompt + chosen and of prompt + rejected: with a chat template, the
-    (system and) prompt with the generation prompt, each response as the assistant's turn;
-    without one (RePo base models), ``prompt + response + <eos>`` joined as ``lora`` joins completions.
-    """
+    """(tokens, offset) of prompt + chosen and of prompt + rejected: with a chat template, the (system
+    and) prompt with the generation prompt, each response as the assistant's turn; without one (RePo
+    base models), ``prompt + response + <eos>`` as ``lora`` joins completions."""
     missing = [k for k in KEYS if k not in record]
     if missing:
         raise LoadError(
@@ -226,10 +222,9 @@ def only_adapters_train(model) -> bool:
 
 
 def make_loss(train_mode: str, beta: float, loss_type: str = "sigmoid", reference=None, world=None):
-    """The Trainer's ``loss(model, batch, lengths) -> (value, metrics)``; ``reference`` None: the
-    model with its adapters off. Metrics, summed over batches and processes: (loss x pairs,
-    response tokens, pairs, chosen rewards, rejected rewards, pairs ranked right).
-    """
+    """The Trainer's ``loss(model, batch, lengths) -> (value, metrics)``; ``reference`` None: the model
+    with its adapters off. Metrics, summed over batches and processes: (loss x pairs, response tokens,
+    pairs, chosen rewards, rejected rewards, pairs ranked right)."""
     world = world or mx.distributed.init()
 
     def loss(model, batch, lengths):

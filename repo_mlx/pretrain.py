@@ -1,10 +1,8 @@
 """Continual pre-training into RePo: ``python -m repo_mlx.pretrain --model BASE --data PATH``.
 
-The paper's recipe (arXiv 2512.14391; docs/pretrain.md): add the position module to the upper
-layers of a plain OLMo-2, Llama, Mistral or Qwen3 (one position per key/value head, docs/gqa.md),
-initialised as the official trainer does, and continue pre-training all parameters on packed
-text; a RePo BASE keeps its module. Under ``mlx.launch`` the same command is data-parallel.
-"""
+The paper's recipe (arXiv 2512.14391; docs/pretrain.md): a position module, initialised as the official
+trainer does, in the upper layers of a plain base (one position per key/value head, docs/gqa.md), then
+all parameters trained on packed text; a RePo BASE keeps its module. Data-parallel under ``mlx.launch``."""
 
 import argparse
 import importlib.util
@@ -15,6 +13,7 @@ import shutil
 import sys
 import time
 import types
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -55,12 +54,10 @@ DEFAULTS = {
 }
 POSITIVE = ("iters", "batch_size", "grad_accumulation_steps", "seq_len", "steps_per_report",
             "steps_per_eval", "save_every", "keep_checkpoints")
-# Settings a resumed run must share with the original to continue it exactly.
-RUN_DEFINING = ("model", "data", "val_data", "val_share", "text_feature", "data_split",
-                "repo_start_layer", "repo_layer_ids", "plain", "nope", "train_only", "lora_parameters",
-                "batch_size", "grad_accumulation_steps", "seq_len", "learning_rate", "warmup",
-                "betas", "weight_decay", "adam_eps", "grad_clip", "z_loss", "dtype", "seed",
-                "position_warmup", "yarn_factor", "iters")
+# Settings a resumed run must share with the original to continue it exactly: all but these.
+RUN_DEFINING = tuple(k for k in DEFAULTS if k not in (
+    "val_batches", "save_path", "grad_checkpoint", "steps_per_report", "steps_per_eval", "save_every",
+    "keep_checkpoints", "plot", "export_hf", "dry_run", "probe", "force", "resume"))
 ARGS_FILE, METRICS_FILE = "pretrain_args.json", "metrics.jsonl"
 
 
@@ -73,10 +70,8 @@ def default_start_layer(num_layers: int) -> int:
 
 
 def init_position_weights(model, seed: int, nope: bool = False) -> Dict[str, mx.array]:
-    """New gate_map/content_map/final_map weights (HF names) for every RePo layer, as the
-    official trainer's init (normal, std 0.02, cut at 3 std): z starts near 0. ``nope``:
-    final_map is 0, so every position is 0 (no rotation: NoPE).
-    """
+    """New position-module weights (HF names) for every RePo layer, as the official trainer's init
+    (normal, std 0.02, cut at 3 std). ``nope``: final_map is 0, so every position is 0 (no rotation)."""
     key = mx.random.key(seed)
     out = {}
     for i in model.args.repo_layers:
@@ -88,25 +83,6 @@ def init_position_weights(model, seed: int, nope: bool = False) -> Dict[str, mx.
                 w = mx.zeros_like(w)
             out[f"model.layers.{i}.self_attn.{name}.weight"] = w
     return out
-
-
-def _inserting(seed: int, Model, nope: bool = False):
-    """The model class whose loading adds a freshly initialised position module."""
-
-    class InsertedRePo(Model):
-        def sanitize(self, weights):
-            dtype = weights["model.norm.weight"].dtype  # float even in a quantized base
-            new = {k: v.astype(dtype) for k, v in init_position_weights(self, seed, nope).items()}
-            # The loader's own config/weight cross-check then runs on the result.
-            return super().sanitize({**new, **weights})
-
-    return InsertedRePo
-
-
-def _layer_ids(text) -> str:
-    if text is None or isinstance(text, str):
-        return text
-    return ",".join(str(int(i)) for i in text)  # a YAML list
 
 
 def prepare_model(args, log=rprint):
@@ -145,7 +121,7 @@ def prepare_model(args, log=rprint):
             f"tokens; use --seq-len {context} or pass --yarn-factor "
             f"{math.ceil(args.seq_len / context)} (YaRN, as the paper did for 8K/16K)."
         )
-    ids = _layer_ids(args.repo_layer_ids)
+    ids = args.repo_layer_ids
     if args.plain and args.nope:
         raise LoadError("--plain and --nope are two different controls; pass one of them.")
     if args.nope and (existing or args.train_only != "all"):
@@ -153,12 +129,12 @@ def prepare_model(args, log=rprint):
             "--nope inserts a position module fixed at 0 into a plain base and trains every "
             f"other weight; {'drop --train-only' if not existing else f'{args.model} is already a RePo model'}."
         )
+    new_layers = []
     if args.plain:
         if existing:
             raise LoadError(f"--plain continues a plain {name}, but {args.model} is a RePo model (RePo layers {existing}).")
         if args.repo_start_layer is not None or ids or args.position_warmup or args.train_only != "all":
             raise LoadError("--plain trains every weight of a plain model; drop --repo-start-layer, --repo-layer-ids, --position-warmup and --train-only.")
-        new_layers = []
     elif existing:
         if args.repo_start_layer is not None or ids:
             wanted = layer_ids(pe_config(args.repo_start_layer or 0, ids or ""), "--repo-layer-ids")
@@ -168,7 +144,6 @@ def prepare_model(args, log=rprint):
                     f"--repo-start-layer/--repo-layer-ids ask for {wanted}. Drop them to "
                     f"continue training its module, or start from a plain {name}."
                 )
-        new_layers = []
     else:
         start = default_start_layer(n) if args.repo_start_layer is None else args.repo_start_layer
         if not 0 <= start < n:
@@ -184,7 +159,15 @@ def prepare_model(args, log=rprint):
         if not new_layers:
             raise LoadError(f"--repo-layer-ids {ids} has no layer >= --repo-start-layer {start}.")
         overrides["pe_config"] = pe
-    model_class = _inserting(args.seed, arch.Model, args.nope) if new_layers else arch.Model
+
+    class InsertedRePo(arch.Model):  # loading adds a freshly initialised position module
+        def sanitize(self, weights):
+            dtype = weights["model.norm.weight"].dtype  # float even in a quantized base
+            new = {k: v.astype(dtype) for k, v in init_position_weights(self, args.seed, args.nope).items()}
+            # The loader's own config/weight cross-check then runs on the result.
+            return super().sanitize({**new, **weights})
+
+    model_class = InsertedRePo if new_layers else arch.Model
     model, config = load_model(src, model_config=overrides, lazy=True, model_class=model_class)
     config.pop("position_blend", None)
     stored = config.get("torch_dtype") or "float32"
@@ -221,16 +204,14 @@ def to_compute_dtype(prep, dtype: str) -> Optional[dict]:
 def setup_trainable(model, train_only: str, lora_parameters: Optional[dict], nope: bool = False) -> Optional[dict]:
     """all: every parameter; position: gate/content/final maps; position+lora: plus LoRA.
     ``nope``: every parameter but the position module, which keeps positions at 0."""
-    if train_only == "all":
-        model.unfreeze()
-        for m in adapters.position_maps(model.layers) if nope else []:
-            m.freeze()
-        return None
     if train_only == "position+lora":
         return adapters.setup_trainable(model, "lora", -1, lora_parameters, "full")
-    model.freeze()
+    if train_only == "all":
+        model.unfreeze()
+    else:
+        model.freeze()
     for m in adapters.position_maps(model.layers):
-        m.unfreeze()
+        m.freeze() if nope and train_only == "all" else m.unfreeze()
     return None
 
 
@@ -264,11 +245,9 @@ def count_parameters(model) -> Dict[str, int]:
 
 
 def estimate_memory(model, s) -> Dict[str, float]:
-    """Estimated peak bytes of one training step of ``model`` (set up to train) with the settings
-    ``s`` (batch_size per process), by part. Activations count what the backward pass keeps: per
-    layer the projections, norms, MLP and the attention matrices (MLX's attention backward
-    materialises them), and the logits in float32 for the loss.
-    """
+    """Estimated peak bytes, by part, of one training step with the settings ``s`` (batch_size per
+    process). Activations: what the backward pass keeps, attention matrices included (MLX's
+    attention backward materialises them), and the logits in float32 for the loss."""
     a, n = model.args, count_parameters(model)
     b = 4 if s.dtype == "float32" else 2
     q = next((m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)), None)
@@ -334,42 +313,35 @@ def make_trainer(model, args, master: Optional[dict] = None) -> Trainer:
                    master=master)
 
 
+def local_batch(data: pretrain_data.Packed, idx) -> mx.array:
+    """This process's share of the global batch of sequences ``idx``."""
+    world = mx.distributed.init()
+    local = len(idx) // world.size()
+    return mx.array(data.batch(idx[world.rank() * local : (world.rank() + 1) * local]))
+
+
 def batches(data: pretrain_data.Packed, args, step: int = 0):
     """This process's share of each global batch from step ``step`` on; the order depends only on
     (seed, sequences drawn), so a resumed run draws what an uninterrupted one would."""
-    world = mx.distributed.init()
-    local = args.batch_size // world.size()
     cursor = step * args.grad_accumulation_steps * args.batch_size
     while True:
-        idx = pretrain_data.batch_indices(len(data), args.seed, cursor, args.batch_size)
-        yield (mx.array(data.batch(idx[world.rank() * local : (world.rank() + 1) * local])),)
+        yield (local_batch(data, pretrain_data.batch_indices(len(data), args.seed, cursor, args.batch_size)),)
         cursor += args.batch_size
 
 
 def validation_loss(model, val: pretrain_data.Packed, args) -> float:
     world = mx.distributed.init()
-    local = args.batch_size // world.size()
     # A short validation set wraps around to fill its batches.
     n = max(1, len(val) // args.batch_size)
     if args.val_batches > 0:
         n = min(n, args.val_batches)
     total = mx.array(0.0)
     for i in range(n):
-        idx = np.arange(i * args.batch_size, (i + 1) * args.batch_size) % len(val)
-        batch = mx.array(val.batch(idx[world.rank() * local : (world.rank() + 1) * local]))
+        batch = local_batch(val, np.arange(i * args.batch_size, (i + 1) * args.batch_size) % len(val))
         total = total + loss_fn(model, batch, 0.0)[1][0]
         mx.eval(total)
     total = mx.distributed.all_sum(total, stream=mx.cpu) / world.size()
     return total.item() / n
-
-
-def position_report(model, sequence) -> Dict[str, Dict[str, float]]:
-    """Per RePo layer, head-averaged spread (IQR), range and share of increasing steps."""
-    out = {}
-    for layer, z in positions(model, sequence[None]).items():
-        heads = [summary(np.array(z[0, h])) for h in range(z.shape[1])]
-        out[str(layer)] = {k: float(np.mean([s[k] for s in heads])) for k in heads[0]}
-    return out
 
 
 def checkpoints(out: Path) -> List[Path]:
@@ -381,10 +353,8 @@ def read_metrics(out: Path) -> List[dict]:
     """metrics.jsonl's records; a line cut short by a kill is skipped."""
     records = []
     for line in (out / METRICS_FILE).read_text().splitlines():
-        try:
+        with suppress(ValueError):
             records.append(json.loads(line))
-        except ValueError:
-            continue
     return records
 
 
@@ -422,9 +392,7 @@ def save_model(prep, trainer, args, out: Path) -> None:
     set_position_blend(model, 0.0)
     if not prep.quantized and args.dtype != prep.stored_dtype:
         # Frozen weights as stored, not rounded to the compute dtype.
-        base = {}
-        for f in sorted(prep.src.glob("model*.safetensors")):
-            base.update(mx.load(str(f)))
+        base = {k: v for f in sorted(prep.src.glob("model*.safetensors")) for k, v in mx.load(str(f)).items()}
         trainable = dict(tree_flatten(model.trainable_parameters()))
         frozen = []
         for k, v in tree_flatten(model.parameters()):
@@ -498,8 +466,11 @@ def train(prep, trainer: Trainer, train_set, val_set, args, out: Path, fingerpri
         if len(val_set):
             record["val_loss"] = validation_loss(trainer.model, val_set, args)
             text += f" val loss {record['val_loss']:.4f}"
-        if prep.repo_layers and rank0:
-            record["positions"] = position_report(trainer.model, probe)
+        if prep.repo_layers and rank0:  # per RePo layer, the head means of the position summary
+            record["positions"] = {}
+            for layer, z in positions(trainer.model, probe[None]).items():
+                heads = [summary(np.array(z[0, h])) for h in range(z.shape[1])]
+                record["positions"][str(layer)] = {k: float(np.mean([s[k] for s in heads])) for k in heads[0]}
         for layer, s in record.get("positions", {}).items():
             text += f" | L{layer} IQR {s['iqr']:.3g} incr {s['increasing']:.2f}"
         rprint(text)
@@ -590,9 +561,7 @@ def parse_args(argv=None) -> types.SimpleNamespace:
         given["save_path"] = given["resume"]
     if given.get("config"):
         args.update(_cli.read_config(given["config"], build_parser(), set(DEFAULTS) | {"config"}))
-    args.update(given)
-    for k, v in DEFAULTS.items():
-        args.setdefault(k, v)
+    args = {**DEFAULTS, **args, **given}
     for k in POSITIVE:
         if not isinstance(args[k], int) or args[k] < 1:
             raise LoadError(f"--{k.replace('_', '-')} must be a positive integer, got {args[k]!r}.")
@@ -613,7 +582,8 @@ def parse_args(argv=None) -> types.SimpleNamespace:
         raise LoadError(f"--batch-size {args['batch_size']} must be divisible by the number of processes ({mx.distributed.init().size()}).")
     if args["plot"] and importlib.util.find_spec("matplotlib") is None:
         raise LoadError("--plot needs matplotlib: pip install 'repo-mlx[plot]' (or drop --plot).")
-    args["repo_layer_ids"] = _layer_ids(args["repo_layer_ids"])
+    if args["repo_layer_ids"] is not None and not isinstance(args["repo_layer_ids"], str):  # a YAML list
+        args["repo_layer_ids"] = ",".join(str(int(i)) for i in args["repo_layer_ids"])
     # files.check_outputs' rule; an existing OUT without --force is refused in run(), which offers --resume.
     check_outputs({f"--{k.replace('_', '-')}": args[k] for k in ("save_path", "export_hf", "plot")},
                   {f"--{k.replace('_', '-')}": args[k] for k in ("model", "data", "val_data")},
@@ -640,13 +610,11 @@ def load_split(args, tokenizer, cache: Path):
         return t, source.fingerprint()
 
     train_tokens, fp = tokens(args.data, "train")
+    train_set, val_set = pretrain_data.split(train_tokens, args.seq_len, 0 if args.val_data else args.val_share)
     if args.val_data:
-        train_set = pretrain_data.Packed(train_tokens, args.seq_len)
         val_tokens, vfp = tokens(args.val_data, "valid")
         val_set = pretrain_data.Packed(val_tokens, args.seq_len)
         fp += vfp
-    else:
-        train_set, val_set = pretrain_data.split(train_tokens, args.seq_len, args.val_share)
     if len(train_set) < args.batch_size:
         raise LoadError(
             f"Data {args.data} gives {len(train_set)} training sequences of {args.seq_len} "
@@ -748,14 +716,7 @@ def run(args, on_step=None):
     return trainer
 
 
-def command(argv=None) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    run(parse_args(argv))
-
-
-def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
-    _cli.run(command, argv)
+command, main = trainer_lib.commands(parse_args, run)
 
 
 if __name__ == "__main__":

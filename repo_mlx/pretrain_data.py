@@ -1,13 +1,12 @@
 """Pre-training data: documents -> memory-mapped token cache -> packed sequences.
 
-Documents are tokenized once, each followed by EOS, into one uint32 memmap named by a fingerprint
-of the data and the tokenizer. The stream is cut into ``seq_len``-token sequences (the tail that
-fills none is dropped, as OLMo does), visited in an order that depends only on (seed, epoch): the
-data cursor is just the number of sequences consumed.
-"""
+The cache is named by a fingerprint of the data and the tokenizer; its stream is cut into ``seq_len``-token
+sequences (the tail that fills none is dropped, as OLMo does), visited in an order that depends only on
+(seed, epoch): the data cursor is just the number of sequences consumed."""
 
 import functools
 import hashlib
+import io
 import json
 import shutil
 import time
@@ -49,14 +48,18 @@ def _read_text(file: Path) -> str:
         raise LoadError(f"Cannot read {file}: {e.strerror}.") from None
 
 
+def json_lines(file: Path) -> Iterator[Tuple[int, object]]:
+    """(line number, value) of each non-blank line, split where open() splits lines."""
+    for n, line in enumerate(io.StringIO(_read_text(file), newline=None), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LoadError(f"{file}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
+
+
 def _jsonl_documents(file: Path, key: str) -> Iterator[str]:
-    for n, line in enumerate(_read_text(file).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LoadError(f"{file}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
+    for n, record in json_lines(file):
         if not isinstance(record, dict) or not isinstance(record.get(key), str):
             raise LoadError(f"{file}, line {n}: needs a string {key!r} field (--text-feature).")
         yield record[key]

@@ -1,13 +1,13 @@
-"""The training loop and checkpoints of ``lora`` and ``pretrain``: mlx-lm's compiled step with
-what its loop lacks: exact resume (randomness and data order follow from (seed, step)), float32
-master weights for half precision, gradient clipping, the RePo position warm-up, and Ctrl-C or
-SIGTERM saving a checkpoint before stopping. Each command brings its loss, batches and reports.
-"""
+"""The training loop and checkpoints of ``lora`` and ``pretrain``: mlx-lm's compiled step plus exact resume
+(randomness and data order follow from (seed, step)), float32 masters for half precision, gradient clipping,
+the RePo position warm-up, and a checkpoint on Ctrl-C or SIGTERM. Each command brings its loss and batches."""
 
 import math
+import os
 import signal
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -16,15 +16,26 @@ import mlx.nn as nn
 import numpy as np
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
-from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_class
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+from . import _cli
 from .errors import LoadError
 from .files import atomic_file
 from .folder_checks import safetensors_header
 from .rope import set_position_blend
 
 MASTER = "master/"  # state-file prefix of the float32 master weights
+
+
+def commands(parse_args: Callable, run: Callable) -> Tuple[Callable, Callable]:
+    """``command(argv)`` and ``main(argv)``, where bad input is one ``error:`` line and exit status 2."""
+
+    def command(argv=None) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+        run(parse_args(argv))
+
+    return command, partial(_cli.run, command)
 
 
 def derived_seed(*ints: int) -> int:
@@ -50,13 +61,6 @@ def clip_grad_norm(grad, max_norm: float):
     return tree_map(lambda g: g * scale, grad), norm
 
 
-def checkpoint_layers(model):
-    cls = type(model.layers[0])
-    if not getattr(cls, "_repo_checkpointed", False):  # mlx-lm patches the class
-        grad_checkpoint(model.layers[0])
-        cls._repo_checkpointed = True
-
-
 class Trainer:
     """One step at a time; its whole state is (model, optimizer, masters, step).
 
@@ -80,8 +84,9 @@ class Trainer:
         self.step, self.seen = 0, 0  # steps done; batches since the last update
         self.grad = self.totals = None  # totals: metrics summed since the start or resume
         optimizer.init(self._params())
-        if grad_checkpoint:
-            checkpoint_layers(model)
+        if grad_checkpoint and not getattr(type(model.layers[0]), "_repo_checkpointed", False):
+            checkpoint_class(model.layers[0])  # patches the class, once
+            type(model.layers[0])._repo_checkpointed = True
         self.loss_and_grad = nn.value_and_grad(model, loss)
         self._capture()
 
