@@ -42,13 +42,10 @@ def check_all_quantized(model, config) -> None:
 def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = None) -> str:
     """The converted folder's README.md with mlx-lm's front matter (mlx-lm's own card is a
     stub, and its upload writes a recipe that stock mlx-lm cannot run without trust_remote_code)."""
-    q = config.get("quantization")
-    weights = (
-        f"{q['bits']}-bit weights (group size {q['group_size']}); the position module "
-        "(gate_map, content_map, final_map) stays in float, as 4-bit positions drift"
-        if q
-        else f"{config.get('torch_dtype', 'float')} weights, not quantized"
-    )
+    weights = f"{config.get('torch_dtype', 'float')} weights, not quantized"
+    if q := config.get("quantization"):
+        weights = (f"{q['bits']}-bit weights (group size {q['group_size']}); the position module "
+                   "(gate_map, content_map, final_map) stays in float, as 4-bit positions drift")
     hub = not Path(hf_path).exists()
     front = [
         "---",
@@ -63,11 +60,7 @@ def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = N
         "---",
     ]
     source = f"[{hf_path}](https://huggingface.co/{hf_path})" if hub else f"`{Path(hf_path).name}`"
-    license_line = (
-        f"License: {license}, as the source checkpoint; see its model card."
-        if license
-        else "License: that of the source checkpoint; see its model card."
-    )
+    license_line = f"License: {f'{license}, as' if license else 'that of'} the source checkpoint; see its model card."
     return "\n".join(front) + f"""
 
 # {name}
