@@ -10,13 +10,13 @@ from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
-from mlx_lm.utils import dequantize_model, quantize_model
+from mlx_lm.utils import quantize_model
 
 from .. import _cli
 from ..errors import LoadError
 from ..files import atomic_folder
 from ..rope import POSITION_WEIGHTS
-from ..loader import (DTYPES, architecture_name, get_model_path, load_model, load_tokenizer, upload,
+from ..loader import (DTYPES, architecture_name, dequantized, get_model_path, load_model, load_tokenizer, upload,
                       save_standalone)
 
 
@@ -169,9 +169,7 @@ def convert(
         check_all_quantized(model, config)
     if dequantize:
         print("[INFO] Dequantizing")
-        config.pop("quantization", None)
-        config.pop("quantization_config", None)
-        model = dequantize_model(model)
+        model = dequantized(model, config)
     with atomic_folder(dst, force) as tmp:
         print(f"[INFO] Saving to {dst}")
         save_standalone(tmp, src, model, tokenizer, config)

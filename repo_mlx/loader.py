@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
-from mlx_lm.utils import save
+from mlx_lm.utils import dequantize_model, save
 
 from . import repo_llama, repo_olmo2, rope
 from .errors import LoadError, one_line
@@ -213,6 +213,13 @@ def save_standalone(folder: Path, src: Path, model, tokenizer, config: dict, don
         if source is not None:
             (folder / name).parent.mkdir(exist_ok=True)
             shutil.copy(source, folder / name)
+
+
+def dequantized(model, config: dict):
+    """The model through mlx-lm's dequantize_model, its config no longer saying it is quantized."""
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    return dequantize_model(model)
 
 
 def yarn_scaling(factor: float, original_max_position_embeddings: int = 4096) -> dict:
