@@ -8,7 +8,6 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
 from mlx_lm.utils import quantize_model
 
@@ -16,8 +15,8 @@ from .. import _cli
 from ..errors import LoadError
 from ..files import atomic_folder
 from ..rope import POSITION_WEIGHTS
-from ..loader import (DTYPES, architecture_name, dequantized, get_model_path, load_model, load_tokenizer, upload,
-                      save_standalone)
+from ..loader import (DTYPES, architecture_name, dequantized, get_model_path, load_config, load_model, load_tokenizer,
+                      save_standalone, upload)
 
 
 def keep_unquantized(path: str, module) -> bool:
@@ -150,16 +149,12 @@ def convert(
         raise LoadError(f"{dst} already exists; pass --force to replace it.")
     print(f"[INFO] Loading {hf_path}")
     src = get_model_path(hf_path, revision)
-    model, config = load_model(src, lazy=True)
+    dtype = dtype or load_config(src).get("torch_dtype")
+    model, config = load_model(src, dtype, lazy=True)  # refuses a dtype not in DTYPES
     tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))
-    if dtype is None:
-        dtype = config.get("torch_dtype")
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
         print(f"[INFO] Using dtype: {dtype}")
         config["torch_dtype"] = dtype
-        model.set_dtype(getattr(mx, dtype))
     if quantize:
         mixed = mixed_quant_predicate_builder(quant_predicate, model, q_group_size or 64) if quant_predicate else None
         predicate = lambda path, m: keep_unquantized(path, m) and (mixed(path, m) if mixed else True)

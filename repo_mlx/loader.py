@@ -98,14 +98,10 @@ def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path
     except Exception as e:
         from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-        if isinstance(e, GatedRepoError):
-            why = "the repo is gated: accept its terms on the Hub and run `hf auth login`"
-        elif isinstance(e, RepositoryNotFoundError):
-            why = "no such repo on the Hub (or it is private: run `hf auth login`)"
-        elif isinstance(e, LocalEntryNotFoundError):
-            why = "it is not in the local cache and the Hub cannot be reached (offline?)"
-        else:
-            why = f"{type(e).__name__}: {one_line(e)[:120]}"
+        reasons = ((GatedRepoError, "the repo is gated: accept its terms on the Hub and run `hf auth login`"),
+                   (RepositoryNotFoundError, "no such repo on the Hub (or it is private: run `hf auth login`)"),
+                   (LocalEntryNotFoundError, "it is not in the local cache and the Hub cannot be reached (offline?)"))
+        why = next((w for cls, w in reasons if isinstance(e, cls)), f"{type(e).__name__}: {one_line(e)[:120]}")
         raise LoadError(
             f"Could not download {path_or_hf_repo} from the Hugging Face Hub: {why}. "
             "Connect and retry, pass a local model folder, or try the small RePo model "
