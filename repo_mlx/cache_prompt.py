@@ -39,7 +39,6 @@ def command(argv=None) -> None:
     out = args.prompt_cache_file
     if out.suffix != ".safetensors":
         raise LoadError(f"--prompt-cache-file {out} must end in .safetensors.")
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = _cli.read_prompt(args)
     model, tokenizer = _cli.load_from_args(args, position_blend=args.position_blend)
     args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)

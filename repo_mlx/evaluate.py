@@ -127,10 +127,8 @@ def table(results: List[Dict], blends: List[float]) -> str:
     width = max(16, *(len(c) + 2 for c in cols))
     lines = [f"{'task':<20}{'length':>8}" + "".join(f"{c:>{width}}" for c in cols)]
     for task, length in keys:
-        cells = []
-        for b in blends:
-            r = next(r for r in results if (r["task"], r["length"], r["position_blend"]) == (task, length, b))
-            cells.append(f"{r['perplexity']:.3f}" if task == "perplexity" else f"{100 * r['score']:.1f}%")
+        row = [r for b in blends for r in results if (r["task"], r["length"], r["position_blend"]) == (task, length, b)]
+        cells = [f"{r['perplexity']:.3f}" if task == "perplexity" else f"{100 * r['score']:.1f}%" for r in row]
         lines.append(f"{task:<20}{length:>8}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
@@ -194,7 +192,7 @@ def command(argv=None) -> None:
         check_length(model, min(window, len(tokens)), what="The perplexity window")
         work += sum(end - start - 1 for start, end, _ in windows(len(tokens), window, stride))
     samples = {}
-    for name in (n for n in names if n != "perplexity"):
+    for name in synthetic:
         for length in lengths:
             try:
                 samples[name, length] = tasks.make_samples(name, tokenizer, length, args.samples, args.seed)
