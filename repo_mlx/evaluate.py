@@ -63,7 +63,6 @@ def window_nll(model, ids: List[int], first: int, chunk: int = 512, progress=Non
 
 
 def perplexity(model, tokens: List[int], window: int, stride: Optional[int] = None, progress=None) -> Dict:
-    """Perplexity of ``tokens`` in windows of ``window`` tokens moved by ``stride``."""
     stride = stride or window
     nll, count = 0.0, 0
     spans = windows(len(tokens), window, stride)

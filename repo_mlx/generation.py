@@ -52,7 +52,6 @@ def add_sampling_flags(p, seed=None) -> None:
 
 
 def sampler(args, tokenizer):
-    """mlx-lm's sampler of the sampling flags."""
     return make_sampler(
         args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k,
         xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,

@@ -38,19 +38,16 @@ ARCHITECTURE_NAMES = {"olmo2": "OLMo-2", "llama": "Llama", "mistral": "Mistral",
 
 
 def model_file(config: dict):
-    """The module (repo_olmo2 or repo_llama) that builds ``config``'s architecture."""
     return ARCHITECTURES[config["model_type"]]
 
 
 def architecture_name(model_or_config) -> str:
-    """'OLMo-2', 'Llama', 'Mistral' or 'Qwen3', for messages."""
     args = getattr(model_or_config, "args", None)
     kind = args.model_type if args is not None else model_or_config.get("model_type")
     return ARCHITECTURE_NAMES.get(kind, str(kind))
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether ``name`` has the form of a Hugging Face Hub id, ``owner/name``."""
     return re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)) is not None
 
 

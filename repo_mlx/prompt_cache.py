@@ -85,7 +85,6 @@ def save(path: Path, model, tokens: List[int], cache, model_name: str, eos_token
 
 
 def read(path) -> Tuple[list, dict]:
-    """The cache and metadata of a prompt-cache file, with one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"Prompt cache file {path} does not exist; make it with python -m repo_mlx.cache_prompt.")
