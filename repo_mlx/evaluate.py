@@ -161,7 +161,6 @@ def command(argv=None) -> None:
     names = parse_tasks(args.task)
     blends = _cli.parse_blends(args.position_blend)
     lengths = list(dict.fromkeys(parse_length(t) for t in args.lengths.split(","))) if args.lengths else None
-    tokens = None
     if "perplexity" in names:
         if args.data is None:
             raise LoadError("--task perplexity needs --data FILE (plain text).")
@@ -220,7 +219,7 @@ def command(argv=None) -> None:
     header = f"model {args.model}, YaRN {'x%g' % args.yarn if args.yarn else 'off'}"
     if samples:
         header += f", {args.samples} sample{'s' if args.samples > 1 else ''} per task and length, seed {args.seed}"
-    if tokens is not None:
+    if "perplexity" in names:
         scored = next(r["tokens"] for r in results if r["task"] == "perplexity")
         header += f", perplexity over {scored} tokens of {args.data.name}"
     print(header)

@@ -112,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.plot is not None and args.layer == "all":
-        raise LoadError("--plot needs a single --layer (the summary lists the RePo layers).")
     if args.plot is not None:
+        if args.layer == "all":
+            raise LoadError("--plot needs a single --layer (the summary lists the RePo layers).")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
