@@ -99,12 +99,9 @@ def _typed(fn, kind: str, lo=None, hi=None, **extra):
 
 def int_range(lo=None, hi=None):
     """An integer in [lo, hi] (either end may be open: None)."""
-    if lo is not None and hi is not None:
-        want = f"an integer from {lo} to {hi}"
-    elif lo is not None:
-        want = {0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
-    else:
-        want = f"an integer <= {hi}" if hi is not None else "an integer"
+    want = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
+    if hi is not None:
+        want = f"an integer from {lo} to {hi}" if lo is not None else f"an integer <= {hi}"
 
     def parse(s: str) -> int:
         try:

@@ -45,9 +45,8 @@ def fingerprint(model) -> str:
     for key in ("rope_scaling", "position_blend", "max_position_embeddings"):
         config.pop(key, None)  # YaRN and blend: checked by name, with a clearer message
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
     samples = []
-    for name, w in params:
+    for name, w in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
         flat = w.reshape(-1)
         samples.append(flat[:: max(1, flat.size // SAMPLES_PER_WEIGHT)].astype(mx.float32))
         h.update(f"{name}{tuple(w.shape)}{w.dtype}".encode())
