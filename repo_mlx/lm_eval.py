@@ -145,7 +145,6 @@ def command(argv=None) -> None:
           f"YaRN {'x%g' % args.yarn if args.yarn else 'off'}")
     print(table(results, blends))
     if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
         report = {"model": args.model, "tasks": names, "num_shots": args.num_shots, "limit": args.limit,
                   "yarn": args.yarn, "lm_eval_version": version("lm_eval"), "position_blends": blends,
                   "results": {str(b): results[b] for b in blends}}
