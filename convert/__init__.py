@@ -8,16 +8,15 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
-from mlx_lm.utils import dequantize_model, quantize_model
+from mlx_lm.utils import quantize_model
 
 from .. import _cli
 from ..errors import LoadError
 from ..files import atomic_folder
 from ..rope import POSITION_WEIGHTS
-from ..loader import (DTYPES, architecture_name, get_model_path, load_model, load_tokenizer, upload,
-                      save_standalone)
+from ..loader import (DTYPES, architecture_name, dequantized, get_model_path, load_config, load_model, load_tokenizer,
+                      save_standalone, upload)
 
 
 def keep_unquantized(path: str, module) -> bool:
@@ -42,13 +41,10 @@ def check_all_quantized(model, config) -> None:
 def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = None) -> str:
     """The converted folder's README.md with mlx-lm's front matter (mlx-lm's own card is a
     stub, and its upload writes a recipe that stock mlx-lm cannot run without trust_remote_code)."""
-    q = config.get("quantization")
-    weights = (
-        f"{q['bits']}-bit weights (group size {q['group_size']}); the position module "
-        "(gate_map, content_map, final_map) stays in float, as 4-bit positions drift"
-        if q
-        else f"{config.get('torch_dtype', 'float')} weights, not quantized"
-    )
+    weights = f"{config.get('torch_dtype', 'float')} weights, not quantized"
+    if q := config.get("quantization"):
+        weights = (f"{q['bits']}-bit weights (group size {q['group_size']}); the position module "
+                   "(gate_map, content_map, final_map) stays in float, as 4-bit positions drift")
     hub = not Path(hf_path).exists()
     front = [
         "---",
@@ -63,11 +59,7 @@ def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = N
         "---",
     ]
     source = f"[{hf_path}](https://huggingface.co/{hf_path})" if hub else f"`{Path(hf_path).name}`"
-    license_line = (
-        f"License: {license}, as the source checkpoint; see its model card."
-        if license
-        else "License: that of the source checkpoint; see its model card."
-    )
+    license_line = f"License: {f'{license}, as' if license else 'that of'} the source checkpoint; see its model card."
     return "\n".join(front) + f"""
 
 # {name}
@@ -157,16 +149,12 @@ def convert(
         raise LoadError(f"{dst} already exists; pass --force to replace it.")
     print(f"[INFO] Loading {hf_path}")
     src = get_model_path(hf_path, revision)
-    model, config = load_model(src, lazy=True)
+    dtype = dtype or load_config(src).get("torch_dtype")
+    model, config = load_model(src, dtype, lazy=True)  # refuses a dtype not in DTYPES
     tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))
-    if dtype is None:
-        dtype = config.get("torch_dtype")
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise LoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
         print(f"[INFO] Using dtype: {dtype}")
         config["torch_dtype"] = dtype
-        model.set_dtype(getattr(mx, dtype))
     if quantize:
         mixed = mixed_quant_predicate_builder(quant_predicate, model, q_group_size or 64) if quant_predicate else None
         predicate = lambda path, m: keep_unquantized(path, m) and (mixed(path, m) if mixed else True)
@@ -176,9 +164,7 @@ def convert(
         check_all_quantized(model, config)
     if dequantize:
         print("[INFO] Dequantizing")
-        config.pop("quantization", None)
-        config.pop("quantization_config", None)
-        model = dequantize_model(model)
+        model = dequantized(model, config)
     with atomic_folder(dst, force) as tmp:
         print(f"[INFO] Saving to {dst}")
         save_standalone(tmp, src, model, tokenizer, config)

@@ -99,12 +99,9 @@ def _typed(fn, kind: str, lo=None, hi=None, **extra):
 
 def int_range(lo=None, hi=None):
     """An integer in [lo, hi] (either end may be open: None)."""
-    if lo is not None and hi is not None:
-        want = f"an integer from {lo} to {hi}"
-    elif lo is not None:
-        want = {0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
-    else:
-        want = f"an integer <= {hi}" if hi is not None else "an integer"
+    want = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
+    if hi is not None:
+        want = f"an integer from {lo} to {hi}" if lo is not None else f"an integer <= {hi}"
 
     def parse(s: str) -> int:
         try:
@@ -343,7 +340,6 @@ def add_blends_flag(p) -> None:
 
 
 def parse_blends(text: str):
-    """--position-blend of ``add_blends_flag``: comma-separated blends, each in [0, 1]."""
     try:
         blends = [float(b) for b in text.split(",")]
     except ValueError:
@@ -359,7 +355,6 @@ def blend_name(blend: float) -> str:
 
 
 def add_prompt_flags(p, what: str = "the prompt", required: bool = False, default=None) -> None:
-    """--prompt (or -p; '-' reads stdin) and --prompt-file, one or the other."""
     src = p.add_mutually_exclusive_group(required=required)
     note = f" (default: {default!r})" if default is not None else ""
     src.add_argument("--prompt", "-p", type=text, default=None, help=f"Text of {what}; '-' reads stdin{note}.")
@@ -367,7 +362,6 @@ def add_prompt_flags(p, what: str = "the prompt", required: bool = False, defaul
 
 
 def read_prompt(args, default=None) -> str:
-    """The text of ``add_prompt_flags``' flags, ``default`` if neither was given."""
     if args.prompt_file is not None:
         return read_text(args.prompt_file, f"--prompt-file {args.prompt_file}")
     if args.prompt == "-":

@@ -99,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "-b", type=_cli.positive_int, default=1, help="Prompts generated together (mlx-lm's batch_generate) (default: 1).")
     p.add_argument("--num-trials", "-n", type=_cli.positive_int, default=5, help="Timed trials per model after a warm-up (default: 5).")
     add_kv_flags(p, start=False)  # quantized from the first token; batch size 1 only
-    p.add_argument("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step (default: 2048).")
     p.add_argument("--delay", type=_cli.non_negative_int, default=0, help="Seconds to wait before each timed run, e.g. to let the machine cool (default: 0).")
     p.add_argument("--quantize-activations", "-qa", action="store_true", help="Quantize activations as the weights are (a --model converted with --q-mode nvfp4 or mxfp8).")
     p.add_argument("--pipeline", action="store_true", help="mlx-lm's pipeline parallelism over mlx.launch processes; refused: the benchmark runs on one machine.")

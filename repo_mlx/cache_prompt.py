@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from . import _cli
 from .errors import LoadError
-from .generation import MIN_KV_SIZE, add_kv_flags, check_kv_bits
+from .generation import add_kv_flags, check_kv_bits
 from .limits import check_length, check_tokens_fit
 from .prompt_cache import prefill, save
 
@@ -28,9 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "use it must pass the same --model, --dtype, --yarn, --position-blend and --adapter-path.",
     )  # fmt: skip
     p.add_argument("--position-blend", type=_cli.probability, default=0.0, help="0 = learned positions (default), 1 = plain RoPE in every layer.")
-    p.add_argument("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step; smaller needs less memory (default: 2048).")
-    p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), help=f"Keep only the last this many tokens (at least {MIN_KV_SIZE}) in a rotating cache (default: all).")
-    add_kv_flags(p)
+    add_kv_flags(p, max_kv=True)
     p.add_argument("--eos-token", type=_cli.text, help="A token that also ends the replies of runs that continue after the document (generate --prompt-cache-file).")
     _cli.add_trust_remote_code(p)
     return p
@@ -41,7 +39,6 @@ def command(argv=None) -> None:
     out = args.prompt_cache_file
     if out.suffix != ".safetensors":
         raise LoadError(f"--prompt-cache-file {out} must end in .safetensors.")
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = _cli.read_prompt(args)
     model, tokenizer = _cli.load_from_args(args, position_blend=args.position_blend)
     args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)

@@ -19,7 +19,7 @@ from mlx_lm.utils import common_prefix_len
 
 from . import _cli
 from .errors import LoadError
-from .generation import MIN_KV_SIZE, add_sampling_flags, sampler
+from .generation import add_kv_flags, add_sampling_flags, sampler
 from .limits import check_length, check_tokens_fit
 
 NEXT_USER_TURN = "\nUSER:"  # as in repo_mlx.server
@@ -110,8 +110,7 @@ def build_parser():
     _cli.add_model_flags(p)
     p.add_argument("--max-tokens", "-m", type=_cli.token_count, default=256, help="Most tokens per reply (default: 256).")
     add_sampling_flags(p, seed=0)
-    p.add_argument("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), default=None, help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
-    p.add_argument("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step; smaller needs less memory (default: 2048).")
+    add_kv_flags(p, bits=False, max_kv=True)
     p.add_argument("--pipeline", action="store_true", help="mlx-lm's pipeline parallelism over mlx.launch processes; refused: chat runs the model on one machine.")
     p.add_argument(
         "--system-prompt", type=_cli.text, default=None,

@@ -63,7 +63,6 @@ def window_nll(model, ids: List[int], first: int, chunk: int = 512, progress=Non
 
 
 def perplexity(model, tokens: List[int], window: int, stride: Optional[int] = None, progress=None) -> Dict:
-    """Perplexity of ``tokens`` in windows of ``window`` tokens moved by ``stride``."""
     stride = stride or window
     nll, count = 0.0, 0
     spans = windows(len(tokens), window, stride)
@@ -127,10 +126,8 @@ def table(results: List[Dict], blends: List[float]) -> str:
     width = max(16, *(len(c) + 2 for c in cols))
     lines = [f"{'task':<20}{'length':>8}" + "".join(f"{c:>{width}}" for c in cols)]
     for task, length in keys:
-        cells = []
-        for b in blends:
-            r = next(r for r in results if (r["task"], r["length"], r["position_blend"]) == (task, length, b))
-            cells.append(f"{r['perplexity']:.3f}" if task == "perplexity" else f"{100 * r['score']:.1f}%")
+        row = [r for b in blends for r in results if (r["task"], r["length"], r["position_blend"]) == (task, length, b)]
+        cells = [f"{r['perplexity']:.3f}" if task == "perplexity" else f"{100 * r['score']:.1f}%" for r in row]
         lines.append(f"{task:<20}{length:>8}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
@@ -164,7 +161,6 @@ def command(argv=None) -> None:
     names = parse_tasks(args.task)
     blends = _cli.parse_blends(args.position_blend)
     lengths = list(dict.fromkeys(parse_length(t) for t in args.lengths.split(","))) if args.lengths else None
-    tokens = None
     if "perplexity" in names:
         if args.data is None:
             raise LoadError("--task perplexity needs --data FILE (plain text).")
@@ -194,7 +190,7 @@ def command(argv=None) -> None:
         check_length(model, min(window, len(tokens)), what="The perplexity window")
         work += sum(end - start - 1 for start, end, _ in windows(len(tokens), window, stride))
     samples = {}
-    for name in (n for n in names if n != "perplexity"):
+    for name in synthetic:
         for length in lengths:
             try:
                 samples[name, length] = tasks.make_samples(name, tokenizer, length, args.samples, args.seed)
@@ -223,7 +219,7 @@ def command(argv=None) -> None:
     header = f"model {args.model}, YaRN {'x%g' % args.yarn if args.yarn else 'off'}"
     if samples:
         header += f", {args.samples} sample{'s' if args.samples > 1 else ''} per task and length, seed {args.seed}"
-    if tokens is not None:
+    if "perplexity" in names:
         scored = next(r["tokens"] for r in results if r["task"] == "perplexity")
         header += f", perplexity over {scored} tokens of {args.data.name}"
     print(header)

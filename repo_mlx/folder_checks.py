@@ -167,11 +167,7 @@ def check_config(config: dict, where) -> None:
 def check_layer_count(path: Path, config: dict) -> None:
     """More layers than the weights hold would build (and allocate) them all first."""
     n = config["num_hidden_layers"]
-    layers = set()
-    for file in sorted(path.glob("model*.safetensors")):
-        for key in safetensors_header(file):
-            m = re.match(r"(?:model\.)?layers\.(\d+)\.", key)
-            if m:
-                layers.add(int(m[1]))
+    layers = {int(m[1]) for file in sorted(path.glob("model*.safetensors")) for key in safetensors_header(file)
+              if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", key))}
     if layers and n != len(layers):
         raise LoadError(f"{path / 'config.json'}: num_hidden_layers is {n}, the weights hold {len(layers)} layers.")

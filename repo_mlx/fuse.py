@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 from mlx.utils import tree_unflatten
-from mlx_lm.utils import dequantize_model
 
 from . import _cli
 from .files import atomic_folder
 from .export_hf import export_hf
 from .errors import LoadError
-from .loader import get_model_path, load, save_standalone, upload
+from .loader import dequantized, get_model_path, load, save_standalone, upload
 from .adapters import fuse_layer
 
 
@@ -47,9 +46,7 @@ def fuse(
     if fused:
         net.update_modules(tree_unflatten(fused))
     if de_quantize:
-        net = dequantize_model(net)
-        config.pop("quantization", None)
-        config.pop("quantization_config", None)
+        net = dequantized(net, config)
     with atomic_folder(dst, force) as tmp:
         print(f"[INFO] Saving to {dst}" + (" (Hugging Face format)" if export_hf_format else ""))
         if export_hf_format:

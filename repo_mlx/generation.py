@@ -52,7 +52,6 @@ def add_sampling_flags(p, seed=None) -> None:
 
 
 def sampler(args, tokenizer):
-    """mlx-lm's sampler of the sampling flags."""
     return make_sampler(
         args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k,
         xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
@@ -60,9 +59,11 @@ def sampler(args, tokenizer):
     )  # fmt: skip
 
 
-def add_draft_flags(p) -> None:
-    """mlx-lm's speculative decoding flags."""
-    p.add_argument("--draft-model", help="A small model with the same tokenizer that drafts tokens for the RePo model to verify (speculative decoding: the same greedy output, faster when the draft guesses well): a plain or RePo folder or Hub id (default: none).")
+def add_draft_flags(p, note: str = "") -> None:
+    """mlx-lm's speculative decoding flags; ``note`` adds to --draft-model's help."""
+    p.add_argument("--draft-model", help="A small model with the same tokenizer that drafts tokens for the RePo "
+                   "model to verify (speculative decoding: the same greedy output, faster when the draft guesses "
+                   f"well): a plain or RePo folder or Hub id{note} (default: none).")
     p.add_argument("--num-draft-tokens", type=_cli.positive_int, default=3, help="Tokens the draft model proposes per step (default: 3).")
 
 
@@ -79,12 +80,18 @@ def check_kv_bits(model, kv_bits, kv_group_size) -> int:
     return kv_group_size
 
 
-def add_kv_flags(p, start: bool = True) -> None:
-    """mlx-lm's KV-cache quantization flags."""
-    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache to this many bits (default: off); needs a --kv-group-size that divides head_dim.")
-    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=None, help="Group size for --kv-bits; must divide head_dim (default: 64, or 32 where it does not divide head_dim).")
-    if start:
-        p.add_argument("--quantized-kv-start", type=_cli.non_negative_int, default=DEFAULT_QUANTIZED_KV_START, help=f"With --kv-bits, the token from which the cache is quantized (default: {DEFAULT_QUANTIZED_KV_START}).")
+def add_kv_flags(p, start: bool = True, bits: bool = True, max_kv: bool = False) -> None:
+    """mlx-lm's prefill and KV-cache flags: --prefill-step-size, --max-kv-size and the quantization ones."""
+    a = p.add_argument
+    a("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step; smaller needs less memory (default: 2048).")
+    if max_kv:
+        a("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE),
+          help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
+    if bits:
+        a("--kv-bits", type=int, choices=KV_BITS, default=None, help="Quantize the KV cache to this many bits (default: off); needs a --kv-group-size that divides head_dim.")
+        a("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=None, help="Group size for --kv-bits; must divide head_dim (default: 64, or 32 where it does not divide head_dim).")
+    if bits and start:
+        a("--quantized-kv-start", type=_cli.non_negative_int, default=DEFAULT_QUANTIZED_KV_START, help=f"With --kv-bits, the token from which the cache is quantized (default: {DEFAULT_QUANTIZED_KV_START}).")
 
 
 def load_draft(path, tokenizer):

@@ -69,13 +69,9 @@ def load_tasks(names: List[str], include_path):
 
 def table(results: Dict[float, dict], blends: List[float]) -> str:
     """One row per task and metric, one column per position blend."""
-    first = results[blends[0]]
-    rows = []
-    for task, metrics in first.items():
-        for key, value in metrics.items():
-            # Metrics are "name,filter"; sample_len and the like have no filter.
-            if "," in key and isinstance(value, (int, float)) and "_stderr" not in key:
-                rows.append((task, key))
+    # Metrics are "name,filter"; sample_len and the like have no filter.
+    rows = [(task, key) for task, metrics in results[blends[0]].items() for key, value in metrics.items()
+            if "," in key and isinstance(value, (int, float)) and "_stderr" not in key]
     cols = [_cli.blend_name(b) for b in blends]
     lines = [f"| task | metric | {' | '.join(cols)} |", "|---|---|" + "---:|" * len(cols)]
     for task, key in rows:
@@ -149,7 +145,6 @@ def command(argv=None) -> None:
           f"YaRN {'x%g' % args.yarn if args.yarn else 'off'}")
     print(table(results, blends))
     if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
         report = {"model": args.model, "tasks": names, "num_shots": args.num_shots, "limit": args.limit,
                   "yarn": args.yarn, "lm_eval_version": version("lm_eval"), "position_blends": blends,
                   "results": {str(b): results[b] for b in blends}}

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
-from mlx_lm.utils import save
+from mlx_lm.utils import dequantize_model, save
 
 from . import repo_llama, repo_olmo2, rope
 from .errors import LoadError, one_line
@@ -38,19 +38,16 @@ ARCHITECTURE_NAMES = {"olmo2": "OLMo-2", "llama": "Llama", "mistral": "Mistral",
 
 
 def model_file(config: dict):
-    """The module (repo_olmo2 or repo_llama) that builds ``config``'s architecture."""
     return ARCHITECTURES[config["model_type"]]
 
 
 def architecture_name(model_or_config) -> str:
-    """'OLMo-2', 'Llama', 'Mistral' or 'Qwen3', for messages."""
     args = getattr(model_or_config, "args", None)
     kind = args.model_type if args is not None else model_or_config.get("model_type")
     return ARCHITECTURE_NAMES.get(kind, str(kind))
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether ``name`` has the form of a Hugging Face Hub id, ``owner/name``."""
     return re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)) is not None
 
 
@@ -98,14 +95,10 @@ def get_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> Path
     except Exception as e:
         from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-        if isinstance(e, GatedRepoError):
-            why = "the repo is gated: accept its terms on the Hub and run `hf auth login`"
-        elif isinstance(e, RepositoryNotFoundError):
-            why = "no such repo on the Hub (or it is private: run `hf auth login`)"
-        elif isinstance(e, LocalEntryNotFoundError):
-            why = "it is not in the local cache and the Hub cannot be reached (offline?)"
-        else:
-            why = f"{type(e).__name__}: {one_line(e)[:120]}"
+        reasons = ((GatedRepoError, "the repo is gated: accept its terms on the Hub and run `hf auth login`"),
+                   (RepositoryNotFoundError, "no such repo on the Hub (or it is private: run `hf auth login`)"),
+                   (LocalEntryNotFoundError, "it is not in the local cache and the Hub cannot be reached (offline?)"))
+        why = next((w for cls, w in reasons if isinstance(e, cls)), f"{type(e).__name__}: {one_line(e)[:120]}")
         raise LoadError(
             f"Could not download {path_or_hf_repo} from the Hugging Face Hub: {why}. "
             "Connect and retry, pass a local model folder, or try the small RePo model "
@@ -213,6 +206,13 @@ def save_standalone(folder: Path, src: Path, model, tokenizer, config: dict, don
         if source is not None:
             (folder / name).parent.mkdir(exist_ok=True)
             shutil.copy(source, folder / name)
+
+
+def dequantized(model, config: dict):
+    """The model through mlx-lm's dequantize_model, its config no longer saying it is quantized."""
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    return dequantize_model(model)
 
 
 def yarn_scaling(factor: float, original_max_position_embeddings: int = 4096) -> dict:

@@ -14,9 +14,7 @@ def inlier_range(values, full: bool = False) -> Tuple[float, float]:
     Q3 + 1.5 IQR (``full``: every value), plus 5% padding; a flat range is padded by 1."""
     v = np.asarray(values, dtype=np.float64)
     if not full:
-        q1, q3 = np.percentile(v, [25, 75])
-        lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
-        v = v[(v >= lo) & (v <= hi)]
+        v = np.delete(v, outliers(v))
     lo, hi = float(v.min()), float(v.max())
     pad = 0.05 * (hi - lo) or 1.0
     return lo - pad, hi + pad

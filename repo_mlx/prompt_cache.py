@@ -45,9 +45,8 @@ def fingerprint(model) -> str:
     for key in ("rope_scaling", "position_blend", "max_position_embeddings"):
         config.pop(key, None)  # YaRN and blend: checked by name, with a clearer message
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
     samples = []
-    for name, w in params:
+    for name, w in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
         flat = w.reshape(-1)
         samples.append(flat[:: max(1, flat.size // SAMPLES_PER_WEIGHT)].astype(mx.float32))
         h.update(f"{name}{tuple(w.shape)}{w.dtype}".encode())
@@ -85,7 +84,6 @@ def save(path: Path, model, tokens: List[int], cache, model_name: str, eos_token
 
 
 def read(path) -> Tuple[list, dict]:
-    """The cache and metadata of a prompt-cache file, with one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"Prompt cache file {path} does not exist; make it with python -m repo_mlx.cache_prompt.")

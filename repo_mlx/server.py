@@ -51,6 +51,8 @@ Limits = collections.namedtuple("Limits", "max_tokens vocab_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .generation import add_draft_flags
+
     p = _cli.ArgumentParser(
         prog="python -m repo_mlx.server",
         description="Serve a RePo model over an OpenAI-compatible HTTP API "
@@ -69,14 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--top-p", type=_cli.probability, default=1.0, help="top_p of requests that give none, 0 to 1 (default: 1, off).")
     a("--top-k", type=_cli.non_negative_int, default=0, help="top_k of requests that give none (default: 0, off).")
     a("--min-p", type=_cli.probability, default=0.0, help="min_p of requests that give none, 0 to 1 (default: 0, off).")
-    a("--draft-model", help="A small model with the RePo model's tokenizer that drafts tokens for it to verify (speculative decoding: the same greedy output, faster when the draft guesses well); requests are then served one at a time (default: none).")
-    a("--num-draft-tokens", type=_cli.positive_int, default=3, help="Tokens the draft model proposes per step (default: 3).")
+    add_draft_flags(p, "; requests are then served one at a time")
     a("--chat-template", default="", help="A Jinja chat template to use instead of the tokenizer's (default: the tokenizer's).")
     a("--use-default-chat-template", action="store_true", help="Use the tokenizer's default chat template when the model has none.")
     a("--chat-template-args", type=_cli.json_object, default={}, help='JSON arguments for the chat template, e.g. \'{"enable_thinking": false}\' (default: {}).')
     a("--decode-concurrency", type=_cli.positive_int, default=32, help="Requests decoded together in a batch (default: 32).")
     a("--prompt-concurrency", type=_cli.positive_int, default=8, help="Prompts processed together in a batch (default: 8).")
-    a("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step (default: 2048).")
     add_kv_flags(p)
     a("--pipeline", action="store_true", help="mlx-lm's pipeline parallelism over mlx.launch processes; refused: the RePo server runs on one machine.")
     _cli.add_trust_remote_code(p)

@@ -105,13 +105,8 @@ def _fit(tokenizer, length: int, render: Callable[[List[str]], str], item: Calla
     return render(items[:lo])
 
 
-def _keys(rng: random.Random, n: int) -> List[str]:
-    pairs = rng.sample([(a, b) for a in _ADJECTIVES for b in _NOUNS], n)
-    return [f"{a}-{b}" for a, b in pairs]
-
-
 def _niah(rng, tokenizer, length, num_needles):
-    keys = _keys(rng, num_needles)
+    keys = [f"{a}-{b}" for a, b in rng.sample([(a, b) for a in _ADJECTIVES for b in _NOUNS], num_needles)]
     values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), num_needles)]
     depths = [rng.random() for _ in keys]
     needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]

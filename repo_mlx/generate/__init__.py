@@ -12,8 +12,7 @@ from mlx_lm.generate import generate as mlx_lm_generate
 
 from .. import _cli, prompt_cache
 from ..errors import LoadError
-from ..generation import (MIN_KV_SIZE, add_draft_flags, add_kv_flags, add_sampling_flags, check_kv_bits,
-                          load_draft, sampler)
+from ..generation import add_draft_flags, add_kv_flags, add_sampling_flags, check_kv_bits, load_draft, sampler
 from ..limits import check_length, check_tokens_fit
 
 DEFAULT_PROMPT = "The key idea of positional encoding in transformers is"
@@ -36,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image", nargs="+", default=(), help="Images for vision models; refused: RePo models read text only.")
     a("--max-tokens", "-m", type=_cli.token_count, default=100, help="Tokens to generate (default: 100).")
     add_sampling_flags(p)
-    a("--max-kv-size", type=_cli.int_range(MIN_KV_SIZE), help=f"Keep at most this many tokens (at least {MIN_KV_SIZE}) in a rotating KV cache (default: unbounded).")
-    a("--prefill-step-size", type=_cli.positive_int, default=2048, help="Tokens per prefill step; smaller needs less memory (default: 2048).")
-    add_kv_flags(p)
+    add_kv_flags(p, max_kv=True)
     add_draft_flags(p)
     a("--quantize-activations", "-qa", action="store_true", help="Quantize activations as the weights are (nvfp4 and mxfp8 models, see convert --q-mode).")
     a("--position-blend", type=_cli.probability, default=0.0, help="Blend learned positions with token indices: 0 = RePo as trained, 1 = plain RoPE in every layer (the paper's ablation) (default: 0).")

@@ -21,21 +21,6 @@ from ..limits import check_length
 from ..files import atomic_file
 
 
-def write_csv(path: Path, chosen, tokens: List[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["layer", "head", "index", "token", "position"])
-        for layer, heads in chosen.items():
-            for head, z in heads.items():
-                for i, (t, p) in enumerate(zip(tokens, z.tolist())):
-                    w.writerow([layer, head, i, t, repr(p)])
-
-
-def write_json(path: Path, chosen, tokens: List[str], ids: List[int]) -> None:
-    by_layer = {str(layer): {str(h): z.tolist() for h, z in heads.items()} for layer, heads in chosen.items()}
-    Path(path).write_text(json.dumps({"tokens": tokens, "token_ids": ids, "positions": by_layer}, ensure_ascii=False))
-
-
 def place_labels(points, boxes, limit: int = 8) -> List[int]:
     """Greedy: keep each label (in order) whose box, ``boxes`` (width, height) around ``points``
     in display points, overlaps none kept so far, up to ``limit`` labels."""
@@ -127,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.plot is not None and args.layer == "all":
-        raise LoadError("--plot needs a single --layer (the summary lists the RePo layers).")
     if args.plot is not None:
+        if args.layer == "all":
+            raise LoadError("--plot needs a single --layer (the summary lists the RePo layers).")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -155,12 +140,17 @@ def command(argv=None) -> None:
             print(f"{layer:>5} {head:>4} {s['min']:>10.2f} {s['max']:>10.2f} "
                   f"{s['iqr']:>10.2f} {s['increasing']:>10.2f}")
     if args.csv is not None:
-        with atomic_file(args.csv) as tmp:
-            write_csv(tmp, chosen, tokens)
+        with atomic_file(args.csv) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["layer", "head", "index", "token", "position"])
+            for layer, heads in chosen.items():
+                for head, z in heads.items():
+                    w.writerows([layer, head, i, t, repr(p)] for i, (t, p) in enumerate(zip(tokens, z.tolist())))
         print(f"wrote {args.csv}")
     if args.json is not None:
+        by_layer = {str(layer): {str(h): z.tolist() for h, z in heads.items()} for layer, heads in chosen.items()}
         with atomic_file(args.json) as tmp:
-            write_json(tmp, chosen, tokens, ids)
+            tmp.write_text(json.dumps({"tokens": tokens, "token_ids": ids, "positions": by_layer}, ensure_ascii=False))
         print(f"wrote {args.json}")
     if args.plot is not None:
         layer = next(iter(chosen))
