@@ -5,6 +5,7 @@ preference tuning and exact resumption; data parallel under ``mlx.launch`` (docs
 """
 
 import math
+import os
 import shutil
 import types
 from functools import partial
@@ -23,7 +24,6 @@ from .adapters import POSITION_MODULE_CHOICES, load_adapters
 from .errors import LoadError, one_line
 from .files import check_outputs, remove_stale
 from .loader import DEFAULT_MODEL, load
-from .trainer import commands
 
 CONFIG_DEFAULTS = {
     **_mlx_lm_lora.CONFIG_DEFAULTS,
@@ -204,7 +204,14 @@ def tune(args) -> None:
         rprint(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.", flush=True)
 
 
-command, main = commands(parse_args, run)
+def command(argv=None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    run(parse_args(argv))
+
+
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
 
 
 if __name__ == "__main__":

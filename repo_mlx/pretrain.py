@@ -716,7 +716,14 @@ def run(args, on_step=None):
     return trainer
 
 
-command, main = trainer_lib.commands(parse_args, run)
+def command(argv=None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    run(parse_args(argv))
+
+
+def main(argv=None) -> None:
+    """The command line: bad input is one ``error:`` line and exit status 2."""
+    _cli.run(command, argv)
 
 
 if __name__ == "__main__":

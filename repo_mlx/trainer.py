@@ -3,11 +3,9 @@
 the RePo position warm-up, and a checkpoint on Ctrl-C or SIGTERM. Each command brings its loss and batches."""
 
 import math
-import os
 import signal
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -19,23 +17,12 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_class
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from . import _cli
 from .errors import LoadError
 from .files import atomic_file
 from .folder_checks import safetensors_header
 from .rope import set_position_blend
 
 MASTER = "master/"  # state-file prefix of the float32 master weights
-
-
-def commands(parse_args: Callable, run: Callable) -> Tuple[Callable, Callable]:
-    """``command(argv)`` and ``main(argv)``, where bad input is one ``error:`` line and exit status 2."""
-
-    def command(argv=None) -> None:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-        run(parse_args(argv))
-
-    return command, partial(_cli.run, command)
 
 
 def derived_seed(*ints: int) -> int:
