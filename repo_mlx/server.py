@@ -36,7 +36,7 @@ from mlx_lm.server import (APIHandler, CompletionRequest, GenerationArguments, L
 
 from . import _cli, http_checks, prompt_cache
 from .errors import LoadError, one_line
-from .generation import add_kv_flags, check_kv_bits, load_draft
+from .generation import add_draft_flags, add_kv_flags, check_kv_bits, load_draft
 from .http_checks import RequestError, number
 from .limits import context_length
 
@@ -51,8 +51,6 @@ Limits = collections.namedtuple("Limits", "max_tokens vocab_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generation import add_draft_flags
-
     p = _cli.ArgumentParser(
         prog="python -m repo_mlx.server",
         description="Serve a RePo model over an OpenAI-compatible HTTP API "
