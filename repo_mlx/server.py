@@ -154,22 +154,25 @@ class Generator(ResponseGenerator):
         return ctx, (self.seen.responses.append(r) or r for r in cut_at_stop(responses, args.stop_words))
 
 
-def mlx_lm_defaults(cli) -> dict:
-    """The attributes mlx-lm's do_POST sets for a body without fields: its request defaults.
-    It reads each field inline, so it runs on a stand-in, stopped where it validates them."""
+class DefaultsProbe(APIHandler):
+    """mlx-lm's handler without a socket, run once at start on an empty body of its own (no
+    client's request goes through it): its do_POST reads each field inline with its default,
+    mlx-lm 0.32's only record of them, so what it sets are mlx-lm's request defaults."""
 
-    def stop():
-        raise StopIteration
+    def __init__(self, cli):
+        self.path, self.headers, self.rfile = "/v1/completions", {"Content-Length": "2"}, io.BytesIO(b"{}")
+        self.response_generator = types.SimpleNamespace(cli_args=cli)
 
-    stand_in = APIHandler.__new__(APIHandler)  # no socket: what do_POST reads
-    vars(stand_in).update(path="/v1/completions", headers={"Content-Length": "2"}, rfile=io.BytesIO(b"{}"),
-                          response_generator=types.SimpleNamespace(cli_args=cli), validate_model_parameters=stop)
-    before = set(vars(stand_in))
-    try:
-        stand_in.do_POST()
-    except StopIteration:
-        return {k: v for k, v in vars(stand_in).items() if k not in before}
-    raise RuntimeError("mlx-lm's do_POST no longer validates the request")
+    def validate_model_parameters(self):
+        raise StopIteration  # every field is read by now
+
+    def defaults(self) -> dict:
+        given = set(vars(self))
+        try:
+            self.do_POST()
+        except StopIteration:
+            return {k: v for k, v in vars(self).items() if k not in given}
+        raise RuntimeError("mlx-lm's do_POST no longer validates the request")
 
 
 def check_request(body, path: str, limits: Limits, model_id: str, has_chat_template: bool) -> dict:
@@ -441,7 +444,7 @@ def command(argv=None) -> None:
                 raise LoadError(f"{args.prompt_cache_file} holds a quantized or rotating cache; the server takes "
                                 "one made without --kv-bits and --max-kv-size.")
             generator.prompt_cache.insert_cache(provider.model_key, [], cache)  # the document alone
-        generator.request_defaults = mlx_lm_defaults(args)
+        generator.request_defaults = DefaultsProbe(args).defaults()
         httpd.RequestHandlerClass = functools.partial(Handler, generator, system_fingerprint=get_system_fingerprint())
         print(f"Serving {args.model} at {http_checks.url(httpd, args.host)}/v1 (Ctrl-C stops)", flush=True)
         httpd.serve_forever()

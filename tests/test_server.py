@@ -471,7 +471,7 @@ def test_request_attributes_are_mlx_lm_s():
     """The server sets the request attributes mlx-lm's own do_POST sets for the same body:
     mlx-lm's defaults for the fields a request leaves out, the request's values otherwise."""
     import mlx_lm.server
-    from repo_mlx.server import Handler, mlx_lm_defaults
+    from repo_mlx.server import DefaultsProbe, Handler
 
     cli = types.SimpleNamespace(num_draft_tokens=3, max_tokens=9, temp=0.25, top_p=0.5, top_k=4, min_p=0.125)
 
@@ -493,7 +493,7 @@ def test_request_attributes_are_mlx_lm_s():
         with pytest.raises(StopIteration):
             probe.do_POST()
         handler = Handler.__new__(Handler)  # no socket either
-        handler.response_generator = types.SimpleNamespace(cli_args=cli, request_defaults=mlx_lm_defaults(cli))
+        handler.response_generator = types.SimpleNamespace(cli_args=cli, request_defaults=DefaultsProbe(cli).defaults())
         handler.read_request(check_request(body, "/v1/completions", LIMITS, "m", False))
         stand_in = ("body", "path", "headers", "rfile", "response_generator")
         expected = {k: v for k, v in vars(probe).items() if k not in stand_in}
@@ -511,8 +511,14 @@ def test_the_server_uses_mlx_lm_s_public_seams():
     for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
         for f in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
             assert not (f.name.startswith("_") and not f.name.startswith("__")), f"{cls.name}.{f.name}"
-    targets = [t for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets]
+    # DefaultsProbe reads mlx-lm's defaults once from an empty body of its own, serving no client.
+    probe = {id(n) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "DefaultsProbe" for n in ast.walk(c)}
+    assert probe
+    targets = [t for n in ast.walk(tree) if isinstance(n, ast.Assign) and id(n) not in probe for t in n.targets]
+    targets += [e for t in targets if isinstance(t, ast.Tuple) for e in t.elts]
     assert not [t.attr for t in targets if isinstance(t, ast.Attribute) and t.attr in ("rfile", "wfile")]
+    # Nor as a keyword (``vars(handler).update(rfile=...)``).
+    assert not [n.arg for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg in ("rfile", "wfile")]
 
 
 def responses(*texts, last="length"):
