@@ -174,7 +174,7 @@ def _byte_size(s: str) -> int:
     try:
         v = int(float(number) * units[s.strip()[len(number):].upper()])
     except (ValueError, KeyError):
-        v = -1
+        raise argparse.ArgumentTypeError(f"must be a size like 500MB or 2GB, got {s!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be a size like 500MB or 2GB, got {s!r}")
     return v
