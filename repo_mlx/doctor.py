@@ -7,8 +7,7 @@ of a decode step and the speed, as a Markdown report; what cannot run here is sk
 import argparse
 import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from importlib.metadata import version
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -21,19 +20,12 @@ from .loader import architecture_name, load
 from .speed import alternate, run_single
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def environment() -> list:
     rows = [
         ("repo_mlx", _cli.version()),
         ("mlx", mx.__version__),
-        ("mlx-lm", _version("mlx-lm")),
-        ("numpy", _version("numpy")),
+        ("mlx-lm", version("mlx-lm")),
+        ("numpy", version("numpy")),  # both required by repo_mlx
         ("python", platform.python_version()),
         ("machine", f"{platform.system()} {platform.release()} {platform.machine()}"),
     ]
@@ -171,7 +163,7 @@ def command(argv=None) -> None:
     print(text, end="")
     if args.output is not None:
         with atomic_file(args.output) as tmp:
-            Path(tmp).write_text(text)
+            tmp.write_text(text)
     if any(c.status == "fail" for c in checks):
         sys.exit(1)
 

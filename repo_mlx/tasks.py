@@ -11,6 +11,7 @@ with the model's own tokenizer. Tasks:
   chain as a distractor; list every variable that holds the asked value.
 """
 
+import bisect
 import random
 import re
 from dataclasses import dataclass
@@ -95,14 +96,9 @@ def _fit(tokenizer, length: int, render: Callable[[List[str]], str], item: Calla
             items.append(item())
             need -= len(tokenizer.encode(" " + items[-1]))
         n = size(items)
-    lo, hi = 0, len(items)  # largest prefix that fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if size(items[:mid]) <= length:
-            lo = mid
-        else:
-            hi = mid - 1
-    return render(items[:lo])
+    # The largest prefix that fits: the first that does not, less one.
+    fits = bisect.bisect_right(range(len(items) + 1), length, key=lambda k: size(items[:k])) - 1
+    return render(items[:fits])
 
 
 def _niah(rng, tokenizer, length, num_needles):
