@@ -39,14 +39,6 @@ SHAPES = {"1b": olmo2_config(2048, 16, 16, 8192, 100352, 5), "tiny": olmo2_confi
 SHAPE_NAMES = {"1b": "the released 1B's shape (16 layers of 2048, RePo from layer 5)", "tiny": "the tiny test shape"}
 
 
-def random_model(shape: str, dtype: str):
-    config = SHAPES[shape]
-    model = Model(ModelArgs.from_dict(config))
-    model.set_dtype(getattr(mx, dtype))
-    mx.eval(model.parameters())
-    return model, config
-
-
 def machine() -> dict:
     info = mx.device_info()
     memory = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -117,11 +109,12 @@ def command(argv=None) -> None:
         if args.shape is None:  # said, as it depends on the machine
             args.shape = "1b" if mx.metal.is_available() else "tiny"
             print(f"Building a random model in {SHAPE_NAMES[args.shape]}", file=sys.stderr, flush=True)
-        model, config = random_model(args.shape, args.dtype or "bfloat16")
+        model = Model(ModelArgs.from_dict(SHAPES[args.shape]))
+        model.set_dtype(getattr(mx, args.dtype or "bfloat16"))
+        mx.eval(model.parameters())
         where = f"random weights in {SHAPE_NAMES[args.shape]}"
     else:
-        model, _, config = load(args.model, dtype=args.dtype, return_config=True,
-                                model_config={"quantize_activations": args.quantize_activations})
+        model, _ = load(args.model, dtype=args.dtype, model_config={"quantize_activations": args.quantize_activations})
         where = f"`{args.model}`"
     args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
     check_length(model, args.prompt_tokens, args.generation_tokens, what="--prompt-tokens")

@@ -47,9 +47,12 @@ class Chat:
             return tok.apply_chat_template(self.messages, add_generation_prompt=True)
         return tok.encode(convert_chat(self.messages))
 
-    def _reuse(self, tokens: List[int]) -> List[int]:
-        """Keep the cached prefix the transcript shares; the tokens still to feed."""
-        # The last token is fed again to get the first logits.
+    def turn(self, text: str, max_tokens: int, sampler, on_text=None, prefill_step_size: int = 2048) -> str:
+        """The reply to ``text``; ``on_text`` gets it piece by piece as it is generated."""
+        self.messages.append({"role": "user", "content": text})
+        tokens = self.transcript()
+        check_length(self.model, len(tokens), what="The conversation")
+        # Keep the cached prefix the transcript shares; its last token is fed again to get the first logits.
         keep = min(common_prefix_len(self.cached, tokens), len(tokens) - 1)
         drop = len(self.cached) - keep
         if drop and can_trim_prompt_cache(self.cache):
@@ -57,18 +60,10 @@ class Chat:
         elif drop:  # a rotating cache cannot go back: start it again
             self.cache, keep = make_prompt_cache(self.model, self.max_kv_size), 0
         self.cached = tokens[:keep]
-        return tokens[keep:]
-
-    def turn(self, text: str, max_tokens: int, sampler, on_text=None, prefill_step_size: int = 2048) -> str:
-        """The reply to ``text``; ``on_text`` gets it piece by piece as it is generated."""
-        self.messages.append({"role": "user", "content": text})
-        tokens = self.transcript()
-        check_length(self.model, len(tokens), what="The conversation")
-        todo = self._reuse(tokens)
         generated, reply, shown = [], "", 0
         try:
             for r in stream_generate(
-                self.model, self.tokenizer, mx.array(todo), max_tokens=max_tokens,
+                self.model, self.tokenizer, mx.array(tokens[keep:]), max_tokens=max_tokens,
                 sampler=sampler, prompt_cache=self.cache, prefill_step_size=prefill_step_size,
             ):
                 generated.append(r.token)

@@ -54,10 +54,6 @@ def page(data=None, js=None) -> str:
     return html.replace("/*PLOTLY_JS*/", js, 1)
 
 
-def _finite(v: float):
-    return v if math.isfinite(v) else None  # JSON has no NaN (a 1-token text has no "increasing")
-
-
 def page_data(z, tokens, layer="all", head="all", total=None, limit=None, model=None) -> dict:
     """What the page draws: the chosen heads' positions and, per head, ranges and summaries.
 
@@ -86,7 +82,8 @@ def page_data(z, tokens, layer="all", head="all", total=None, limit=None, model=
         data["positions"][key] = base64.b64encode(rows.tobytes()).decode("ascii")
         data["focused"][key] = [inlier_range(r) for r in rows]
         data["global"][key] = [inlier_range(r, full=True) for r in rows]
-        data["summary"][key] = [{k: _finite(v) for k, v in summary(r).items()} for r in rows]
+        # JSON has no NaN (a 1-token text has no "increasing").
+        data["summary"][key] = [{k: v if math.isfinite(v) else None for k, v in summary(r).items()} for r in rows]
         data["outliers"][key] = [int(outliers(r).size) for r in rows]
     return data
 
