@@ -74,14 +74,10 @@ def perplexity(model, tokens: List[int], window: int, stride: Optional[int] = No
 
 def answer(model, tokenizer, prompt: str, max_tokens: int, progress=None) -> str:
     """Greedy continuation of ``prompt``, stopped after its first non-blank line."""
-    out, done = [], 0
-
-    def prefilled(n, total):  # long prompts take a while: move the bar as they go
-        nonlocal done
-        if progress is not None:
-            progress.update(n - done)
-        done = n
-
+    out = []
+    start = progress.n if progress is not None else 0
+    # Long prompts take a while: move the bar as they go.
+    prefilled = None if progress is None else lambda n, total: progress.update(start + n - progress.n)
     ids = mx.array(tokenizer.encode(prompt))
     for token, _ in generate_step(ids, model, max_tokens=max_tokens, prompt_progress_callback=prefilled):
         if token in tokenizer.eos_token_ids:

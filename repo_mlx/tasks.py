@@ -14,6 +14,7 @@ with the model's own tokenizer. Tasks:
 import bisect
 import random
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Callable, List
 
@@ -122,8 +123,7 @@ def _niah(rng, tokenizer, length, num_needles):
 
 
 def _uuid(rng: random.Random) -> str:
-    h = f"{rng.getrandbits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return str(uuid.UUID(int=rng.getrandbits(128)))
 
 
 def _kv_retrieval(rng, tokenizer, length):

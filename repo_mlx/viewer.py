@@ -1,12 +1,10 @@
 """Explore RePo positions in the browser: ``python -m repo_mlx.viewer --model ...``.
 
 The official release's viewer (a Flask page with Plotly) in one local command, offline:
-the page holds the plotly.js the ``plotly`` package ships, so nothing is fetched. Served,
-this process holds one model and computes the positions of one text at a time (typed or
-a dropped .txt file), on loopback by default with repo_mlx.server's origin check and body
-limit; with ``--html OUT.html --prompt-file F`` the page is one static file holding that
-text's positions. The positions (``repo_mlx.rope.positions``), focused range, summary and
-outlier count (repo_mlx/position_stats.py) are computed in Python; the page only draws them.
+the page holds the plotly.js the ``plotly`` package ships, so nothing is fetched. Served
+on loopback by default, with repo_mlx.server's origin check and body limit; with ``--html``
+the page is one static file. Positions, ranges, summaries and outliers are computed in
+Python (repo_mlx/position_stats.py); the page only draws them.
 """
 
 import base64
