@@ -24,8 +24,7 @@ from .limits import check_length, check_tokens_fit, context_length
 from .rope import set_position_blend
 from .files import atomic_file
 
-SYNTHETIC = tasks.TASKS
-ALL_TASKS = ("perplexity",) + SYNTHETIC
+ALL_TASKS = ("perplexity",) + tasks.TASKS
 
 
 def windows(n: int, window: int, stride: int) -> List[Tuple[int, int, int]]:
@@ -108,7 +107,7 @@ def parse_tasks(text: str) -> List[str]:
     chosen = []
     for t in text.split(","):
         t = t.strip()
-        names = SYNTHETIC if t == "ruler" else (t,)
+        names = tasks.TASKS if t == "ruler" else (t,)
         if names[0] not in ALL_TASKS:
             raise LoadError(f"Unknown task {t!r}; tasks: {', '.join(ALL_TASKS)}, ruler (all synthetic ones).")
         chosen += [n for n in names if n not in chosen]
@@ -139,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cli.add_model_flags(p, yarn=True, adapter=False)
     p.add_argument("--task", required=True, help="Comma-separated tasks: perplexity, "
-                   + ", ".join(SYNTHETIC) + "; 'ruler' means all synthetic ones.")
+                   + ", ".join(tasks.TASKS) + "; 'ruler' means all synthetic ones.")
     p.add_argument("--data", type=_cli.existing_file, help="Plain-text file for perplexity, tokenized as is (OLMo-2 adds no BOS).")
     p.add_argument("--window", type=_cli.int_range(2), default=None, help="Perplexity window in tokens (default: the model's context, 4096 for the release; YaRN multiplies it).")
     p.add_argument("--stride", type=_cli.positive_int, default=None, help="Perplexity window step; smaller than --window gives every token more context (default: --window).")

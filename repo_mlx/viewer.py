@@ -34,7 +34,6 @@ PAGE = Path(__file__).with_name("viewer.html")
 
 
 def plotly_js() -> str:
-    """The plotly.js bundle of the installed ``plotly`` package."""
     try:
         from plotly.offline import get_plotlyjs
     except ImportError:
@@ -271,7 +270,6 @@ def command(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 
