@@ -1,8 +1,6 @@
 """Speed and memory to paste into a bug report: ``python -m repo_mlx.benchmark``.
 
-Like ``mlx_lm.benchmark``, for the RePo model and mlx-lm's plain model of its
-architecture on the same weights, alternating ABBA; prints medians, the ratio
-RePo / plain and the machine as Markdown.
+Like ``mlx_lm.benchmark``, RePo against mlx-lm's plain model on the same weights, alternating ABBA.
 """
 
 import argparse
