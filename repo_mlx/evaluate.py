@@ -62,12 +62,9 @@ def window_nll(model, ids: List[int], first: int, chunk: int = 512, progress=Non
 
 
 def perplexity(model, tokens: List[int], window: int, stride: Optional[int] = None, progress=None) -> Dict:
-    stride = stride or window
-    nll, count = 0.0, 0
-    spans = windows(len(tokens), window, stride)
-    for start, end, first in spans:
-        nll += window_nll(model, tokens[start:end], first - start, progress=progress)
-        count += end - first
+    spans = windows(len(tokens), window, stride or window)
+    count = sum(end - first for _, end, first in spans)
+    nll = sum(window_nll(model, tokens[start:end], first - start, progress=progress) for start, end, first in spans)
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(spans)}
 
 
