@@ -7,6 +7,7 @@ reply is what ``repo_mlx.generate`` gives on the whole transcript.
 """
 
 import argparse
+import functools
 import itertools
 import sys
 from typing import List, Optional
@@ -48,7 +49,8 @@ class Chat:
         return tok.encode(convert_chat(self.messages))
 
     def turn(self, text: str, max_tokens: int, sampler, on_text=None, prefill_step_size: int = 2048) -> str:
-        """The reply to ``text``; ``on_text`` gets it piece by piece as it is generated."""
+        """The reply to ``text``; ``on_text`` gets it piece by piece as it is generated, without
+        the blanks it starts with (the space after "ASSISTANT:")."""
         self.messages.append({"role": "user", "content": text})
         tokens = self.transcript()
         check_length(self.model, len(tokens), what="The conversation")
@@ -72,6 +74,7 @@ class Chat:
                 end = reply.find(NEXT_USER_TURN) if not self.tokenizer.has_chat_template else -1
                 if end >= 0:
                     reply = reply[:end]
+                shown = max(shown, len(reply) - len(reply.lstrip()))
                 # Hold back what may be the start of the next turn's marker.
                 hold = next((k for k in range(len(NEXT_USER_TURN) - 1, 0, -1) if reply.endswith(NEXT_USER_TURN[:k])), 0)
                 if on_text is not None and len(reply) - hold > shown:
@@ -128,6 +131,7 @@ def command(argv=None) -> None:
     if tty:
         print(f"[INFO] {args.model}. {HELP}", file=sys.stderr)
 
+    show = functools.partial(print, end="", flush=True)
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below
         sys.stdin.reconfigure(errors="surrogateescape")
     for number in itertools.count(1):
@@ -154,16 +158,8 @@ def command(argv=None) -> None:
         if line in SHOW_HELP:
             print(HELP, file=sys.stderr)
             continue
-        started = False
-
-        def on_text(text):  # the reply without the space after "ASSISTANT:"
-            nonlocal started
-            text = text if started else text.lstrip()
-            started = started or bool(text)
-            print(text, end="", flush=True)
-
         try:
-            chat.turn(line, args.max_tokens, sampler(args, tokenizer), on_text, args.prefill_step_size)
+            chat.turn(line, args.max_tokens, sampler(args, tokenizer), show, args.prefill_step_size)
         except KeyboardInterrupt:
             print("\n[interrupted: reply dropped]", end="", file=sys.stderr)
         print(flush=True)
