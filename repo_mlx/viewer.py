@@ -8,6 +8,7 @@ Python (repo_mlx/position_stats.py); the page only draws them.
 """
 
 import base64
+import functools
 import json
 import math
 import queue
@@ -145,7 +146,10 @@ class Viewer:
 
 class Handler(http_checks.JSONErrors, BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may stall while sending; frees its thread
-    viewer: Viewer  # set by the subclass each server makes
+
+    def __init__(self, viewer: Viewer, *args, **kwargs):
+        self.viewer = viewer
+        super().__init__(*args, **kwargs)
 
     def log_message(self, format, *args):
         pass  # each computed text prints one line; errors reach the page
@@ -257,7 +261,7 @@ def command(argv=None) -> None:
         host, port = httpd.server_address[:2]
         origins = list(args.allowed_origins) + own_origins(args.host, host, port)
         viewer = Viewer(model, tokenizer, args.model, limit, args.max_request_bytes, origins, js)
-        httpd.RequestHandlerClass = type("Handler", (Handler,), {"viewer": viewer})
+        httpd.RequestHandlerClass = functools.partial(Handler, viewer)
         print(f"Serving {args.model} at {http_checks.url(httpd, args.host)}/ (Ctrl-C stops)", flush=True)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         viewer.work_forever()
