@@ -59,7 +59,6 @@ def model_card(name: str, hf_path: str, config: dict, license: Optional[str] = N
         "---",
     ]
     source = f"[{hf_path}](https://huggingface.co/{hf_path})" if hub else f"`{Path(hf_path).name}`"
-    license_line = f"License: {f'{license}, as' if license else 'that of'} the source checkpoint; see its model card."
     return "\n".join(front) + f"""
 
 # {name}
@@ -105,7 +104,7 @@ print(generate(model, tokenizer, "The capital of France is", max_tokens=32))
 
 {"This is a base model: it continues text and has no chat template." if config["model_type"] == "olmo2" else "It keeps the source model's tokenizer and chat template."}
 
-{license_line}
+License: {f"{license}, as" if license else "that of"} the source checkpoint; see its model card.
 """
 
 

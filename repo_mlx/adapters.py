@@ -146,8 +146,6 @@ def fuse_layer(layer: nn.Module, dequantize: bool = False) -> nn.Module:
     delta in the weight's dtype: in bfloat16 that rounds the delta and then the sum)."""
     base = layer.linear
     dtype = (base.scales if isinstance(base, nn.QuantizedLinear) else base.weight).dtype
-    if dtype == mx.float32:
-        return layer.fuse(dequantize=dequantize)
     layer.set_dtype(mx.float32)  # floating arrays only: packed 4-bit weights stay
     fused = layer.fuse(dequantize=dequantize)
     fused.set_dtype(dtype)

@@ -1,8 +1,6 @@
 """Speed and memory to paste into a bug report: ``python -m repo_mlx.benchmark``.
 
-Like ``mlx_lm.benchmark``, for the RePo model and mlx-lm's plain model of its
-architecture on the same weights, alternating ABBA; prints medians, the ratio
-RePo / plain and the machine as Markdown.
+Like ``mlx_lm.benchmark``, RePo against mlx-lm's plain model on the same weights, alternating ABBA.
 """
 
 import argparse
@@ -37,14 +35,6 @@ def olmo2_config(hidden: int, layers: int, heads: int, mlp: int, vocab: int, rep
 
 SHAPES = {"1b": olmo2_config(2048, 16, 16, 8192, 100352, 5), "tiny": olmo2_config(64, 4, 4, 128, 320, 1)}
 SHAPE_NAMES = {"1b": "the released 1B's shape (16 layers of 2048, RePo from layer 5)", "tiny": "the tiny test shape"}
-
-
-def random_model(shape: str, dtype: str):
-    config = SHAPES[shape]
-    model = Model(ModelArgs.from_dict(config))
-    model.set_dtype(getattr(mx, dtype))
-    mx.eval(model.parameters())
-    return model, config
 
 
 def machine() -> dict:
@@ -117,11 +107,12 @@ def command(argv=None) -> None:
         if args.shape is None:  # said, as it depends on the machine
             args.shape = "1b" if mx.metal.is_available() else "tiny"
             print(f"Building a random model in {SHAPE_NAMES[args.shape]}", file=sys.stderr, flush=True)
-        model, config = random_model(args.shape, args.dtype or "bfloat16")
+        model = Model(ModelArgs.from_dict(SHAPES[args.shape]))
+        model.set_dtype(getattr(mx, args.dtype or "bfloat16"))
+        mx.eval(model.parameters())
         where = f"random weights in {SHAPE_NAMES[args.shape]}"
     else:
-        model, _, config = load(args.model, dtype=args.dtype, return_config=True,
-                                model_config={"quantize_activations": args.quantize_activations})
+        model, _ = load(args.model, dtype=args.dtype, model_config={"quantize_activations": args.quantize_activations})
         where = f"`{args.model}`"
     args.kv_group_size = check_kv_bits(model, args.kv_bits, args.kv_group_size)
     check_length(model, args.prompt_tokens, args.generation_tokens, what="--prompt-tokens")

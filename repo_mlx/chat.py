@@ -7,6 +7,7 @@ reply is what ``repo_mlx.generate`` gives on the whole transcript.
 """
 
 import argparse
+import functools
 import itertools
 import sys
 from typing import List, Optional
@@ -47,9 +48,13 @@ class Chat:
             return tok.apply_chat_template(self.messages, add_generation_prompt=True)
         return tok.encode(convert_chat(self.messages))
 
-    def _reuse(self, tokens: List[int]) -> List[int]:
-        """Keep the cached prefix the transcript shares; the tokens still to feed."""
-        # The last token is fed again to get the first logits.
+    def turn(self, text: str, max_tokens: int, sampler, on_text=None, prefill_step_size: int = 2048) -> str:
+        """The reply to ``text``; ``on_text`` gets it piece by piece as it is generated, without
+        the blanks it starts with (the space after "ASSISTANT:")."""
+        self.messages.append({"role": "user", "content": text})
+        tokens = self.transcript()
+        check_length(self.model, len(tokens), what="The conversation")
+        # Keep the cached prefix the transcript shares; its last token is fed again to get the first logits.
         keep = min(common_prefix_len(self.cached, tokens), len(tokens) - 1)
         drop = len(self.cached) - keep
         if drop and can_trim_prompt_cache(self.cache):
@@ -57,18 +62,10 @@ class Chat:
         elif drop:  # a rotating cache cannot go back: start it again
             self.cache, keep = make_prompt_cache(self.model, self.max_kv_size), 0
         self.cached = tokens[:keep]
-        return tokens[keep:]
-
-    def turn(self, text: str, max_tokens: int, sampler, on_text=None, prefill_step_size: int = 2048) -> str:
-        """The reply to ``text``; ``on_text`` gets it piece by piece as it is generated."""
-        self.messages.append({"role": "user", "content": text})
-        tokens = self.transcript()
-        check_length(self.model, len(tokens), what="The conversation")
-        todo = self._reuse(tokens)
         generated, reply, shown = [], "", 0
         try:
             for r in stream_generate(
-                self.model, self.tokenizer, mx.array(todo), max_tokens=max_tokens,
+                self.model, self.tokenizer, mx.array(tokens[keep:]), max_tokens=max_tokens,
                 sampler=sampler, prompt_cache=self.cache, prefill_step_size=prefill_step_size,
             ):
                 generated.append(r.token)
@@ -77,6 +74,7 @@ class Chat:
                 end = reply.find(NEXT_USER_TURN) if not self.tokenizer.has_chat_template else -1
                 if end >= 0:
                     reply = reply[:end]
+                shown = max(shown, len(reply) - len(reply.lstrip()))
                 # Hold back what may be the start of the next turn's marker.
                 hold = next((k for k in range(len(NEXT_USER_TURN) - 1, 0, -1) if reply.endswith(NEXT_USER_TURN[:k])), 0)
                 if on_text is not None and len(reply) - hold > shown:
@@ -133,6 +131,7 @@ def command(argv=None) -> None:
     if tty:
         print(f"[INFO] {args.model}. {HELP}", file=sys.stderr)
 
+    show = functools.partial(print, end="", flush=True)
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused below
         sys.stdin.reconfigure(errors="surrogateescape")
     for number in itertools.count(1):
@@ -159,16 +158,8 @@ def command(argv=None) -> None:
         if line in SHOW_HELP:
             print(HELP, file=sys.stderr)
             continue
-        started = False
-
-        def on_text(text):  # the reply without the space after "ASSISTANT:"
-            nonlocal started
-            text = text if started else text.lstrip()
-            started = started or bool(text)
-            print(text, end="", flush=True)
-
         try:
-            chat.turn(line, args.max_tokens, sampler(args, tokenizer), on_text, args.prefill_step_size)
+            chat.turn(line, args.max_tokens, sampler(args, tokenizer), show, args.prefill_step_size)
         except KeyboardInterrupt:
             print("\n[interrupted: reply dropped]", end="", file=sys.stderr)
         print(flush=True)

@@ -7,8 +7,7 @@ of a decode step and the speed, as a Markdown report; what cannot run here is sk
 import argparse
 import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from importlib.metadata import version
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -21,34 +20,25 @@ from .loader import architecture_name, load
 from .speed import alternate, run_single
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def environment() -> list:
-    rows = [
+    metal = mx.metal.is_available()
+    info = mx.metal.device_info() if metal else {}
+    return [
         ("repo_mlx", _cli.version()),
         ("mlx", mx.__version__),
-        ("mlx-lm", _version("mlx-lm")),
-        ("numpy", _version("numpy")),
+        ("mlx-lm", version("mlx-lm")),
+        ("numpy", version("numpy")),  # both required by repo_mlx
         ("python", platform.python_version()),
         ("machine", f"{platform.system()} {platform.release()} {platform.machine()}"),
+        *([("macOS", platform.mac_ver()[0])] if platform.system() == "Darwin" else []),
+        ("default device", str(mx.default_device())),
+        ("Metal available", str(metal)),
+        *([("GPU", f"{info.get('architecture', '?')}, "
+                   f"{info.get('memory_size', 0) / 2**30:.0f} GiB")] if metal else []),  # fmt: skip
+        ("kernel mode", rope.kernel_state()["mode"]),
+        ("kernels", kc.kernel_status()),
+        ("kernel source", str(rope.metal_source_path())),
     ]
-    if platform.system() == "Darwin":
-        rows.append(("macOS", platform.mac_ver()[0]))
-    rows.append(("default device", str(mx.default_device())))
-    rows.append(("Metal available", str(mx.metal.is_available())))
-    if mx.metal.is_available():
-        info = mx.metal.device_info()
-        rows.append(("GPU", f"{info.get('architecture', '?')}, "
-                            f"{info.get('memory_size', 0) / 2**30:.0f} GiB"))  # fmt: skip
-    rows.append(("kernel mode", rope.kernel_state()["mode"]))
-    rows.append(("kernels", kc.kernel_status()))
-    rows.append(("kernel source", str(rope.metal_source_path())))
-    return rows
 
 
 def speed(model, tokens: int, prompt_tokens: int = 64, trials: int = 3) -> list:
@@ -171,7 +161,7 @@ def command(argv=None) -> None:
     print(text, end="")
     if args.output is not None:
         with atomic_file(args.output) as tmp:
-            Path(tmp).write_text(text)
+            tmp.write_text(text)
     if any(c.status == "fail" for c in checks):
         sys.exit(1)
 

@@ -24,8 +24,7 @@ from .limits import check_length, check_tokens_fit, context_length
 from .rope import set_position_blend
 from .files import atomic_file
 
-SYNTHETIC = tasks.TASKS
-ALL_TASKS = ("perplexity",) + SYNTHETIC
+ALL_TASKS = ("perplexity",) + tasks.TASKS
 
 
 def windows(n: int, window: int, stride: int) -> List[Tuple[int, int, int]]:
@@ -63,25 +62,18 @@ def window_nll(model, ids: List[int], first: int, chunk: int = 512, progress=Non
 
 
 def perplexity(model, tokens: List[int], window: int, stride: Optional[int] = None, progress=None) -> Dict:
-    stride = stride or window
-    nll, count = 0.0, 0
-    spans = windows(len(tokens), window, stride)
-    for start, end, first in spans:
-        nll += window_nll(model, tokens[start:end], first - start, progress=progress)
-        count += end - first
+    spans = windows(len(tokens), window, stride or window)
+    count = sum(end - first for _, end, first in spans)
+    nll = sum(window_nll(model, tokens[start:end], first - start, progress=progress) for start, end, first in spans)
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(spans)}
 
 
 def answer(model, tokenizer, prompt: str, max_tokens: int, progress=None) -> str:
     """Greedy continuation of ``prompt``, stopped after its first non-blank line."""
-    out, done = [], 0
-
-    def prefilled(n, total):  # long prompts take a while: move the bar as they go
-        nonlocal done
-        if progress is not None:
-            progress.update(n - done)
-        done = n
-
+    out = []
+    start = progress.n if progress is not None else 0
+    # Long prompts take a while: move the bar as they go.
+    prefilled = None if progress is None else lambda n, total: progress.update(start + n - progress.n)
     ids = mx.array(tokenizer.encode(prompt))
     for token, _ in generate_step(ids, model, max_tokens=max_tokens, prompt_progress_callback=prefilled):
         if token in tokenizer.eos_token_ids:
@@ -112,7 +104,7 @@ def parse_tasks(text: str) -> List[str]:
     chosen = []
     for t in text.split(","):
         t = t.strip()
-        names = SYNTHETIC if t == "ruler" else (t,)
+        names = tasks.TASKS if t == "ruler" else (t,)
         if names[0] not in ALL_TASKS:
             raise LoadError(f"Unknown task {t!r}; tasks: {', '.join(ALL_TASKS)}, ruler (all synthetic ones).")
         chosen += [n for n in names if n not in chosen]
@@ -143,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cli.add_model_flags(p, yarn=True, adapter=False)
     p.add_argument("--task", required=True, help="Comma-separated tasks: perplexity, "
-                   + ", ".join(SYNTHETIC) + "; 'ruler' means all synthetic ones.")
+                   + ", ".join(tasks.TASKS) + "; 'ruler' means all synthetic ones.")
     p.add_argument("--data", type=_cli.existing_file, help="Plain-text file for perplexity, tokenized as is (OLMo-2 adds no BOS).")
     p.add_argument("--window", type=_cli.int_range(2), default=None, help="Perplexity window in tokens (default: the model's context, 4096 for the release; YaRN multiplies it).")
     p.add_argument("--stride", type=_cli.positive_int, default=None, help="Perplexity window step; smaller than --window gives every token more context (default: --window).")

@@ -88,4 +88,3 @@ def export_hf(dst: Path, model: nn.Module, tokenizer, config: dict, src: Path) -
     file.write_text(json.dumps(tok_config, indent=2))
     if (src / "generation_config.json").exists():
         shutil.copy(src / "generation_config.json", dst)
-

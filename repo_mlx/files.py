@@ -14,7 +14,6 @@ from .errors import LoadError
 # of them (or an empty one) is replaced with --force.
 OURS = ("config.json", "adapter_config.json", "pretrain_args.json", "results.json")
 
-
 # Scratch names of a write in progress: .NAME.partial-PID[...] and .NAME.old-PID.
 SCRATCH = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(\.[^.]*)?")
 

@@ -21,17 +21,12 @@ GGUF_HELP = (
 ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
              "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 
-
 # config.json keys every architecture reads, with the type and range they must have
 # (mlx-lm's model arguments of OLMo-2, Llama, Mistral and Qwen3). MLX sizes are int32.
 MAX_SIZE = 2**31 - 1
-
 _SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-
 _OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
-
 _FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
-
 _MAPPINGS = ("rope_scaling", "pe_config")
 
 

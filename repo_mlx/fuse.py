@@ -43,8 +43,7 @@ def fuse(
     # The HF format has no quantized layers, so exporting always dequantizes.
     de_quantize = de_quantize or export_hf_format
     fused = [(n, fuse_layer(m, de_quantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]
-    if fused:
-        net.update_modules(tree_unflatten(fused))
+    net.update_modules(tree_unflatten(fused))
     if de_quantize:
         net = dequantized(net, config)
     with atomic_folder(dst, force) as tmp:

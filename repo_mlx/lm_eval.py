@@ -1,10 +1,8 @@
 """Standard benchmarks through lm-evaluation-harness: ``python -m repo_mlx.lm_eval``.
 
-mlx-lm's lm-eval adapter (``mlx_lm.evaluate.MLXLM``: loglikelihood, rolling
-loglikelihood and batched generate_until) runs the RePo model that repo_mlx
-loads, once per position blend: 0 is the model with its learned positions, 1
-the same weights with plain RoPE, as in ``repo_mlx.evaluate``. Needs the
-optional extra: ``pip install "repo-mlx[eval]"`` (lm-eval; no PyTorch).
+mlx-lm's lm-eval adapter (``mlx_lm.evaluate.MLXLM``) runs the RePo model once per
+position blend, as in ``repo_mlx.evaluate``. Needs ``pip install "repo-mlx[eval]"``
+(lm-eval; no PyTorch).
 """
 
 import argparse

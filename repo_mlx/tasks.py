@@ -11,8 +11,10 @@ with the model's own tokenizer. Tasks:
   chain as a distractor; list every variable that holds the asked value.
 """
 
+import bisect
 import random
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Callable, List
 
@@ -95,14 +97,9 @@ def _fit(tokenizer, length: int, render: Callable[[List[str]], str], item: Calla
             items.append(item())
             need -= len(tokenizer.encode(" " + items[-1]))
         n = size(items)
-    lo, hi = 0, len(items)  # largest prefix that fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if size(items[:mid]) <= length:
-            lo = mid
-        else:
-            hi = mid - 1
-    return render(items[:lo])
+    # The largest prefix that fits: the first that does not, less one.
+    fits = bisect.bisect_right(range(len(items) + 1), length, key=lambda k: size(items[:k])) - 1
+    return render(items[:fits])
 
 
 def _niah(rng, tokenizer, length, num_needles):
@@ -126,8 +123,7 @@ def _niah(rng, tokenizer, length, num_needles):
 
 
 def _uuid(rng: random.Random) -> str:
-    h = f"{rng.getrandbits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return str(uuid.UUID(int=rng.getrandbits(128)))
 
 
 def _kv_retrieval(rng, tokenizer, length):

@@ -1,15 +1,14 @@
 """Explore RePo positions in the browser: ``python -m repo_mlx.viewer --model ...``.
 
 The official release's viewer (a Flask page with Plotly) in one local command, offline:
-the page holds the plotly.js the ``plotly`` package ships, so nothing is fetched. Served,
-this process holds one model and computes the positions of one text at a time (typed or
-a dropped .txt file), on loopback by default with repo_mlx.server's origin check and body
-limit; with ``--html OUT.html --prompt-file F`` the page is one static file holding that
-text's positions. The positions (``repo_mlx.rope.positions``), focused range, summary and
-outlier count (repo_mlx/position_stats.py) are computed in Python; the page only draws them.
+the page holds the plotly.js the ``plotly`` package ships, so nothing is fetched. Served
+on loopback by default, with repo_mlx.server's origin check and body limit; with ``--html``
+the page is one static file. Positions, ranges, summaries and outliers are computed in
+Python (repo_mlx/position_stats.py); the page only draws them.
 """
 
 import base64
+import functools
 import json
 import math
 import queue
@@ -36,7 +35,6 @@ PAGE = Path(__file__).with_name("viewer.html")
 
 
 def plotly_js() -> str:
-    """The plotly.js bundle of the installed ``plotly`` package."""
     try:
         from plotly.offline import get_plotlyjs
     except ImportError:
@@ -52,10 +50,6 @@ def page(data=None, js=None) -> str:
     html = html.replace("/*DATA*/", payload, 1)
     js = (js or plotly_js()).replace("</script", "<\\/script")
     return html.replace("/*PLOTLY_JS*/", js, 1)
-
-
-def _finite(v: float):
-    return v if math.isfinite(v) else None  # JSON has no NaN (a 1-token text has no "increasing")
 
 
 def page_data(z, tokens, layer="all", head="all", total=None, limit=None, model=None) -> dict:
@@ -86,7 +80,8 @@ def page_data(z, tokens, layer="all", head="all", total=None, limit=None, model=
         data["positions"][key] = base64.b64encode(rows.tobytes()).decode("ascii")
         data["focused"][key] = [inlier_range(r) for r in rows]
         data["global"][key] = [inlier_range(r, full=True) for r in rows]
-        data["summary"][key] = [{k: _finite(v) for k, v in summary(r).items()} for r in rows]
+        # JSON has no NaN (a 1-token text has no "increasing").
+        data["summary"][key] = [{k: v if math.isfinite(v) else None for k, v in summary(r).items()} for r in rows]
         data["outliers"][key] = [int(outliers(r).size) for r in rows]
     return data
 
@@ -266,7 +261,7 @@ def command(argv=None) -> None:
         host, port = httpd.server_address[:2]
         origins = list(args.allowed_origins) + own_origins(args.host, host, port)
         viewer = Viewer(model, tokenizer, args.model, limit, args.max_request_bytes, origins, js)
-        httpd.RequestHandlerClass = lambda *a, **kw: Handler(viewer, *a, **kw)
+        httpd.RequestHandlerClass = functools.partial(Handler, viewer)
         print(f"Serving {args.model} at {http_checks.url(httpd, args.host)}/ (Ctrl-C stops)", flush=True)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         viewer.work_forever()
@@ -276,7 +271,6 @@ def command(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    """The command line: bad input is one ``error:`` line and exit status 2."""
     _cli.run(command, argv)
 
 

@@ -157,6 +157,6 @@ def command(argv=None) -> None:
         plot(args.plot, layer, chosen[layer], tokens, args.full_range)
         print(f"wrote {args.plot}")
 
+
 def main(argv=None) -> None:
     _cli.run(command, argv)
-
