@@ -117,10 +117,11 @@ def load_splits(folder: Path, args, load) -> tuple:
     out = []
     for name, wanted in (("train", args.train), ("valid", args.train), ("test", args.test)):
         path = folder / f"{name}.jsonl"
-        if wanted and not path.exists() and name != "valid":
-            raise LoadError(f"{path} does not exist; --{name} needs it.")
-        if wanted and not path.exists() and mx.distributed.init().rank() == 0:
-            warnings.warn(f"{path} does not exist; training without validation.")
+        if wanted and not path.exists():
+            if name != "valid":
+                raise LoadError(f"{path} does not exist; --{name} needs it.")
+            if mx.distributed.init().rank() == 0:
+                warnings.warn(f"{path} does not exist; training without validation.")
         out.append(load(path) if wanted and path.exists() else [])
     return tuple(out)
 

@@ -208,10 +208,12 @@ def setup_trainable(model, train_only: str, lora_parameters: Optional[dict], nop
         return adapters.setup_trainable(model, "lora", -1, lora_parameters, "full")
     if train_only == "all":
         model.unfreeze()
-    else:
-        model.freeze()
+        for m in adapters.position_maps(model.layers) if nope else []:
+            m.freeze()
+        return None
+    model.freeze()
     for m in adapters.position_maps(model.layers):
-        m.freeze() if nope and train_only == "all" else m.unfreeze()
+        m.unfreeze()
     return None
 
 
